@@ -1,0 +1,13 @@
+"""edlab: efficient deep learning on CIFAR — train, compress, score and compare ResNets."""
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig, load_train_config
+from .data import get_data
+from .errors import EdlabError
+from .models import create_model, list_models, register_model
+
+__all__ = [
+    "EdlabError", "TrainConfig", "create_model", "get_data", "list_models", "load_checkpoint",
+    "load_train_config", "register_model", "save_checkpoint",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,207 @@
+"""Self-describing, safe checkpoints: one safetensors file = tensors + a JSON architecture spec.
+
+Why this format: ``torch.save`` pickles can run code when loaded; a safetensors file cannot. The spec
+(in the file's metadata) names the builder of the base architecture (a registered edlab model, or an
+allow-listed torchvision builder) and describes every leaf module (type + constructor arguments), so a
+model whose layers were changed after it was built (pruned channels, quantized or factorized layers)
+reloads in a fresh process without the code that changed it. A sha256 of the tensor bytes detects
+corrupt or truncated files. Files are written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import EdlabError
+from .models import create_model
+
+FORMAT = "edlab-ckpt/1"
+# Builders a checkpoint may name besides the edlab registry: importing them runs no code from the file.
+ALLOWED_BUILDER_MODULES = ("torchvision.models",)
+
+# How to describe and rebuild a leaf module: type name -> (class, kwargs-from-module).
+_LEAF_TYPES: dict[str, tuple[type[nn.Module], Callable[[nn.Module], dict]]] = {}
+
+
+def register_leaf(cls: type[nn.Module], describe: Callable[[nn.Module], dict], name: str | None = None):
+    """Teach checkpoints a module type: ``describe(m)`` returns kwargs such that ``cls(**kwargs)``
+    rebuilds a module with the same shapes (weights come from the tensors)."""
+    _LEAF_TYPES[name or cls.__name__] = (cls, describe)
+
+
+def _conv_kwargs(m: nn.Conv2d) -> dict:
+    return dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=list(m.kernel_size),
+                stride=list(m.stride), padding=list(m.padding) if not isinstance(m.padding, str) else m.padding,
+                dilation=list(m.dilation), groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
+
+
+register_leaf(nn.Conv2d, _conv_kwargs)
+register_leaf(nn.Linear, lambda m: dict(in_features=m.in_features, out_features=m.out_features,
+                                        bias=m.bias is not None))
+register_leaf(nn.BatchNorm2d, lambda m: dict(num_features=m.num_features, eps=m.eps, momentum=m.momentum,
+                                             affine=m.affine, track_running_stats=m.track_running_stats))
+register_leaf(nn.BatchNorm1d, lambda m: dict(num_features=m.num_features, eps=m.eps, momentum=m.momentum,
+                                             affine=m.affine, track_running_stats=m.track_running_stats))
+register_leaf(nn.Identity, lambda m: {})
+
+
+def _describe_modules(model: nn.Module) -> dict[str, dict]:
+    out = {}
+    for name, m in model.named_modules():
+        for tname, (cls, describe) in _LEAF_TYPES.items():
+            if type(m) is cls:
+                out[name] = {"type": tname, "kwargs": describe(m)}
+                break
+    return out
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _build_base(arch: dict) -> nn.Module:
+    builder = arch.get("builder", "edlab")
+    if builder == "edlab":
+        return create_model(arch["name"], arch.get("num_classes", 10), **arch.get("options", {}))
+    module, _, fn = builder.rpartition(".")
+    if module not in ALLOWED_BUILDER_MODULES:
+        raise EdlabError(f"checkpoint names builder '{builder}', which is not allowed "
+                         f"(allowed: edlab models, {', '.join(m + '.*' for m in ALLOWED_BUILDER_MODULES)})")
+    model = getattr(importlib.import_module(module), fn)(**arch.get("kwargs", {}))
+    model.edlab_spec = dict(arch)
+    return model
+
+
+def arch_of(model: nn.Module) -> dict:
+    spec = getattr(model, "edlab_spec", None)
+    if spec is None:
+        raise EdlabError("model has no architecture spec: build it with edlab.create_model, or pass "
+                         "arch={'builder': 'torchvision.models.NAME', 'kwargs': {...}} to save_checkpoint")
+    return dict(spec)
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, arch: dict | None = None, **metadata: Any) -> Path:
+    """Save ``model`` (weights in their own dtype) with its architecture spec and JSON-able metadata."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # tied/shared tensors must be distinct for safetensors
+    seen: dict[int, str] = {}
+    for k, v in list(state.items()):
+        if v.data_ptr() in seen and v.numel():
+            state[k] = v.clone()
+        seen[v.data_ptr()] = k
+    header = {
+        "format": FORMAT,
+        "arch": arch or arch_of(model),
+        "modules": _describe_modules(model),
+        "dense_reference": getattr(model, "edlab_dense_reference", None),
+        "sha256": _tensor_digest(state),
+        "metadata": metadata,
+    }
+    try:
+        blob = st_save(state, metadata={"edlab": json.dumps(header)})
+    except TypeError as e:
+        raise EdlabError(f"checkpoint metadata must be JSON-serialisable: {e}") from None
+    atomic_write_bytes(path, blob)
+    return Path(path)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(header, tensors) of a checkpoint file, verified; one clear EdlabError if anything is off."""
+    p = Path(path)
+    if not p.is_file():
+        raise EdlabError(f"checkpoint not found: {p}")
+    raw = p.read_bytes()
+    if raw[:2] in (b"PK", b"\x80\x02") or raw[:1] == b"\x80":
+        raise EdlabError(f"{p} is a pickle/torch.save file; edlab refuses to unpickle checkpoints "
+                         f"(they can run code). Convert it with edlab.save_checkpoint in a trusted session")
+    try:
+        tensors = st_load(raw)
+        n = int.from_bytes(raw[:8], "little")  # safetensors: u64 header length, then JSON header
+        header = json.loads(json.loads(raw[8:8 + n])["__metadata__"]["edlab"])
+    except (SafetensorError, KeyError, ValueError, OSError, json.JSONDecodeError) as e:
+        raise EdlabError(f"{p} is not a valid edlab checkpoint (corrupt or truncated?): "
+                         f"{type(e).__name__}") from None
+    if header.get("format") != FORMAT:
+        raise EdlabError(f"{p}: unsupported checkpoint format {header.get('format')!r} (expected {FORMAT})")
+    if _tensor_digest(tensors) != header.get("sha256"):
+        raise EdlabError(f"{p}: checksum mismatch, the weights are corrupt")
+    return header, tensors
+
+
+def model_from_header(header: dict) -> nn.Module:
+    model = _build_base(header["arch"])
+    current = _describe_modules(model)
+    for name, desc in header.get("modules", {}).items():
+        if current.get(name) == desc:
+            continue
+        if desc["type"] not in _LEAF_TYPES:
+            raise EdlabError(f"checkpoint module '{name}' has unknown type {desc['type']!r}")
+        cls, _ = _LEAF_TYPES[desc["type"]]
+        try:
+            _set_module(model, name, cls(**desc["kwargs"]))
+        except (AttributeError, TypeError, ValueError) as e:
+            raise EdlabError(f"checkpoint module '{name}' cannot be rebuilt: {e}") from None
+    if header.get("dense_reference"):
+        model.edlab_dense_reference = header["dense_reference"]
+    return model
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model saved at ``path`` (in eval mode); never executes code from the file."""
+    header, tensors = read_checkpoint(path)
+    model = model_from_header(header)
+    dtypes = {v.dtype for k, v in tensors.items() if v.is_floating_point()}
+    if len(dtypes) == 1 and (dt := dtypes.pop()) != torch.float32:
+        model.to(dt)  # a truly half checkpoint reloads as half
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise EdlabError(f"{path}: weights do not fit the architecture: {first[-1].strip()}") from None
+    model.edlab_metadata = header.get("metadata", {})
+    return model.to(map_location).eval()
+
+
+def checkpoint_info(path: str | Path) -> dict:
+    header, _ = read_checkpoint(path)
+    return header

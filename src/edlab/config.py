@@ -1,0 +1,180 @@
+"""Every training hyper-parameter in one place, validated.
+
+A config is YAML (nested sections below) plus ``--set section.key=value`` overrides; the common ones
+also have CLI flags. Unknown keys, wrong types and absurd values are refused with one line naming the
+key and, where there are some, the valid choices. Each key's comment says what it sets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import EdlabError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = "resnet20"  # a registered model (edlab.models.list_models())
+    width: float = Field(1.0, gt=0, le=16)  # multiplier of every channel count
+    conv: str = "standard"  # block 3x3 convs: standard | depthwise | grouped:G, or one per stage "a,b,c"
+    checkpoint: str | None = None  # start from this checkpoint instead of a fresh model (fine-tuning)
+
+
+class DataConfig(Section):
+    dataset: Literal["cifar10", "cifar100", "synthetic"] = "cifar10"
+    data_dir: str | None = None  # else $EDLAB_DATA_DIR, else ./data
+    download: bool = True  # try torchvision's download when the data is not found
+    val_size: int = Field(5000, ge=0)  # held out of the training set; drives every choice
+    train_subset: int | None = Field(None, ge=1)  # use only N training images (quick runs)
+    augment: Literal["none", "crop-flip", "scale-rotate", "fancy"] = "crop-flip"
+    cutout: int = Field(0, ge=0, le=32)  # side of the erased square, 0 = off
+    mixup: float = Field(0.0, ge=0)  # Beta(alpha, alpha) mixing, 0 = off
+    batch_size: int = Field(128, ge=1, le=65536)
+    eval_batch_size: int = Field(1000, ge=1, le=65536)
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0, le=100)
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum (Adam uses betas)
+    nesterov: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    no_decay_bn_bias: bool = True  # no weight decay on BN parameters and biases
+
+
+class SchedConfig(Section):
+    name: Literal["none", "cosine", "onecycle", "step", "plateau"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)  # linear warm-up from lr/25 (cosine, step, plateau)
+    min_lr: float = Field(0.0, ge=0)  # floor of cosine
+    step_size: int = Field(30, ge=1)  # step: epochs between decays
+    gamma: float = Field(0.1, gt=0, le=1)  # step: decay factor
+    factor: float = Field(0.1, gt=0, lt=1)  # plateau: decay factor
+    patience: int = Field(5, ge=0)  # plateau: epochs without val-loss improvement before decaying
+    pct_start: float = Field(0.25, gt=0, lt=1)  # onecycle: fraction of steps rising
+
+
+class DistillConfig(Section):
+    teacher: str | None = None  # teacher checkpoint; None = no distillation
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1)  # weight of the soft (teacher) term
+
+
+class TrainConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    sched: SchedConfig = SchedConfig()
+    distill: DistillConfig = DistillConfig()
+    epochs: int = Field(30, ge=0, le=100000)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0)  # max global grad norm
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast; auto = bf16 where it is fast
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto = cuda if present, else cpu
+    seed: int = 0
+    early_stop: int | None = Field(None, ge=1)  # stop after N epochs without val-accuracy gain
+    keep: Literal["last", "best"] = "last"  # model.ckpt = last epoch or best validation epoch
+    nan_policy: Literal["stop", "skip"] = "stop"  # a non-finite loss stops the run, or skips the step
+    name: str | None = None  # run name (default: model name)
+    out: str | None = None  # run directory (default: runs/<name>-<timestamp>)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError("choose auto, cpu, cuda or cuda:N")
+        return v
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise EdlabError(f"--set {key}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """['optim.lr=0.05', 'data.augment=none'] -> nested dict; values parsed as YAML scalars."""
+    tree: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise EdlabError(f"--set expects key=value, got '{pair}'")
+        key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise EdlabError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise EdlabError(f"config {p} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise EdlabError(f"config {p} must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _describe(err: ValidationError, cls: type[BaseModel]) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(x) for x in e["loc"])
+    if e["type"] == "extra_forbidden":
+        section: Any = cls
+        for part in e["loc"][:-1]:
+            ann = section.model_fields[str(part)].annotation
+            section = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            if section is None:
+                break
+        valid = ", ".join(section.model_fields) if section else ""
+        return f"unknown config key '{key}'" + (f" (valid here: {valid})" if valid else "")
+    msg = e["msg"]
+    if e["type"] == "literal_error":
+        msg = msg.replace("Input should be", "choose")
+    return f"config key '{key}': {msg} (got {e.get('input')!r})"
+
+
+def build(cls: type[BaseModel], *layers: dict) -> Any:
+    """Merge config layers (file, flags, --set) in order and validate, one line on error."""
+    tree: dict = {}
+    for layer in layers:
+        tree = merge(tree, layer)
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as err:
+        raise EdlabError(_describe(err, cls)) from None
+
+
+def load_train_config(path: str | None = None, flags: dict | None = None, sets: list[str] | None = None):
+    file_layer = read_yaml(path) if path else {}
+    return build(TrainConfig, file_layer, flags or {}, parse_overrides(sets or []))
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

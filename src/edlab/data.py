@@ -1,0 +1,248 @@
+"""Datasets held as one uint8 tensor on the training device, and a loader that augments whole batches.
+
+Where the data comes from: ``--data-dir``, else ``$EDLAB_DATA_DIR``, else ``./data``, in the standard
+python-pickle layouts (``cifar-10-batches-py/``, ``cifar-100-python/``); if absent, torchvision downloads
+it. The pickles are read with a restricted unpickler (numpy arrays, lists, dicts, strings only), so a
+hostile batch file cannot run code. Official md5 sums are checked but only warned about: local copies
+with other bytes (e.g. a JPEG re-encode) are legitimate.
+
+The validation split is carved out of the training set (seeded) and drives every choice during
+training; the test split is evaluated once, at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .augment import Augment, mixup  # noqa: F401  (mixup re-exported for the training loop)
+from .errors import EdlabError
+
+STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}
+FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+FILES = {
+    "cifar10": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+    "cifar100": (["train"], ["test"], "fine_labels"),
+}
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8, N x 3 x 32 x 32
+    labels: torch.Tensor  # int64, N
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: torch.Tensor) -> Split:
+        return Split(self.images[idx], self.labels[idx])
+
+    def to(self, device) -> Split:
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Only what CIFAR batches contain: numpy array reconstruction. Anything else is refused."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            d = _SafeUnpickler(f, encoding="latin1").load()
+        data = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(d[label_key], dtype=np.int64)
+    except Exception as e:  # any malformed file: one clear line
+        raise EdlabError(f"malformed dataset file {path}: {type(e).__name__}: {e}") from None
+    if len(data) != len(labels):
+        raise EdlabError(f"malformed dataset file {path}: {len(data)} images but {len(labels)} labels")
+    return data, labels
+
+
+def resolve_data_dir(data_dir: str | None) -> Path:
+    return Path(data_dir or os.environ.get("EDLAB_DATA_DIR") or "data").expanduser()
+
+
+def _check_md5(name: str, folder: Path) -> None:
+    try:
+        from torchvision.datasets import CIFAR10, CIFAR100
+    except ImportError:
+        return
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    fname, md5 = cls.train_list[0]
+    path = folder / fname
+    if path.is_file() and hashlib.md5(path.read_bytes()).hexdigest() != md5:
+        warnings.warn(f"{folder}: files differ from the official release (md5); using them anyway", stacklevel=3)
+
+
+def _download(name: str, root: Path) -> None:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    root.mkdir(parents=True, exist_ok=True)
+    cls(str(root), train=True, download=True)
+
+
+def load_cifar(name: str, data_dir: str | None = None, download: bool = True) -> tuple[Split, Split]:
+    root = resolve_data_dir(data_dir)
+    folder = root / FOLDERS[name]
+    train_files, test_files, label_key = FILES[name]
+    if not folder.is_dir():
+        tried = [str(folder)]
+        if download:
+            try:
+                _download(name, root)
+            except Exception as e:
+                raise EdlabError(
+                    f"{name} not found at {folder} and the download failed ({type(e).__name__}); "
+                    f"put a copy in that folder, or point --data-dir / EDLAB_DATA_DIR at the folder "
+                    f"that holds {FOLDERS[name]}/ (tried: {', '.join(tried)})"
+                ) from None
+        else:
+            raise EdlabError(f"{name} not found at {folder} (set --data-dir or EDLAB_DATA_DIR)")
+    missing = [f for f in train_files + test_files if not (folder / f).is_file()]
+    if missing:
+        raise EdlabError(f"dataset folder {folder} is incomplete: missing {', '.join(missing)}")
+    _check_md5(name, folder)
+
+    def read(files: list[str]) -> Split:
+        parts = [_read_batch(folder / f, label_key) for f in files]
+        x = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts])
+        if y.min() < 0 or y.max() >= NUM_CLASSES[name]:
+            raise EdlabError(f"dataset folder {folder}: labels outside 0..{NUM_CLASSES[name] - 1}")
+        return Split(torch.from_numpy(x), torch.from_numpy(y))
+
+    return read(train_files), read(test_files)
+
+
+def synthetic(n_train: int = 2000, n_test: int = 500, num_classes: int = 10, seed: int = 0):
+    """A small learnable dataset: each class is a fixed smooth colour pattern plus noise and a shift.
+
+    It trains to high accuracy in a few epochs, which is what fast tests need, and exercises the same
+    uint8 path as CIFAR.
+    """
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.nn.functional.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=32,
+                                             mode="bilinear", align_corners=False)
+
+    def make(n: int) -> Split:
+        y = torch.randint(0, num_classes, (n,), generator=g)
+        x = 0.6 * protos[y] + 0.4 * torch.rand(n, 3, 32, 32, generator=g)
+        return Split((x * 255).round().clamp(0, 255).to(torch.uint8), y)
+
+    return make(n_train), make(n_test)
+
+
+def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
+    if val_size >= len(train):
+        raise EdlabError(f"val_size {val_size} leaves no training images (the training set has {len(train)})")
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return train.subset(perm[val_size:]), train.subset(perm[:val_size])
+
+
+class Loader:
+    """Batches of a device-resident Split, shuffled and augmented per epoch from (seed, epoch).
+
+    Iterating yields (normalised float images, labels). ``set_epoch`` fixes the randomness of the next
+    pass, so a resumed run replays exactly the batches of an uninterrupted one.
+    """
+
+    def __init__(self, split: Split, batch_size: int, augment: Augment, train: bool = False,
+                 seed: int = 0, channels_last: bool = False, drop_last: bool | None = None):
+        self.split, self.batch_size, self.augment, self.train = split, batch_size, augment, train
+        self.seed, self.channels_last, self.epoch = seed, channels_last, 0
+        self.drop_last = train and len(split) >= batch_size if drop_last is None else drop_last
+
+    @property
+    def device(self) -> torch.device:
+        return self.split.images.device
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self.seed * 100003 + self.epoch)
+
+    def __iter__(self):
+        gen = self.generator() if self.train else None
+        n = len(self.split)
+        order = torch.randperm(n, generator=gen, device=self.device) if gen is not None else None
+        for i in range(len(self)):
+            sl = slice(i * self.batch_size, min(n, (i + 1) * self.batch_size))
+            idx = order[sl] if order is not None else sl
+            x = self.augment(self.split.images[idx], gen)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.split.labels[idx]
+
+
+@dataclass
+class Data:
+    train: Loader
+    val: Loader | None
+    test: Loader
+    num_classes: int
+    mean: tuple
+    std: tuple
+
+
+def load_splits(dataset: str, data_dir: str | None = None, download: bool = True,
+                synthetic_size: tuple[int, int] = (2000, 500)) -> tuple[Split, Split]:
+    if dataset == "synthetic":
+        return synthetic(*synthetic_size)
+    if dataset not in FOLDERS:
+        raise EdlabError(f"unknown dataset '{dataset}' (choices: cifar10, cifar100, synthetic)")
+    return load_cifar(dataset, data_dir, download)
+
+
+def get_data(dataset: str = "cifar10", data_dir: str | None = None, batch_size: int = 128,
+             augment: str = "crop-flip", val_size: int = 5000, train_subset: int | None = None,
+             cutout: int = 0, eval_batch_size: int = 1000, seed: int = 0, device: str | torch.device = "cpu",
+             channels_last: bool = False, download: bool = True) -> Data:
+    """The train/val/test loaders of a dataset, all resident on ``device``."""
+    train, test = load_splits(dataset, data_dir, download)
+    if dataset == "synthetic":
+        val_size = min(val_size, len(train) // 5)
+    train, val = split_validation(train, val_size, seed) if val_size else (train, None)
+    if train_subset:
+        train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))
+                             [:train_subset])
+    mean, std = STATS[dataset]
+    aug, plain = Augment(augment, mean, std, cutout), Augment("none", mean, std)
+
+    def loader(split: Split, bs: int, a: Augment, is_train: bool) -> Loader:
+        return Loader(split.to(device), bs, a, train=is_train, seed=seed, channels_last=channels_last)
+
+    return Data(
+        train=loader(train, batch_size, aug, True),
+        val=loader(val, eval_batch_size, plain, False) if val is not None else None,
+        test=loader(test, eval_batch_size, plain, False),
+        num_classes=NUM_CLASSES[dataset], mean=mean, std=std,
+    )

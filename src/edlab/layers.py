@@ -1,0 +1,59 @@
+"""Building blocks shared by the model families.
+
+The block-convolution choice (``standard``, ``depthwise``, ``grouped:G``) is the one factorization knob
+of the zoo, so it lives here and every family calls :func:`conv3x3` instead of ``nn.Conv2d``.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .errors import EdlabError
+
+CONV_KINDS = ("standard", "depthwise", "grouped:G")
+
+
+def parse_conv(kind: str) -> tuple[str, int]:
+    """'standard' -> ('standard', 1); 'grouped:4' -> ('grouped', 4); 'depthwise' -> ('depthwise', 0)."""
+    if kind == "standard":
+        return "standard", 1
+    if kind == "depthwise":
+        return "depthwise", 0
+    if kind.startswith("grouped:"):
+        try:
+            g = int(kind.split(":", 1)[1])
+        except ValueError:
+            g = -1
+        if g < 1 or g & (g - 1):
+            raise EdlabError(f"conv '{kind}': G must be a power of two (grouped:2, grouped:4, ...)")
+        return "grouped", g
+    raise EdlabError(f"unknown conv kind '{kind}' (choices: {', '.join(CONV_KINDS)})")
+
+
+class DepthwiseSeparable(nn.Sequential):
+    """Depthwise 3x3 + BN + ReLU + pointwise 1x1 (MobileNet factorization of a 3x3 conv).
+
+    The BN that follows the pointwise conv belongs to the enclosing block, as for a standard conv.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__(
+            nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
+            nn.BatchNorm2d(cin),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cin, cout, 1, bias=False),
+        )
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1, kind: str = "standard") -> nn.Module:
+    """A 3x3 block convolution of the requested kind (no bias: a BN always follows)."""
+    name, groups = parse_conv(kind)
+    if name == "depthwise":
+        return DepthwiseSeparable(cin, cout, stride)
+    if cin % groups or cout % groups:
+        raise EdlabError(f"conv '{kind}': {cin}->{cout} channels are not divisible by {groups} groups")
+    return nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=False)
+
+
+def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride, bias=False)

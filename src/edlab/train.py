@@ -1,0 +1,379 @@
+"""The one training loop of edlab, parameterised by ``TrainConfig``.
+
+Each trick is a named step below: device-resident data with batched augmentation (data.py), bf16
+autocast + channels_last where the hardware gains (AMX CPUs, CUDA), no weight decay on BN/bias, linear
+warm-up, label smoothing, mixup, gradient clipping, distillation, non-finite-loss guard. The validation
+split drives the scheduler (plateau), early stopping and best-epoch selection; the test split is
+evaluated once, after training. Resume state is written atomically after every epoch, and all
+randomness of an epoch derives from (seed, epoch), so a killed run continued with ``--resume`` ends
+with the same metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .config import OptimConfig, SchedConfig, TrainConfig, to_yaml
+from .data import Data, get_data, mixup
+from .errors import EdlabError
+from .models import create_model
+from .runs import Run, command_line
+
+
+# ---------------------------------------------------------------------------------------------- device
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EdlabError(f"device '{name}' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """oneDNN has native bf16 kernels here (AVX512-BF16 or AMX): bf16 autocast then ~2x a training step."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, None = fp32. 'auto' picks bf16 on CUDA and on CPUs with native bf16 kernels."""
+    if precision == "auto":
+        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+        return torch.bfloat16 if fast else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def resolve_channels_last(choice: str, device: torch.device, amp: torch.dtype | None) -> bool:
+    if choice == "auto":
+        return device.type == "cuda" or amp is not None
+    return choice == "on"
+
+
+def autocast(device: torch.device, amp: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+
+
+# ------------------------------------------------------------------------------------------- optimizer
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.no_decay_bn_bias:  # BN scales/shifts and biases: decaying them only hurts
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return cls(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+class LRSchedule:
+    """Learning-rate factor per optimizer step (closed form) plus the plateau rule on validation loss.
+
+    Closed forms are resumable by step number alone; plateau keeps (best, bad epochs, scale) as state.
+    """
+
+    def __init__(self, cfg: SchedConfig, epochs: int, steps_per_epoch: int):
+        self.cfg, self.steps_per_epoch = cfg, max(1, steps_per_epoch)
+        self.total = max(1, epochs * self.steps_per_epoch)
+        self.warmup = cfg.warmup_epochs * self.steps_per_epoch
+        self.scale, self.best, self.bad = 1.0, math.inf, 0
+
+    def factor(self, step: int) -> float:
+        c = self.cfg
+        if c.name == "onecycle":
+            rise = c.pct_start * self.total
+            if step < rise:
+                return 1 / 25 + (1 - 1 / 25) * step / rise
+            t = (step - rise) / max(1, self.total - rise)
+            return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        if self.warmup and step < self.warmup:
+            return 1 / 25 + (1 - 1 / 25) * step / self.warmup
+        if c.name == "cosine":
+            t = (step - self.warmup) / max(1, self.total - self.warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        if c.name == "step":
+            return c.gamma ** (step // self.steps_per_epoch // c.step_size)
+        if c.name == "plateau":
+            return self.scale
+        return 1.0
+
+    def epoch_end(self, val_loss: float | None) -> None:
+        if self.cfg.name != "plateau" or val_loss is None:
+            return
+        if val_loss < self.best * (1 - 1e-4):
+            self.best, self.bad = val_loss, 0
+        else:
+            self.bad += 1
+            if self.bad > self.cfg.patience:
+                self.scale *= self.cfg.factor
+                self.bad = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.scale, self.best, self.bad = s["scale"], s["best"], s["bad"]
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, amp: torch.dtype | None = None) -> dict:
+    """Mean cross-entropy and accuracy over a loader (sums kept on device: one sync at the end)."""
+    was_training = model.training
+    model.eval()
+    device = loader.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    n = 0
+    for x, y in loader:
+        x = x.to(next(model.parameters()).dtype) if next(model.parameters()).dtype != torch.float32 else x
+        with autocast(device, amp):
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+        n += len(y)
+    model.train(was_training)
+    return {"loss": float(loss_sum) / max(1, n), "accuracy": float(correct) / max(1, n)}
+
+
+# --------------------------------------------------------------------------------------------- fitting
+@dataclass
+class FitState:
+    """Everything needed to continue training after the last finished epoch."""
+
+    epoch: int = 0  # next epoch to run
+    best_val: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    seconds: float = 0.0
+    skipped_steps: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, t: float, alpha: float,
+                 ce: nn.Module) -> torch.Tensor:
+    """Hinton et al. 2015: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)."""
+    soft = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean",
+                    log_target=True)
+    return alpha * t * t * soft + (1 - alpha) * ce(student, y)
+
+
+def _save_resume(path, model, opt, sched: LRSchedule, state: FitState, scaler) -> None:
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "sched": sched.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "state": {k: v for k, v in state.__dict__.items()}}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_resume(path, model, opt, sched: LRSchedule, scaler) -> FitState:
+    try:  # weights_only: plain tensors and containers, no code can run
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(blob["model"])
+        opt.load_state_dict(blob["optimizer"])
+    except Exception as e:
+        raise EdlabError(f"resume state {path} is unreadable ({type(e).__name__}); "
+                         f"start the run again without --resume") from None
+    sched.load_state_dict(blob["sched"])
+    if scaler is not None and blob.get("scaler"):
+        scaler.load_state_dict(blob["scaler"])
+    return FitState(**blob["state"])
+
+
+def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
+        teacher: nn.Module | None = None, resume: bool = False, console=None,
+        on_epoch=None) -> FitState:
+    """Train ``model`` in place for cfg.epochs on data.train, validating on data.val each epoch."""
+    device = data.train.device
+    amp = resolve_precision(cfg.precision, device)
+    channels_last = resolve_channels_last(cfg.channels_last, device, amp)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    data.train.channels_last = data.test.channels_last = channels_last
+    if data.val is not None:
+        data.val.channels_last = channels_last
+    step_model = torch.compile(model) if cfg.compile else model
+    opt = build_optimizer(model, cfg.optim)
+    sched = LRSchedule(cfg.sched, cfg.epochs, len(data.train))
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
+    ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    state = FitState()
+    if resume and run is not None and run.file("resume.pt").exists():
+        state = _load_resume(run.file("resume.pt"), model, opt, sched, scaler)
+        run.truncate_metrics(state.epoch)
+    if teacher is not None:
+        teacher.to(device).eval()
+
+    for epoch in range(state.epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        data.train.set_epoch(epoch)
+        mix_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + epoch + 17)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        seen, steps = 0, len(data.train)
+        for i, (x, y) in enumerate(_progress(data.train, epoch, cfg.epochs, console)):
+            lr = cfg.optim.lr * sched.factor(epoch * steps + i)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            y_b, lam = y, 1.0
+            if cfg.data.mixup > 0:  # step: mixup
+                x, y, y_b, lam = mixup(x, y, cfg.data.mixup, mix_gen)
+            with autocast(device, amp):
+                out = step_model(x)
+                if teacher is not None:  # step: distillation from the teacher's logits
+                    with torch.no_grad():
+                        t_out = teacher(x)
+                    loss = distill_loss(out.float(), t_out.float(), y, cfg.distill.temperature,
+                                        cfg.distill.alpha, ce)
+                else:
+                    loss = ce(out.float(), y) if lam == 1.0 else \
+                        lam * ce(out.float(), y) + (1 - lam) * ce(out.float(), y_b)
+            if not torch.isfinite(loss):  # step: non-finite guard
+                if cfg.nan_policy == "stop":
+                    raise EdlabError(f"loss became {float(loss)} at epoch {epoch + 1} step {i + 1}; stopped "
+                                     f"(the last good state is the previous epoch's resume state). "
+                                     f"Lower the lr or set nan_policy=skip")
+                state.skipped_steps += 1
+                opt.zero_grad(set_to_none=True)
+                continue
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
+            if cfg.grad_clip:  # step: global gradient-norm clipping
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            loss_sum += loss.detach().double() * len(y)
+            correct += (out.argmax(1) == y).sum()
+            seen += len(y)
+        train_seconds = time.perf_counter() - t0
+        val = evaluate(model, data.val, amp) if data.val is not None else {"loss": None, "accuracy": None}
+        sched.epoch_end(val["loss"])
+        seconds = time.perf_counter() - t0
+        state.seconds += seconds
+        row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(1, seen),
+               "train_accuracy": float(correct) / max(1, seen), "val_loss": val["loss"],
+               "val_accuracy": val["accuracy"], "lr": lr if steps else cfg.optim.lr, "seconds": seconds,
+               "images_per_s": seen / max(train_seconds, 1e-9)}
+        state.history.append(row)
+        improved = val["accuracy"] is not None and val["accuracy"] > state.best_val
+        if improved:
+            state.best_val, state.best_epoch, state.bad_epochs = val["accuracy"], epoch + 1, 0
+        else:
+            state.bad_epochs += 1
+        state.epoch = epoch + 1
+        if run is not None:
+            run.log_metrics(row)
+            if improved and cfg.keep == "best":
+                save_checkpoint(model, run.file("best.ckpt"), epoch=epoch + 1, val_accuracy=val["accuracy"])
+            _save_resume(run.file("resume.pt"), model, opt, sched, state, scaler)
+        if console is not None:
+            console.print(_epoch_line(row, cfg.epochs))
+        if on_epoch is not None:
+            on_epoch(row)
+        if cfg.early_stop and state.bad_epochs >= cfg.early_stop:
+            if console is not None:
+                console.print(f"early stop: no val-accuracy gain for {cfg.early_stop} epochs")
+            break
+    return state
+
+
+def _epoch_line(r: dict, epochs: int) -> str:
+    val = f" val {r['val_loss']:.3f}/{100 * r['val_accuracy']:.2f}%" if r["val_accuracy"] is not None else ""
+    return (f"epoch {r['epoch']:>3}/{epochs}  train {r['train_loss']:.3f}/{100 * r['train_accuracy']:.2f}%"
+            f"{val}  lr {r['lr']:.4g}  {r['seconds']:.1f}s  {r['images_per_s']:.0f} img/s")
+
+
+def _progress(loader, epoch: int, epochs: int, console):
+    if console is None or not console.is_terminal:
+        yield from loader
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress("epoch", f"{epoch + 1}/{epochs}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("train", total=len(loader))
+        for item in loader:
+            yield item
+            bar.advance(task)
+
+
+# ----------------------------------------------------------------------------------------- entry point
+def model_from_config(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    if cfg.model.checkpoint:
+        return load_checkpoint(cfg.model.checkpoint)
+    return create_model(cfg.model.name, num_classes, width=cfg.model.width, conv=cfg.model.conv)
+
+
+def data_from_config(cfg: TrainConfig, device: torch.device) -> Data:
+    d = cfg.data
+    return get_data(d.dataset, d.data_dir, d.batch_size, d.augment, d.val_size, d.train_subset, d.cutout,
+                    d.eval_batch_size, cfg.seed, device, download=d.download)
+
+
+def model_summary(model: nn.Module) -> dict:
+    """Size and score figures for summary.json (the score module counts them from the model)."""
+    from .score import profile
+
+    return profile(model).to_dict()
+
+
+def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None = None):
+    """Build data and model from ``cfg``, fit, test once, write the run directory. Returns (model, summary)."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    if run is None:
+        run = Run.open(cfg.out) if resume else Run.create(cfg.name or cfg.model.name, cfg.out)
+    if resume:
+        saved = run.file("config.yaml")
+        if saved.exists() and saved.read_text() != to_yaml(cfg):
+            raise EdlabError(f"--resume: the config differs from the one saved in {saved}; resume with the "
+                             f"same config (edlab train {saved} --out {run.path} --resume)")
+    run.write_text("config.yaml", to_yaml(cfg))
+    data = data_from_config(cfg, device)
+    model = model_from_config(cfg, data.num_classes)
+    teacher = load_checkpoint(cfg.distill.teacher) if cfg.distill.teacher else None
+    t0 = time.perf_counter()
+    state = fit(model, data, cfg, run, teacher=teacher, resume=resume, console=console)
+    if cfg.keep == "best" and run.file("best.ckpt").exists():
+        model = load_checkpoint(run.file("best.ckpt")).to(device)
+    amp = resolve_precision(cfg.precision, device)
+    test = evaluate(model, data.test, amp)  # the only time the test split is read
+    model = model.to("cpu").to(memory_format=torch.contiguous_format).float().eval()
+    save_checkpoint(model, run.file("model.ckpt"), test_accuracy=test["accuracy"],
+                    val_accuracy=state.best_val, config=cfg.model_dump(mode="json"))
+    last = state.history[-1] if state.history else {}
+    summary = {
+        "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+        "val_accuracy": last.get("val_accuracy"), "best_val_accuracy": state.best_val,
+        "best_epoch": state.best_epoch, "epochs": state.epoch, "seconds": state.seconds,
+        "wall_seconds_this_process": time.perf_counter() - t0, "skipped_steps": state.skipped_steps,
+        "device": str(device), "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "model": cfg.model.name, "dataset": cfg.data.dataset, **model_summary(model),
+        "command": command_line(), "run_dir": str(run.path),
+    }
+    run.write_summary(summary)
+    run.close()
+    return model, summary

@@ -1,0 +1,33 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def cifar_dir() -> str | None:
+    """The folder holding cifar-10-batches-py for real-data tests, or None (then they skip)."""
+    d = os.environ.get("EDLAB_DATA_DIR")
+    if d and (Path(d) / "cifar-10-batches-py").is_dir():
+        return d
+    return None
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """A TrainConfig that trains a small resnet20 on synthetic data in seconds."""
+    from edlab.config import load_train_config
+
+    def make(**sets):
+        base = [
+            "model.name=resnet20", "model.width=0.5", "data.dataset=synthetic", "data.val_size=200",
+            "data.train_subset=512", "data.batch_size=64", "epochs=2", "optim.lr=0.05", "precision=fp32",
+            f"out={tmp_path / 'run'}",
+        ]
+        return load_train_config(None, None, base + [f"{k}={v}" for k, v in sets.items()])
+
+    return make

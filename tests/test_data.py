@@ -1,0 +1,143 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from edlab import EdlabError
+from edlab.augment import Augment, cutout, mixup, random_crop, random_flip, random_scale_rotate
+from edlab.data import get_data, load_cifar, split_validation, synthetic
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_synthetic_is_seeded():
+    a, _ = synthetic(100, 10, seed=3)
+    b, _ = synthetic(100, 10, seed=3)
+    assert torch.equal(a.images, b.images) and a.images.dtype == torch.uint8
+
+
+def test_validation_split_is_disjoint_and_seeded():
+    train, _ = synthetic(300, 10)
+    train.images[:, 0, 0, 0] = torch.arange(300).to(torch.uint8)  # tag images (mod 256) ...
+    train.labels = torch.arange(300)  # ... and labels uniquely
+    tr, va = split_validation(train, 50, seed=1)
+    assert len(va) == 50 and len(tr) == 250
+    assert not set(tr.labels.tolist()) & set(va.labels.tolist())
+    assert torch.equal(split_validation(train, 50, seed=1)[1].labels, va.labels)
+
+
+def test_crop_is_a_shift_of_the_padded_image():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    out = random_crop(x, gen(), pad=2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        windows = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], w) for w in windows)
+
+
+def test_flip_flips_about_half():
+    x = torch.randn(400, 3, 4, 4)
+    out = random_flip(x, gen())
+    flipped = sum(torch.equal(o, xi.flip(2)) for o, xi in zip(out, x))
+    assert 140 < flipped < 260
+
+
+def test_cutout_erases_a_square():
+    x = torch.ones(16, 3, 32, 32)
+    out = cutout(x, gen(), 8)
+    zeros = (out[:, 0] == 0).sum(dim=(1, 2))
+    assert zeros.max() == 64 and zeros.min() >= 16  # clipped at borders, never larger
+
+
+def test_scale_rotate_identity_when_ranges_are_trivial():
+    x = torch.randn(4, 3, 32, 32)
+    out = random_scale_rotate(x, gen(), scale=(1.0, 1.0), degrees=0.0)
+    assert torch.allclose(out, x, atol=1e-5)
+    assert not torch.allclose(random_scale_rotate(x, gen()), x, atol=1e-2)
+
+
+def test_mixup_is_reproducible_and_convex():
+    x, y = torch.randn(8, 3, 4, 4), torch.arange(8)
+    a = mixup(x, y, 0.4, gen(5))
+    b = mixup(x, y, 0.4, gen(5))
+    assert a[3] == b[3] and 0 <= a[3] <= 1 and torch.equal(a[0], b[0])
+
+
+def test_loader_is_deterministic_per_epoch_and_normalised():
+    d = get_data("synthetic", batch_size=64, augment="fancy", val_size=100, cutout=4)
+    d.train.set_epoch(3)
+    first = [x for x, _ in d.train]
+    d.train.set_epoch(3)
+    again = [x for x, _ in d.train]
+    d.train.set_epoch(4)
+    other = next(iter(d.train))[0]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other)
+    assert first[0].dtype == torch.float32 and abs(float(first[0].mean())) < 1.5
+    assert sum(len(y) for _, y in d.test) == 500  # eval loaders keep every image
+
+
+def test_unknown_policy():
+    with pytest.raises(ValueError, match="choices"):
+        Augment("blur", (0, 0, 0), (1, 1, 1))
+
+
+def _write_fake_cifar(root, n=20, bad_label=False):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = list(rng.integers(0, 10, n))
+        if bad_label:
+            labels[0] = 12
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": labels}, f)
+    return folder
+
+
+def test_cifar_layout_is_read(tmp_path):
+    _write_fake_cifar(tmp_path)
+    train, test = load_cifar("cifar10", str(tmp_path), download=False)
+    assert train.images.shape == (100, 3, 32, 32) and len(test) == 20
+
+
+def test_missing_dataset_names_paths(tmp_path):
+    with pytest.raises(EdlabError, match=str(tmp_path / "cifar-10-batches-py")):
+        load_cifar("cifar10", str(tmp_path), download=False)
+
+
+def test_incomplete_or_malformed_folder(tmp_path):
+    folder = _write_fake_cifar(tmp_path)
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(EdlabError, match="missing data_batch_3"):
+        load_cifar("cifar10", str(tmp_path), download=False)
+    (folder / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(EdlabError, match="malformed dataset file"):
+        load_cifar("cifar10", str(tmp_path), download=False)
+
+
+def test_bad_labels(tmp_path):
+    _write_fake_cifar(tmp_path, bad_label=True)
+    with pytest.raises(EdlabError, match="labels outside"):
+        load_cifar("cifar10", str(tmp_path), download=False)
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_hostile_batch_pickle_does_not_run_code(tmp_path):
+    folder = _write_fake_cifar(tmp_path)
+    marker = tmp_path / "pwned"
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({"data": _Evil(str(marker)), "labels": [0]}, f)
+    with pytest.raises(EdlabError, match="refused global"):
+        load_cifar("cifar10", str(tmp_path), download=False)
+    assert not marker.exists()
