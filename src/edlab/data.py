@@ -145,12 +145,12 @@ def synthetic(n_train: int = 2000, n_test: int = 500, num_classes: int = 10, see
     uint8 path as CIFAR.
     """
     g = torch.Generator().manual_seed(seed)
-    protos = torch.nn.functional.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=32,
-                                             mode="bilinear", align_corners=False)
+    coarse = (torch.rand(num_classes, 3, 4, 4, generator=g) > 0.5).float()  # distinct binary patterns
+    protos = torch.nn.functional.interpolate(coarse, size=32, mode="bilinear", align_corners=False)
 
     def make(n: int) -> Split:
         y = torch.randint(0, num_classes, (n,), generator=g)
-        x = 0.6 * protos[y] + 0.4 * torch.rand(n, 3, 32, 32, generator=g)
+        x = 0.7 * protos[y] + 0.3 * torch.rand(n, 3, 32, 32, generator=g)
         return Split((x * 255).round().clamp(0, 255).to(torch.uint8), y)
 
     return make(n_train), make(n_test)

@@ -340,8 +340,11 @@ def model_summary(model: nn.Module) -> dict:
     return profile(model).to_dict()
 
 
-def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None = None):
-    """Build data and model from ``cfg``, fit, test once, write the run directory. Returns (model, summary)."""
+def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None = None,
+          data: Data | None = None):
+    """Build data and model from ``cfg``, fit, test once, write the run directory. Returns (model, summary).
+
+    ``data`` may be passed pre-built (it must match cfg.data), e.g. by a caller that already loaded it."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     if run is None:
@@ -352,7 +355,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
             raise EdlabError(f"--resume: the config differs from the one saved in {saved}; resume with the "
                              f"same config (edlab train {saved} --out {run.path} --resume)")
     run.write_text("config.yaml", to_yaml(cfg))
-    data = data_from_config(cfg, device)
+    data = data or data_from_config(cfg, device)
     model = model_from_config(cfg, data.num_classes)
     teacher = load_checkpoint(cfg.distill.teacher) if cfg.distill.teacher else None
     t0 = time.perf_counter()

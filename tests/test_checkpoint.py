@@ -1,0 +1,104 @@
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+
+from edlab import EdlabError, create_model, load_checkpoint, save_checkpoint
+from edlab.checkpoint import read_checkpoint
+
+
+def same_outputs(a, b):
+    x = torch.randn(2, 3, 32, 32)
+    return torch.allclose(a.eval()(x), b.eval()(x), atol=1e-5)
+
+
+def test_round_trip_with_metadata(tmp_path):
+    m = create_model("resnet20", conv="depthwise")
+    save_checkpoint(m, tmp_path / "m.ckpt", note="hello", acc=0.5)
+    r = load_checkpoint(tmp_path / "m.ckpt")
+    assert same_outputs(m, r) and r.edlab_metadata == {"note": "hello", "acc": 0.5}
+
+
+def test_modified_architecture_reloads_without_the_code_that_changed_it(tmp_path):
+    m = create_model("resnet20")
+    blk = m.layers[0][0]
+    blk.conv1, blk.bn1, blk.conv2 = nn.Conv2d(16, 5, 3, 1, 1, bias=False), nn.BatchNorm2d(5), \
+        nn.Conv2d(5, 16, 3, 1, 1, bias=False)
+    m.edlab_dense_reference = {"params": 272474, "macs": 40813184}
+    save_checkpoint(m, tmp_path / "p.ckpt")
+    r = load_checkpoint(tmp_path / "p.ckpt")
+    assert r.layers[0][0].conv1.out_channels == 5 and same_outputs(m, r)
+    assert r.edlab_dense_reference["params"] == 272474
+
+
+def test_half_checkpoint_stays_half(tmp_path):
+    m = create_model("resnet20").half()
+    save_checkpoint(m, tmp_path / "h.ckpt")
+    assert (tmp_path / "h.ckpt").stat().st_size < 700_000  # fp32 would be ~1.1 MB
+    assert next(load_checkpoint(tmp_path / "h.ckpt").parameters()).dtype == torch.float16
+
+
+def test_torchvision_model(tmp_path):
+    import torchvision
+
+    m = torchvision.models.resnet18(num_classes=10)
+    save_checkpoint(m, tmp_path / "tv.ckpt", arch={"builder": "torchvision.models.resnet18",
+                                                    "kwargs": {"num_classes": 10}})
+    assert same_outputs(m, load_checkpoint(tmp_path / "tv.ckpt"))
+
+
+def test_disallowed_builder_is_refused(tmp_path):
+    m = create_model("resnet20")
+    save_checkpoint(m, tmp_path / "x.ckpt", arch={"builder": "os.system", "kwargs": {"command": "true"}})
+    with pytest.raises(EdlabError, match="not allowed"):
+        load_checkpoint(tmp_path / "x.ckpt")
+
+
+def test_corrupt_and_truncated_files_are_detected(tmp_path):
+    p = tmp_path / "m.ckpt"
+    save_checkpoint(create_model("resnet20"), p)
+    raw = bytearray(p.read_bytes())
+    (tmp_path / "trunc.ckpt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(EdlabError, match="corrupt or truncated"):
+        load_checkpoint(tmp_path / "trunc.ckpt")
+    raw[-100] ^= 0xFF  # flip bits inside the tensor data
+    (tmp_path / "flip.ckpt").write_bytes(raw)
+    with pytest.raises(EdlabError, match="checksum mismatch"):
+        load_checkpoint(tmp_path / "flip.ckpt")
+    with pytest.raises(EdlabError, match="not found"):
+        load_checkpoint(tmp_path / "none.ckpt")
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_checkpoint_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    for name, writer in [("evil.pt", lambda f: torch.save({"x": _Evil(str(marker))}, f)),
+                         ("evil.pkl", lambda f: pickle.dump(_Evil(str(marker)), f))]:
+        with open(tmp_path / name, "wb") as f:
+            writer(f)
+        with pytest.raises(EdlabError):
+            load_checkpoint(tmp_path / name)
+    assert not marker.exists()
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    p = tmp_path / "m.ckpt"
+    save_checkpoint(create_model("resnet20"), p)
+    before = p.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(create_model("resnet32"), p)
+    assert p.read_bytes() == before and read_checkpoint(p)[0]["arch"]["name"] == "resnet20"
+    assert [f.name for f in tmp_path.iterdir()] == ["m.ckpt"]  # no temp file left behind

@@ -1,0 +1,116 @@
+import math
+
+import pytest
+import torch
+
+from edlab import EdlabError, load_checkpoint
+from edlab.config import SchedConfig
+from edlab.lr_find import lr_range_test
+from edlab.runs import Run
+from edlab.train import LRSchedule, data_from_config, fit, model_from_config, train
+
+
+def test_training_learns_and_writes_a_run_directory(tiny_cfg):
+    cfg = tiny_cfg(epochs=4)
+    model, s = train(cfg)
+    run = cfg.out
+    for f in ["config.yaml", "metrics.jsonl", "summary.json", "model.ckpt", "resume.pt", "tb"]:
+        assert (run / f if not isinstance(run, str) else __import__("pathlib").Path(run) / f).exists(), f
+    assert s["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert s["epochs"] == 4 and s["params"] > 0 and s["macs"] > 0
+    rows = Run.open(run).metrics()
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    reloaded = load_checkpoint(f"{run}/model.ckpt")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(reloaded(x), model.eval()(x), atol=1e-5)
+
+
+def _final_weights(model):
+    return torch.cat([p.detach().flatten().float() for p in model.state_dict().values()
+                      if p.is_floating_point()])
+
+
+def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path):
+    full = tiny_cfg(epochs=3, out=str(tmp_path / "full"))
+    m_full, s_full = train(full)
+
+    cut = tiny_cfg(epochs=3, out=str(tmp_path / "cut"))
+    run = Run.create("cut", cut.out)
+    data = data_from_config(cut, torch.device("cpu"))
+    model = model_from_config(cut, data.num_classes)
+
+    class Killed(Exception):
+        pass
+
+    def die(row):
+        if row["epoch"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        from edlab.config import to_yaml
+
+        run.write_text("config.yaml", to_yaml(cut))
+        fit(model, data, cut, run, on_epoch=die)
+    m_res, s_res = train(cut, resume=True)
+    assert s_res["test_accuracy"] == s_full["test_accuracy"]
+    assert torch.equal(_final_weights(m_res), _final_weights(m_full))
+    a = [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in Run.open(full.out).metrics()]
+    b = [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in Run.open(cut.out).metrics()]
+    assert a == b
+
+
+def test_resume_with_a_different_config_is_refused(tiny_cfg):
+    cfg = tiny_cfg(epochs=1)
+    train(cfg)
+    with pytest.raises(EdlabError, match="config differs"):
+        train(tiny_cfg(epochs=1, **{"optim.lr": 0.01}), resume=True)
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tiny_cfg):
+    with pytest.raises(EdlabError, match="loss became"):
+        train(tiny_cfg(**{"optim.lr": 1e30, "optim.name": "sgd", "optim.momentum": 0.0}))
+
+
+def test_non_finite_loss_skip_policy(tiny_cfg):
+    _, s = train(tiny_cfg(epochs=1, nan_policy="skip", **{"optim.lr": 1e30, "optim.momentum": 0.0}))
+    assert s["skipped_steps"] > 0
+
+
+def test_distillation_and_mixup_and_options_run(tiny_cfg, tmp_path):
+    teacher_cfg = tiny_cfg(epochs=2, out=str(tmp_path / "teacher"))
+    train(teacher_cfg)
+    cfg = tiny_cfg(epochs=1, out=str(tmp_path / "student"), **{
+        "distill.teacher": f"{tmp_path}/teacher/model.ckpt", "data.mixup": 0.2, "data.cutout": 8,
+        "label_smoothing": 0.1, "grad_clip": 1.0, "optim.name": "adamw", "optim.lr": 0.003,
+        "sched.name": "onecycle", "keep": "best", "data.augment": "fancy"})
+    _, s = train(cfg)
+    assert math.isfinite(s["test_loss"]) and (tmp_path / "student" / "best.ckpt").exists()
+
+
+@pytest.mark.parametrize("name", ["cosine", "onecycle", "step", "plateau", "none"])
+def test_schedules(name):
+    s = LRSchedule(SchedConfig(name=name, warmup_epochs=1 if name != "onecycle" else 0, step_size=2,
+                               patience=0), epochs=4, steps_per_epoch=10)
+    f = [s.factor(i) for i in range(40)]
+    assert all(0 <= v <= 1.0 + 1e-9 for v in f)
+    if name in ("cosine", "step", "plateau", "none"):
+        assert f[0] == pytest.approx(1 / 25) and f[10] == pytest.approx(1.0)  # linear warm-up
+    if name == "cosine":
+        assert f[39] < 0.01
+    if name == "onecycle":
+        assert max(f) == pytest.approx(1.0, abs=0.05) and f[-1] < 0.01
+    if name == "plateau":
+        s.epoch_end(1.0)
+        s.epoch_end(1.0)  # no improvement with patience 0 -> decay
+        assert s.factor(35) == pytest.approx(0.1)
+
+
+def test_lr_range_test_restores_weights(tiny_cfg):
+    cfg = tiny_cfg()
+    data = data_from_config(cfg, torch.device("cpu"))
+    model = model_from_config(cfg, data.num_classes)
+    before = _final_weights(model).clone()
+    r = lr_range_test(model, data, cfg, steps=30)
+    assert 1e-6 <= r["suggested_lr"] <= 10 and len(r["lrs"]) == len(r["losses"]) > 5
+    assert torch.equal(before, _final_weights(model))
