@@ -184,15 +184,9 @@ def score(target, rules, input_size, bits_w, bits_a, as_json):
     size = _parse_size(input_size)
     p = profile(model, input_size=size, rules=rules, bits_w=bits_w, bits_a=bits_a)
     if as_json:
-        click.echo(json.dumps(p.to_dict(rows=True) if _accepts_rows(p) else p.to_dict(), indent=2))
+        click.echo(json.dumps(p.to_dict(), indent=2))
     else:
         render(p, _console())
-
-
-def _accepts_rows(p) -> bool:
-    import inspect
-
-    return "rows" in inspect.signature(p.to_dict).parameters
 
 
 def _parse_size(text: str) -> tuple[int, ...]:

@@ -108,10 +108,9 @@ class Run:
                 pass
         return rows
 
-    def truncate_metrics(self, upto_epoch: int) -> None:
-        """Keep only epochs < upto_epoch (a resumed run rewrites what it redoes)."""
-        rows = [r for r in self.metrics() if r.get("epoch", 0) < upto_epoch]
-        atomic_write_bytes(self.file("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows).encode())
+    def rewrite_metrics(self, rows: list[dict]) -> None:
+        """Replace metrics.jsonl by these rows (a resumed run redoes what its resume state lacks)."""
+        atomic_write_bytes(self.file("metrics.jsonl"), "".join(json.dumps(_clean(r)) + "\n" for r in rows).encode())
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.file("summary.json"), summary)

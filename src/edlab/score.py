@@ -237,6 +237,12 @@ class _Tracer(TorchDispatchMode):
         self.last_weight_op: tuple[torch.Tensor, bool] | None = None
         self.uncounted: set[str] = set()
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Nothing is compiled inside a trace. Without this, torch wraps __torch_dispatch__ in a dynamo guard
+        # whose first call imports torch._dynamo: over a second, once per process.
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func._schema.name.split("::")[-1].rstrip("_")

@@ -213,9 +213,10 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
     ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     state = FitState()
-    if resume and run is not None and run.file("resume.pt").exists():
-        state = _load_resume(run.file("resume.pt"), model, opt, sched, scaler)
-        run.truncate_metrics(state.epoch)
+    if resume and run is not None:
+        if run.file("resume.pt").exists():
+            state = _load_resume(run.file("resume.pt"), model, opt, sched, scaler)
+        run.rewrite_metrics(state.history)  # the resume state is the truth: drop lines of unfinished epochs
     if teacher is not None:
         teacher.to(device).eval()
 
@@ -285,10 +286,10 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
             state.bad_epochs += 1
         state.epoch = epoch + 1
         if run is not None:
-            run.log_metrics(row)
             if improved and cfg.keep == "best":
                 save_checkpoint(model, run.file("best.ckpt"), epoch=epoch + 1, val_accuracy=val["accuracy"])
             _save_resume(run.file("resume.pt"), model, opt, sched, state, scaler)
+            run.log_metrics(row)
         if console is not None:
             console.print(_epoch_line(row, cfg.epochs))
         if on_epoch is not None:

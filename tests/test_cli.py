@@ -1,0 +1,99 @@
+"""The command line as a user drives it: subprocesses, exit codes, one-line errors, files left intact."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TINY = ["--model", "resnet20", "--dataset", "synthetic", "--train-subset", "256", "--batch-size", "64",
+        "--precision", "fp32", "--set", "model.width=0.5", "--set", "data.val_size=128"]
+
+
+def edlab(*args, cwd=None, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, "-m", "edlab", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=env)
+
+
+def test_train_eval_score_info(tmp_path):
+    out = tmp_path / "run"
+    r = edlab("train", *TINY, "--epochs", "1", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy" in r.stdout
+    s = json.loads((out / "summary.json").read_text())
+    for key in ["test_accuracy", "val_accuracy", "params", "macs", "epochs", "seconds", "command", "score",
+                "score_params_term", "score_ops_term", "nonzero_params", "bits_w", "bits_a", "ps", "pu"]:
+        assert key in s, key
+    assert s["command"].startswith("edlab train")
+    r = edlab("eval", out / "model.ckpt", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["test_accuracy"] == pytest.approx(s["test_accuracy"], abs=1e-6)
+    r = edlab("score", out / "model.ckpt", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["score"] == pytest.approx(s["score"])
+    assert edlab("info", "resnet20").returncode == 0
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["train", "--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    (["train", "--set", "data.batch_size=0"], "data.batch_size"),
+    (["train", "missing.yaml"], "config file not found"),
+    (["train", "--model", "resnet99", "--dataset", "synthetic"], "unknown model 'resnet99'"),
+    (["eval", "nope.ckpt"], "checkpoint not found"),
+    (["score", "not-a-model"], "neither a checkpoint file nor a model"),
+    (["train", "--resume"], "--resume needs --out"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, msg, tmp_path):
+    r = edlab(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert msg in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_out_dir_is_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    r = edlab("train", *TINY, "--epochs", "1", "--out", out)
+    assert r.returncode == 2 and "not empty" in r.stderr
+    assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+
+
+def test_corrupt_checkpoint_is_reported_in_one_line(tmp_path):
+    p = tmp_path / "bad.ckpt"
+    p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    r = edlab("score", p)
+    assert r.returncode == 2 and "not a valid edlab checkpoint" in r.stderr
+
+
+def test_sigkill_then_resume(tmp_path):
+    """Kill the process in the middle of training (after the first epoch is logged), then --resume."""
+    args = [*TINY, "--epochs", "3", "--seed", "1"]
+    ref = tmp_path / "ref"
+    assert edlab("train", *args, "--out", ref).returncode == 0
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    p = subprocess.Popen([sys.executable, "-m", "edlab", "train", *args, "--out", str(out)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        m = out / "metrics.jsonl"
+        if m.exists() and m.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "summary.json").exists()
+    r = edlab("train", *args, "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    a = json.loads((ref / "summary.json").read_text())
+    b = json.loads((out / "summary.json").read_text())
+    assert a["test_accuracy"] == b["test_accuracy"] and a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-9)
+    strip = ("seconds", "images_per_s")
+    rows = [[{k: v for k, v in json.loads(line).items() if k not in strip}
+             for line in Path(d, "metrics.jsonl").read_text().splitlines()] for d in (ref, out)]
+    assert rows[0] == rows[1]
