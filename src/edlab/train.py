@@ -325,6 +325,7 @@ def _progress(loader, epoch: int, epochs: int, console):
 def model_from_config(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if cfg.model.checkpoint:
         return load_checkpoint(cfg.model.checkpoint)
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     return create_model(cfg.model.name, num_classes, width=cfg.model.width, conv=cfg.model.conv)
 
 
