@@ -50,7 +50,35 @@ def load_model_arg(target: str):
     raise EdlabError(f"'{target}' is neither a checkpoint file nor a model (models: {', '.join(list_models())})")
 
 
+# Stage commands that live beside their stage (one module per stage): name -> "module:attribute".
+# A new stage is its module plus one entry here; modules are imported only when their command runs.
+STAGE_COMMANDS: dict[str, str] = {
+    "prune": "edlab.prune:prune_command",
+    "bench": "edlab.bench:bench_command",
+    "quantize": "edlab.quantize:quantize_command",
+    "export": "edlab.export:export_command",
+}
+
+
+def _stage_available(target: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(target.split(":")[0]) is not None
+
+
 class Group(click.Group):
+    def list_commands(self, ctx):
+        extra = [n for n, t in STAGE_COMMANDS.items() if _stage_available(t)]
+        return sorted(set(super().list_commands(ctx)) | set(extra))
+
+    def get_command(self, ctx, name):
+        if name in STAGE_COMMANDS and _stage_available(STAGE_COMMANDS[name]):
+            import importlib
+
+            module, attr = STAGE_COMMANDS[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -150,7 +178,6 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, as_json):
     if half:
         dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
         model.to(dtype)
-        data.test.augment_dtype = dtype
         precision = str(dtype).replace("torch.", "")
     r = evaluate(model, data.test)
     out = {"checkpoint": checkpoint, "dataset": dataset, "precision": precision,
