@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -56,6 +57,16 @@ register_leaf(nn.BatchNorm2d, lambda m: dict(num_features=m.num_features, eps=m.
 register_leaf(nn.BatchNorm1d, lambda m: dict(num_features=m.num_features, eps=m.eps, momentum=m.momentum,
                                              affine=m.affine, track_running_stats=m.track_running_stats))
 register_leaf(nn.Identity, lambda m: {})
+
+
+# Stage modules that register leaf types (quantized layers, ...): imported when a checkpoint needs them.
+LEAF_PROVIDERS = ("edlab.quantize", "edlab.prune")
+
+
+def _import_leaf_providers() -> None:
+    for name in LEAF_PROVIDERS:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
 
 
 def _describe_modules(model: nn.Module) -> dict[str, dict]:
@@ -179,6 +190,8 @@ def model_from_header(header: dict) -> nn.Module:
     for name, desc in header.get("modules", {}).items():
         if current.get(name) == desc:
             continue
+        if desc["type"] not in _LEAF_TYPES:
+            _import_leaf_providers()
         if desc["type"] not in _LEAF_TYPES:
             raise EdlabError(f"checkpoint module '{name}' has unknown type {desc['type']!r}")
         cls, _ = _LEAF_TYPES[desc["type"]]
