@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from edlab.data import FOLDERS, STATS, Data, get_data, resolve_data_dir
+from edlab.data import FOLDERS, Data, get_data, resolve_data_dir
 
 POLICIES = ("none", "crop-flip", "scale-rotate", "fancy")
 
@@ -66,13 +66,12 @@ def load_data(data_dir: str | None, **kwargs) -> tuple[Data, str]:
     return get_data("synthetic", **kwargs), "synthetic"
 
 
-def baseline_transform(policy: str) -> T.Compose:
+def baseline_transform(policy: str, mean: tuple, std: tuple) -> T.Compose:
     """The PIL pipeline a plain CIFAR script uses for the same policy as edlab's Augment.
 
     RandomAffine is asked for bilinear interpolation because edlab's warp is bilinear (torchvision's
     default, nearest, is a different and cheaper augmentation).
     """
-    mean, std = STATS["cifar10"]
     ops: list = []
     if policy in ("crop-flip", "fancy"):
         ops += [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
@@ -103,7 +102,7 @@ class PILDataset(Dataset):
 def baseline_loader(data: Data, policy: str, batch_size: int, workers: int) -> DataLoader:
     """A plain training DataLoader over edlab's training split (persistent workers: no restart cost)."""
     split = data.train.split
-    dataset = PILDataset(split.images, split.labels, baseline_transform(policy))
+    dataset = PILDataset(split.images, split.labels, baseline_transform(policy, data.mean, data.std))
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
                       persistent_workers=workers > 0)
 

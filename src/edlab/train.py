@@ -139,8 +139,9 @@ def evaluate(model: nn.Module, loader, amp: torch.dtype | None = None) -> dict:
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     n = 0
+    dtype = next(model.parameters()).dtype  # a half model (edlab eval --half) takes half inputs
     for x, y in loader:
-        x = x.to(next(model.parameters()).dtype) if next(model.parameters()).dtype != torch.float32 else x
+        x = x.to(dtype)
         with autocast(device, amp):
             out = model(x)
         loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
