@@ -280,6 +280,28 @@ def demo(model, epochs, train_subset, data_dir, out):
                   f"score {s['score']:.4f}  ({s['seconds']:.0f} s)  run: {s['run_dir']}")
 
 
+@cli.command("run")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--out", help="Pipeline directory (default: the recipe's out:, else runs/<name>-<timestamp>).")
+@click.option("--set", "sets", multiple=True, metavar="STAGE.KEY=VALUE",
+              help="Edit a stage's option: prune.structured=0.5, 0.epochs=3, train.optim.lr=0.05.")
+def run_recipe(recipe, out, sets):
+    """Run a pipeline recipe: a list of stages (train, prune, quantize, score, ...), one run directory each.
+
+    Running it again with the same --out continues where it stopped.
+
+    \b
+    Examples:
+      edlab run recipes/r20-compress.yaml --out runs/r20-compress
+      edlab run recipes/r20-compress.yaml --set prune.structured=0.5 --set train.epochs=3
+    """
+    from .pipeline import run_pipeline
+
+    console = _console()
+    r = run_pipeline(recipe, list(sets), out, echo=console.print)
+    console.print(f"pipeline {r['name']}: {len(r['stages'])} stages done -> {r['dir']}/pipeline.json")
+
+
 @cli.command()
 def models():
     """List the registered models with their parameter counts (10 classes)."""

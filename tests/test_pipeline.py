@@ -1,0 +1,53 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from edlab import EdlabError
+from edlab.pipeline import load_recipe, run_pipeline, stage_argv
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quick-synthetic.yaml"
+
+
+def test_stage_argv_maps_options_to_the_cli(tmp_path):
+    argv = stage_argv("prune", {"structured": 0.3, "distill": True, "global": False, "set": ["a=1", "b=2"],
+                                "optim.lr": 0.01}, "m.ckpt", tmp_path)
+    assert argv == ["prune", "m.ckpt", "--structured", "0.3", "--distill", "--set", "a=1", "--set", "b=2",
+                    "--set", "optim.lr=0.01", "--out", str(tmp_path)]
+    assert stage_argv("score", {}, "m.ckpt", tmp_path) == ["score", "m.ckpt", "--json"]
+    with pytest.raises(EdlabError, match="needs a checkpoint"):
+        stage_argv("score", {}, None, tmp_path)
+
+
+def test_overrides_edit_stages():
+    r = load_recipe(str(RECIPE), ["train.epochs=3", "1.rules=micronet", "train.optim.lr=0.2"])
+    assert r["stages"][0][1]["epochs"] == 3 and r["stages"][0][1]["optim.lr"] == 0.2
+    assert r["stages"][1][1] == {"rules": "micronet"}
+    with pytest.raises(EdlabError, match="name a stage"):
+        load_recipe(str(RECIPE), ["prune.structured=0.5"])
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("stages: []\n", "non-empty list"),
+    ("stages:\n  - train: {}\n    score: {}\n", "one key"),
+    ("name: x\nstagez: []\n", "unknown key"),
+])
+def test_bad_recipes(tmp_path, text, msg):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    with pytest.raises(EdlabError, match=msg):
+        load_recipe(str(p))
+
+
+def test_pipeline_runs_and_continues(tmp_path):
+    out = tmp_path / "pipe"
+    r = run_pipeline(str(RECIPE), out=str(out), echo=lambda *a: None)
+    assert [s["name"] for s in r["stages"]] == ["train", "score", "eval"]
+    assert (out / "00-train" / "model.ckpt").exists()
+    score = json.loads((out / "01-score" / "result.json").read_text())
+    assert score["params"] == r["stages"][0]["summary"]["params"]
+    ev = json.loads((out / "02-eval" / "result.json").read_text())
+    assert ev["test_accuracy"] == pytest.approx(r["stages"][0]["summary"]["test_accuracy"])
+    seen = []
+    again = run_pipeline(str(RECIPE), out=str(out), echo=seen.append)
+    assert all("skipped" in line for line in seen[:3]) and again["checkpoint"] == r["checkpoint"]
