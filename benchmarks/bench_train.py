@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,12 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from bench_augment import baseline_loader, forever, load_data, machine  # the sibling script
 
-from edlab.config import load_train_config
+from edlab.config import TrainConfig, load_train_config
 from edlab.data import Data, Loader
 from edlab.models import create_model
 from edlab.train import evaluate, fit, resolve_channels_last, resolve_precision
 
-# resnet18 takes ~2 s a step on a 2-core CPU: a few steps give its rate, a full epoch would take ~15 min
+# resnet18 takes seconds a step on a 2-core CPU (~15 min an epoch): a few steps give its rate
 DEFAULT_STEPS = {"resnet20": 40, "resnet18": 6}
 
 
@@ -51,7 +52,7 @@ class StampedLoader(Loader):
         super().__init__(base.split, base.batch_size, base.augment, train=True, seed=base.seed)
         self.batches, self.stamps = batches, []
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in super().__iter__():
             self.stamps.append(time.perf_counter())
             if len(self.stamps) > self.batches:
@@ -59,7 +60,8 @@ class StampedLoader(Loader):
             yield batch
 
 
-def edlab_config(model: str, data_dir: str | None, batch_size: int, epochs: int, train_subset: int | None):
+def edlab_config(model: str, data_dir: str | None, batch_size: int, epochs: int,
+                 train_subset: int | None) -> TrainConfig:
     """edlab's default recipe (SGD 0.1, momentum 0.9, nesterov, wd 5e-4, cosine, precision auto).
 
     Weight decay goes on every parameter, as in the plain loop, so that an accuracy difference can only
@@ -78,7 +80,7 @@ def fresh_model(name: str, seed: int) -> nn.Module:
     return create_model(name, 10)
 
 
-def plain_sgd(model: nn.Module, cfg, steps_total: int):
+def plain_sgd(model: nn.Module, cfg: TrainConfig, steps_total: int):
     """SGD with edlab's hyper-parameters and a per-step cosine schedule, the way a plain script does it."""
     o = cfg.optim
     opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
@@ -86,7 +88,7 @@ def plain_sgd(model: nn.Module, cfg, steps_total: int):
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps_total))
 
 
-def plain_steps(model: nn.Module, data: Data, cfg, workers: int, steps: int, warmup: int,
+def plain_steps(model: nn.Module, data: Data, cfg: TrainConfig, workers: int, steps: int, warmup: int,
                 epochs: int | None = None) -> float:
     """The plain loop: PIL crop-flip DataLoader, fp32, NCHW. Returns images/s over the timed steps.
 
@@ -111,7 +113,7 @@ def plain_steps(model: nn.Module, data: Data, cfg, workers: int, steps: int, war
     return (total - first) * loader.batch_size / (time.perf_counter() - t0)
 
 
-def edlab_steps(model: nn.Module, data: Data, cfg, steps: int, warmup: int) -> float:
+def edlab_steps(model: nn.Module, data: Data, cfg: TrainConfig, steps: int, warmup: int) -> float:
     """edlab's ``fit`` on the same split, stopped after warmup + steps batches. Returns images/s."""
     data.val = None  # no validation pass between epochs of a throughput run
     data.train = loader = StampedLoader(data.train, warmup + steps)
@@ -123,7 +125,7 @@ def edlab_steps(model: nn.Module, data: Data, cfg, steps: int, warmup: int) -> f
     return steps * loader.batch_size / (loader.stamps[warmup + steps] - loader.stamps[warmup])
 
 
-def throughput(name: str, args) -> dict:
+def throughput(name: str, args: argparse.Namespace) -> dict:
     """images/s of both sides for one model, in the same run."""
     steps = args.steps or DEFAULT_STEPS.get(name, 10)
     cfg = edlab_config(name, args.data_dir, args.batch_size, 1, None)
@@ -131,13 +133,14 @@ def throughput(name: str, args) -> dict:
     theirs = plain_steps(fresh_model(name, 0), data, cfg, args.workers, steps, args.warmup)
     ours = edlab_steps(fresh_model(name, 0), data, cfg, steps, args.warmup)
     amp = resolve_precision(cfg.precision, torch.device("cpu"))
-    path = f"{str(amp).replace('torch.', '') if amp else 'fp32'}" + (
-        " + channels_last" if resolve_channels_last(cfg.channels_last, torch.device("cpu"), amp) else "")
+    path = str(amp).removeprefix("torch.") if amp else "fp32"
+    if resolve_channels_last(cfg.channels_last, torch.device("cpu"), amp):
+        path += " + channels_last"
     return {"model": name, "steps": steps, "warmup": args.warmup, "edlab": ours, "plain": theirs,
             "ratio": ours / theirs, "edlab_path": path, "data": source}
 
 
-def accuracy(name: str, args) -> dict:
+def accuracy(name: str, args: argparse.Namespace) -> dict:
     """Both sides trained for N epochs on the same subset; validation accuracy on the same held-out split."""
     cfg = edlab_config(name, args.data_dir, args.batch_size, args.accuracy_epochs, args.train_subset)
     data, source = load_data(args.data_dir, batch_size=args.batch_size, augment=cfg.data.augment,

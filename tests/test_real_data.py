@@ -2,7 +2,6 @@
 the shared JPEG copy). Marked slow: CI runs them, `pytest` alone does not."""
 
 import pytest
-
 from conftest import cifar_dir
 
 pytestmark = [pytest.mark.slow,
