@@ -27,15 +27,12 @@ def _rand(n: int, gen: torch.Generator, device) -> torch.Tensor:
 
 
 def random_crop(x: torch.Tensor, gen: torch.Generator, pad: int = PAD) -> torch.Tensor:
-    """Zero-pad by ``pad`` and take one random HxW window per image, by gathering rows then columns."""
+    """Zero-pad by ``pad`` and take one random HxW window per image (a strided view, then one gather)."""
     b, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
+    windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)  # b, c, 2p+1, 2p+1, h, w
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
-    out = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
-    return out.gather(3, cols)
+    return windows[torch.arange(b, device=x.device), :, dy, dx]
 
 
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -97,10 +94,10 @@ class Augment:
     def __call__(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         if gen is not None and self.policy in ("crop-flip", "fancy"):
             x = random_flip(random_crop(x, gen), gen)  # on uint8: cheap gathers
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
-        x = (x.float() - mean) / std
+        x = x.float()
         if gen is not None and self.policy in ("scale-rotate", "fancy"):
-            x = random_scale_rotate(x, gen)
+            x = random_scale_rotate(x, gen)  # before normalising: corners filled black, like the crop padding
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         if gen is not None and self.cutout:
             x = cutout(x, gen, self.cutout)
         return x

@@ -18,7 +18,7 @@ TRAIN_FLAGS = {
     "train_subset": "data.train_subset", "epochs": "epochs", "batch_size": "data.batch_size",
     "optimizer": "optim.name", "lr": "optim.lr", "weight_decay": "optim.weight_decay",
     "scheduler": "sched.name", "augment": "data.augment", "seed": "seed", "out": "out", "device": "device",
-    "precision": "precision",
+    "precision": "precision", "threads": "threads",
 }
 
 
@@ -119,6 +119,7 @@ def cli():
 @click.option("--seed", type=int)
 @click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--threads", type=int, help="CPU threads (default: all cores; 1 on a busy shared machine).")
 @click.option("--out", help="Run directory (default runs/<name>-<timestamp>).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any config key, e.g. optim.nesterov=false.")

@@ -80,6 +80,7 @@ class TrainConfig(Section):
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto = cuda if present, else cpu
+    threads: int | None = Field(None, ge=1, le=1024)  # CPU threads for torch (None = torch's default, the cores)
     seed: int = 0
     early_stop: int | None = Field(None, ge=1)  # stop after N epochs without val-accuracy gain
     keep: Literal["last", "best"] = "last"  # model.ckpt = last epoch or best validation epoch

@@ -85,7 +85,14 @@ def resolve_data_dir(data_dir: str | None) -> Path:
     return Path(data_dir or os.environ.get("EDLAB_DATA_DIR") or "data").expanduser()
 
 
+_MD5_CHECKED: set[Path] = set()
+
+
 def _check_md5(name: str, folder: Path) -> None:
+    """Warn (once per folder and process) when the files are not the official release."""
+    if folder in _MD5_CHECKED:
+        return
+    _MD5_CHECKED.add(folder)
     try:
         from torchvision.datasets import CIFAR10, CIFAR100
     except ImportError:

@@ -343,18 +343,31 @@ def model_summary(model: nn.Module) -> dict:
     return profile(model).to_dict()
 
 
+def _same_run_config(saved, cfg: TrainConfig) -> bool:
+    """Resuming needs the same config, except what cannot change results (the thread count)."""
+    import yaml
+
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = cfg.model_dump(mode="json")
+    for d in (old, new):
+        d.pop("threads", None)
+    return old == new
+
+
 def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None = None,
           data: Data | None = None):
     """Build data and model from ``cfg``, fit, test once, write the run directory. Returns (model, summary).
 
     ``data`` may be passed pre-built (it must match cfg.data), e.g. by a caller that already loaded it."""
     torch.manual_seed(cfg.seed)
+    if cfg.threads:  # on a shared machine, fewer threads than cores avoids OpenMP stalls
+        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     if run is None:
         run = Run.open(cfg.out) if resume else Run.create(cfg.name or cfg.model.name, cfg.out)
     if resume:
         saved = run.file("config.yaml")
-        if saved.exists() and saved.read_text() != to_yaml(cfg):
+        if saved.exists() and not _same_run_config(saved, cfg):
             raise EdlabError(f"--resume: the config differs from the one saved in {saved}; resume with the "
                              f"same config (edlab train {saved} --out {run.path} --resume)")
     run.write_text("config.yaml", to_yaml(cfg))

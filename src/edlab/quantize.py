@@ -1,0 +1,608 @@
+"""Quantization stages: half precision, BinaryConnect, k-bit quantization-aware training (LSQ), int8 export.
+
+Every method is a stage that starts from a trained (possibly pruned) checkpoint and ends with a run
+directory and a model scored with its real bits (docs/quantization.md):
+
+* ``fp16`` / ``bf16``: cast, evaluate, save a truly half checkpoint (the score reads 16/16 from the dtype).
+* ``binaryconnect`` (Courbariaux, Bengio, David 2015): binary weights, real-valued latent weights.
+* ``qat``: k-bit weights (per output channel) and activations with learned step sizes (LSQ, Esser et al.
+  2019).
+* ``int8``: post-training static int8 through ONNX Runtime (``edlab.export``).
+
+Why the quantized layers look the way they do. A quantized layer is a subclass of ``nn.Conv2d`` /
+``nn.Linear`` that keeps the real-valued weight as its ``weight`` Parameter and quantizes it inside
+``forward`` through a straight-through estimator (STE). The optimizer therefore always steps the real
+weights with the gradient computed at the quantized ones, which is exactly BinaryConnect's order, in the one
+training loop (``edlab.train.fit``) and without any hook in it. The seed instead stepped the binarized
+weights and then restored the saved real ones: every update was overwritten and nothing learned
+(``tests/test_quantize.py`` reproduces that). BinaryConnect's clip of the real weights to [-1, 1] "after each
+step" is done at the start of the next training forward (nothing reads the weights in between, so it is the
+same thing) and by :func:`clip_latent_` once more after training. Layers declare ``weight_bits`` /
+``act_bits`` for ``edlab.score``. In eval mode the quantized weight is computed once and cached (recomputed
+when the real weight changes), so inference, export and the score's trace see only the convolution.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import click
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import _conv_kwargs, register_leaf
+from .errors import EdlabError
+
+METHODS = ("fp16", "bf16", "binaryconnect", "qat", "int8")
+# Fine-tuning defaults of the training stages, between the checkpoint's saved config and the user's flags:
+# a few epochs from a trained model at a tenth of the usual peak lr, no warm-up.
+STAGE_DEFAULTS = {
+    "binaryconnect": {"epochs": 5, "optim": {"lr": 0.02}, "sched": {"name": "cosine", "warmup_epochs": 0}},
+    "qat": {"epochs": 5, "optim": {"lr": 0.01}, "sched": {"name": "cosine", "warmup_epochs": 0}},
+}
+
+
+# ------------------------------------------------------------------------------------- the estimators
+def binarize_ste(w: torch.Tensor, stochastic: bool = False) -> torch.Tensor:
+    """sign(w) forward (0 -> +1); backward passes the gradient straight through where |w| <= 1 and cancels it
+    where |w| > 1 (hard-tanh STE, Courbariaux et al.). ``stochastic``: +1 with probability
+    hard_sigmoid(w) = clip((w + 1) / 2, 0, 1), else -1."""
+    if stochastic:
+        p = ((w.detach() + 1) / 2).clamp(0, 1)
+        b = (torch.rand_like(p) < p).to(w.dtype) * 2 - 1
+    else:
+        b = (w.detach() >= 0).to(w.dtype) * 2 - 1
+    # value b; gradient 1 where |w| <= 1, boundary included (torch's clamp/hardtanh give 0 at +-1, which would
+    # freeze every weight the clip has put on the boundary)
+    inside = (w.detach().abs() <= 1).to(w.dtype)
+    return b + (w - w.detach()) * inside
+
+
+def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, grad_scale: float) -> torch.Tensor:
+    """round(clip(x / s, qn, qp)) * s with the LSQ gradients: STE through round, the step's gradient scaled
+    by ``grad_scale`` = 1 / sqrt(elements x qp) so that it learns at the pace of the weights."""
+    s = step.abs() + 1e-12  # a step that an update pushed below zero acts as its magnitude
+    s = s * grad_scale + (s - s * grad_scale).detach()  # value s, gradient x grad_scale
+    q = (x / s).clamp(qn, qp)
+    return (q + (q.round() - q).detach()) * s
+
+
+def init_step(x: torch.Tensor, qn: int, qp: int, dim: int | None = None) -> torch.Tensor:
+    """The step minimising the mean squared quantization error of ``x`` over 40 clipping ranges (5-100% of
+    max |x|), per slice along ``dim`` (per output channel for weights) or for the whole tensor. On a trained
+    resnet20's weights its error is below that of LSQ's 2 mean|x| / sqrt(qp) at every k (1.5x lower at 2 bits,
+    35x at 8 bits, where LSQ's start clips far too much) and of max|x| / qp below 8 bits."""
+    x = x.detach().float()
+    flat = x.reshape(x.shape[dim], -1) if dim is not None else x.reshape(1, -1)
+    if dim is None and flat.shape[1] > 1 << 18:  # activations: a strided sample is plenty
+        flat = flat[:, :: flat.shape[1] // (1 << 18)]
+    amax = flat.abs().amax(1, keepdim=True).clamp_min(1e-8)
+    best_err = torch.full_like(amax, float("inf"))
+    best = amax / qp
+    for r in torch.linspace(0.05, 1.0, 40).tolist():
+        s = amax * r / qp
+        err = (((flat / s).clamp(qn, qp).round() * s - flat) ** 2).sum(1, keepdim=True)
+        better = err < best_err
+        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    return best.reshape(-1) if dim is not None else best.reshape(())
+
+
+# ---------------------------------------------------------------------------------------------- layers
+class _QuantLayer:
+    """What the binary and k-bit layers share: the eval-mode cache of the quantized weight, and the mask of
+    pruned weights. A layer made from a pruned one (exact zeros in its weight) keeps those weights at zero:
+    its quantized weights are masked (zero there, and no gradient reaches those real weights), so fine-tuning
+    keeps the sparsity and the score's count of zero weights stays true (a zero real weight would otherwise
+    binarize to +1)."""
+
+    _cache: tuple | None = None
+
+    def _setup_mask(self, masked: bool) -> None:
+        self.masked = masked
+        self.register_buffer("weight_mask", torch.ones_like(self.weight, dtype=torch.bool) if masked else None)
+
+    def _apply_mask_(self) -> None:
+        if self.weight_mask is not None:
+            with torch.no_grad():
+                self.weight.mul_(self.weight_mask)
+
+    def _cache_key(self) -> tuple:
+        return tuple((t._version, t.data_ptr(), t.dtype) for t in self._weight_sources())
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer computes with (fresh in training; cached, without gradient, in eval)."""
+        if self.training:
+            return self.quantized_weight()
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad(), torch.inference_mode(False):  # a plain tensor, usable outside inference_mode
+                self._cache = (key, self.quantized_weight())
+        return self._cache[1]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._cache = None
+        if not mode:  # computed now, not inside the first inference pass (or the score's trace of it)
+            self.effective_weight()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._cache = None
+        self._act_range = None
+
+
+class _Binary(_QuantLayer):
+    """BinaryConnect weights: sign of the clipped real weight, optionally times alpha = mean |w| per output
+    channel (XNOR-Net style). Activations and BN stay real."""
+
+    weight_bits = 1
+
+    def _setup(self, stochastic: bool, scale: bool, masked: bool) -> None:
+        self.stochastic, self.scale = stochastic, scale
+        self._setup_mask(masked)
+        n = self.weight.shape[0]
+        # a Parameter (never trained) rather than a buffer so that the score counts its storage at 32 bits
+        self.weight_scale = nn.Parameter(torch.ones(n), requires_grad=False) if scale else None
+
+    def _weight_sources(self) -> list[torch.Tensor]:
+        return [self.weight]
+
+    def quantized_weight(self) -> torch.Tensor:
+        w, mask = self.weight, self.weight_mask
+        if self.training:
+            with torch.no_grad():  # BinaryConnect's clip, for the update of the previous step
+                w.clamp_(-1, 1)
+            self._apply_mask_()
+        b = binarize_ste(w, self.stochastic and self.training)
+        if mask is not None:
+            b = b * mask
+        if not self.scale:
+            return b
+        dims = tuple(range(1, w.dim()))
+        kept = mask.sum(dims).clamp_min(1) if mask is not None else w[0].numel()
+        alpha = w.clamp(-1, 1).abs().sum(dims) / kept  # mean |w| of the kept weights; gradient flows through it
+        with torch.no_grad():
+            self.weight_scale.copy_(alpha.detach())
+        return b * alpha.view(-1, *([1] * (w.dim() - 1)))
+
+
+class BinaryConv2d(_Binary, nn.Conv2d):
+    """nn.Conv2d with BinaryConnect weights (see :class:`_Binary`); ``weight`` holds the real weights."""
+
+    def __init__(self, *args, stochastic: bool = False, scale: bool = False, masked: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup(stochastic, scale, masked)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.effective_weight(), self.bias)
+
+
+class BinaryLinear(_Binary, nn.Linear):
+    """nn.Linear with BinaryConnect weights (see :class:`_Binary`)."""
+
+    def __init__(self, *args, stochastic: bool = False, scale: bool = False, masked: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup(stochastic, scale, masked)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)
+
+
+class _LSQ(_QuantLayer):
+    """k-bit weights (signed, one learned step per output channel) and, when ``bits_a`` is set, k-bit
+    activations at the layer's input (one learned step; unsigned when the calibration batch has no negative
+    value, as after a ReLU). Steps start at the MSE-best value (:func:`init_step`): the weight steps when the
+    layer is made from a float one, the activation step at the first forward pass (calibration)."""
+
+    _act_range: tuple[int, int] | None = None
+
+    def _setup(self, bits_w: int, bits_a: int | None, masked: bool) -> None:
+        self.weight_bits, self.act_bits = bits_w, bits_a
+        self._setup_mask(masked)
+        self.qn_w, self.qp_w = -(2 ** (bits_w - 1)), 2 ** (bits_w - 1) - 1
+        self.weight_step = nn.Parameter(init_step(self.weight, self.qn_w, self.qp_w, dim=0))
+        if bits_a is not None:
+            self.act_step = nn.Parameter(torch.ones(()))
+            self.register_buffer("act_ready", torch.zeros((), dtype=torch.bool))
+            self.register_buffer("act_signed", torch.zeros((), dtype=torch.bool))
+
+    def reset_steps(self) -> None:
+        """Weight steps from the current weights; activation step at the next forward pass."""
+        with torch.no_grad():
+            self.weight_step.copy_(init_step(self.weight, self.qn_w, self.qp_w, dim=0))
+            if self.act_bits is not None:
+                self.act_ready.fill_(False)
+        self._cache = self._act_range = None
+
+    def _weight_sources(self) -> list[torch.Tensor]:
+        return [self.weight, self.weight_step]
+
+    def quantized_weight(self) -> torch.Tensor:
+        w = self.weight if self.weight_mask is None else self.weight * self.weight_mask  # no gradient there
+        g = 1.0 / (w[0].numel() * self.qp_w) ** 0.5
+        step = self.weight_step.view(-1, *([1] * (w.dim() - 1)))
+        return lsq_quantize(w, step, self.qn_w, self.qp_w, g)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits is None:
+            return x
+        if self._act_range is None:  # after construction or loading: one host read, then cached
+            if not bool(self.act_ready):
+                signed = bool(x.detach().min() < 0)
+                qn, qp = (-(2 ** (self.act_bits - 1)), 2 ** (self.act_bits - 1) - 1) if signed else \
+                    (0, 2 ** self.act_bits - 1)
+                with torch.no_grad():
+                    self.act_step.copy_(init_step(x, qn, qp))
+                    self.act_signed.fill_(signed)
+                    self.act_ready.fill_(True)
+            b = self.act_bits
+            self._act_range = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if bool(self.act_signed) else (0, 2 ** b - 1)
+        qn, qp = self._act_range
+        return lsq_quantize(x, self.act_step, qn, qp, 1.0 / (x[0].numel() * qp) ** 0.5)
+
+
+class LSQConv2d(_LSQ, nn.Conv2d):
+    """nn.Conv2d with k-bit LSQ weights and (optionally) input activations; ``weight`` holds real weights."""
+
+    def __init__(self, *args, bits_w: int = 8, bits_a: int | None = 8, masked: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup(bits_w, bits_a, masked)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantize_input(x), self.effective_weight(), self.bias)
+
+
+class LSQLinear(_LSQ, nn.Linear):
+    """nn.Linear with k-bit LSQ weights and (optionally) input activations."""
+
+    def __init__(self, *args, bits_w: int = 8, bits_a: int | None = 8, masked: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup(bits_w, bits_a, masked)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x), self.effective_weight(), self.bias)
+
+
+QUANT_TYPES = (BinaryConv2d, BinaryLinear, LSQConv2d, LSQLinear)
+
+
+def _linear_kwargs(m: nn.Linear) -> dict:
+    return dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
+
+
+def _binary_kwargs(m: _Binary) -> dict:
+    return {"stochastic": m.stochastic, "scale": m.scale, "masked": m.masked}
+
+
+def _lsq_kwargs(m: _LSQ) -> dict:
+    return {"bits_w": m.weight_bits, "bits_a": m.act_bits, "masked": m.masked}
+
+
+register_leaf(BinaryConv2d, lambda m: {**_conv_kwargs(m), **_binary_kwargs(m)})
+register_leaf(BinaryLinear, lambda m: {**_linear_kwargs(m), **_binary_kwargs(m)})
+register_leaf(LSQConv2d, lambda m: {**_conv_kwargs(m), **_lsq_kwargs(m)})
+register_leaf(LSQLinear, lambda m: {**_linear_kwargs(m), **_lsq_kwargs(m)})
+
+
+# ------------------------------------------------------------------------------------------ conversion
+def _replace_layers(model: nn.Module, make, keep: set[str] | None = None, keep_first_last: bool = True) -> list:
+    """Replace every conv/linear (but the first and last, in registration order, when ``keep_first_last``)
+    by ``make(layer, is_end, masked)``, which returns the new layer or None to leave it; ``masked``: the
+    layer has pruned (exactly zero) weights to keep. Returns the names replaced."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if any(isinstance(m, QUANT_TYPES) for _, m in layers):
+        raise EdlabError("the model is already quantized (it has binary or k-bit layers); start from a float model")
+    if not layers:
+        raise EdlabError("the model has no conv or linear layer to quantize")
+    for n, m in layers:
+        if "weight_orig" in dict(m.named_parameters(recurse=False)):
+            raise EdlabError(f"layer '{n}' carries a torch.nn.utils.prune mask; make it permanent "
+                             f"(torch.nn.utils.prune.remove) before quantizing")
+    ends = {layers[0][0], layers[-1][0]} if keep_first_last else set()
+    done = []
+    for name, m in layers:
+        new = make(m, name in ends, bool((m.weight == 0).any()))
+        if new is None:
+            continue
+        new = new.to(device=m.weight.device, dtype=m.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(m.weight)
+            if new.weight_mask is not None:
+                new.weight_mask.copy_(m.weight != 0)
+            if m.bias is not None:
+                new.bias.copy_(m.bias)
+        if hasattr(new, "reset_steps"):
+            new.reset_steps()
+        new.train(m.training)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+        done.append(name)
+    return done
+
+
+def _kwargs(m: nn.Module) -> dict:
+    return _conv_kwargs(m) if isinstance(m, nn.Conv2d) else _linear_kwargs(m)
+
+
+def binarize(model: nn.Module, keep_first_last: bool = True, scale: bool = False,
+             stochastic: bool = False) -> nn.Module:
+    """Replace the model's convs and linears (in place) by BinaryConnect layers that start from their weights.
+
+    ``keep_first_last`` leaves the first and last conv/linear (the stem and the classifier) in full
+    precision, as Courbariaux et al. and most binary networks do. ``scale`` multiplies each output channel's
+    binary weights by alpha = mean |w| (XNOR-Net). ``stochastic`` samples the binary weights during training
+    (evaluation always uses the deterministic sign). Returns the model."""
+
+    def make(m, is_end, masked):
+        if is_end:
+            return None
+        cls = BinaryConv2d if isinstance(m, nn.Conv2d) else BinaryLinear
+        return cls(**_kwargs(m), stochastic=stochastic, scale=scale, masked=masked)
+
+    _replace_layers(model, make, keep_first_last=keep_first_last)
+    return model
+
+
+def _check_bits(bits: int | None, what: str, allow_none: bool = False) -> None:
+    if bits is None and allow_none:
+        return
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
+        raise EdlabError(f"{what} must be an integer from 2 to 16 (use binaryconnect for 1-bit weights), "
+                         f"got {bits!r}")
+
+
+def quantize_qat(model: nn.Module, bits_w: int, bits_a: int | None, keep_first_last: bool = True,
+                 first_last_bits: int | None = None) -> nn.Module:
+    """Replace the model's convs and linears (in place) by LSQ layers with ``bits_w``-bit weights and
+    ``bits_a``-bit input activations (None: activations stay float). The first and last layers stay float
+    when ``keep_first_last``, or use ``first_last_bits`` for both weights and activations when given (8 is
+    the usual choice: nearly free in accuracy, and the score then sees no 32-bit MAC). Activation steps are
+    set by the first forward pass: run one batch of training images (``calibrate``) before training."""
+    _check_bits(bits_w, "bits_w")
+    _check_bits(bits_a, "bits_a", allow_none=True)
+    _check_bits(first_last_bits, "first_last_bits", allow_none=True)
+
+    def make(m, is_end, masked):
+        bw, ba = (first_last_bits, first_last_bits) if is_end else (bits_w, bits_a)
+        if bw is None:
+            return None
+        cls = LSQConv2d if isinstance(m, nn.Conv2d) else LSQLinear
+        return cls(**_kwargs(m), bits_w=bw, bits_a=ba, masked=masked)
+
+    _replace_layers(model, make, keep_first_last=keep_first_last)
+    return model
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, x: torch.Tensor) -> None:
+    """One eval-mode forward pass on a batch of training images: sets the activation steps of LSQ layers."""
+    was = model.training
+    model.eval()
+    model(x)
+    model.train(was)
+
+
+@torch.no_grad()
+def clip_latent_(model: nn.Module) -> None:
+    """After training: clip the real weights of BinaryConnect layers to [-1, 1] (the clip of the last
+    optimizer step) and re-zero the pruned weights of every quantized layer."""
+    for m in model.modules():
+        if isinstance(m, _Binary):
+            m.weight.clamp_(-1, 1)
+        if isinstance(m, _QuantLayer):
+            m._apply_mask_()
+            m._cache = None
+
+
+def to_half(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of the model in fp16 or bf16: parameters and buffers in that dtype (so they save as half)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise EdlabError(f"half precision means float16 or bfloat16, got {dtype}")
+    return copy.deepcopy(model).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------- the stage
+def stage_config(model: nn.Module, checkpoint: str | Path, method: str, flags: dict, sets: list[str]):
+    """TrainConfig of a stage: the checkpoint's saved config < the stage's defaults < flags < --set."""
+    from .config import TrainConfig, build, parse_overrides
+
+    saved = dict(getattr(model, "edlab_metadata", {}).get("config") or {})
+    saved.pop("out", None)
+    saved.pop("name", None)
+    spec = getattr(model, "edlab_spec", {}) or {}
+    name = f"{spec.get('name', 'model')}-{method}"
+    base = {"name": name, "model": {"checkpoint": str(checkpoint)}}
+    return build(TrainConfig, saved, STAGE_DEFAULTS.get(method, {}), base, flags, parse_overrides(sets))
+
+
+def _plain_batch(data, n: int) -> torch.Tensor:
+    """The first ``n`` training images, normalised but not augmented (calibration data)."""
+    from .augment import Augment
+
+    images = data.train.split.images[:n]
+    return Augment("none", data.mean, data.std)(images, None)
+
+
+def _half(source: nn.Module, method: str, data, run, cfg, options: dict) -> dict:
+    """fp16/bf16: cast, evaluate (validation, then test once), save the truly half checkpoint."""
+    from .checkpoint import save_checkpoint
+    from .train import evaluate
+
+    model = to_half(source, torch.float16 if method == "fp16" else torch.bfloat16)
+    runner, arithmetic = model, method
+    if method == "fp16" and data.test.device.type == "cpu":
+        # PyTorch's CPU fp16 convolutions are ~100x slower than fp32: evaluate the fp16-rounded weights with
+        # fp32 arithmetic there (the rounding of the stored model), and say so
+        runner, arithmetic = copy.deepcopy(model).float(), "fp32 on fp16-rounded weights (CPU)"
+    val = evaluate(runner, data.val)["accuracy"] if data.val is not None else None
+    ref_val = evaluate(source, data.val)["accuracy"] if data.val is not None else None
+    test = evaluate(runner, data.test)
+    model = model.cpu()
+    save_checkpoint(model, run.file("model.ckpt"), test_accuracy=test["accuracy"], val_accuracy=val,
+                    config=cfg.model_dump(mode="json"), quantization=options)
+    return {"scored": model, "test": test, "val_accuracy": val, "checkpoint": run.file("model.ckpt"),
+            "extra": {"reference_val_accuracy": ref_val, "eval_arithmetic": arithmetic}}
+
+
+def _train(source: nn.Module, method: str, data, run, cfg, options: dict, console, **how) -> dict:
+    """binaryconnect/qat: convert a copy, fine-tune with fit(), evaluate the test split once in fp32 (the
+    fake-quantized arithmetic exactly as deployed; training used cfg.precision), save."""
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .train import evaluate, fit, resolve_precision
+
+    device = data.train.device
+    model = copy.deepcopy(source)
+    if method == "binaryconnect":
+        options.update(keep_first_last=how["keep_first_last"], scale=how["scale"], stochastic=how["stochastic"])
+        binarize(model, how["keep_first_last"], how["scale"], how["stochastic"])
+    else:
+        options.update(bits_w=how["bits_w"], bits_a=how["bits_a"], keep_first_last=how["keep_first_last"],
+                       first_last_bits=how["first_last_bits"])
+        quantize_qat(model, how["bits_w"], how["bits_a"], how["keep_first_last"], how["first_last_bits"])
+        calibrate(model, _plain_batch(data, min(how["calib_images"], 256)).to(device))
+    state = fit(model, data, cfg, run, console=console)
+    if cfg.keep == "best" and run.file("best.ckpt").exists():
+        model = load_checkpoint(run.file("best.ckpt")).to(device)
+    clip_latent_(model)
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    val = state.history[-1]["val_accuracy"] if state.history else None
+    test = evaluate(model, data.test)
+    model = model.cpu()
+    save_checkpoint(model, run.file("model.ckpt"), test_accuracy=test["accuracy"], val_accuracy=val,
+                    config=cfg.model_dump(mode="json"), quantization=options)
+    precision = str(resolve_precision(cfg.precision, device) or "fp32").replace("torch.", "")
+    return {"scored": model, "test": test, "val_accuracy": val, "checkpoint": run.file("model.ckpt"),
+            "epochs": len(state.history), "extra": {"best_val_accuracy": state.best_val, "precision": precision}}
+
+
+def _int8(source: nn.Module, data, run, options: dict, console, calib_images: int) -> dict:
+    """int8: ONNX Runtime static quantization (edlab.export). The score is counted on a torch copy whose
+    conv/linear layers declare 8-bit weights and inputs, which is what the int8 graph runs (BN, folded into
+    the int8 weights and int32 biases there, is still counted at 32 bits by the course rules)."""
+    from .export import int8_stage
+
+    extra = int8_stage(source, data, run, calib_images=calib_images, console=console)
+    options.update(extra.pop("options"))
+    scored = copy.deepcopy(source).cpu()
+    for m in scored.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.weight_bits = m.act_bits = 8
+    test = {"accuracy": extra.pop("test_accuracy"), "loss": extra.pop("test_loss")}
+    return {"scored": scored, "test": test, "val_accuracy": extra.pop("val_accuracy"),
+            "checkpoint": extra["onnx"], "extra": extra}
+
+
+def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bits_a: int | None = None,
+                        epochs: int | None = None, keep_first_last: bool = True, first_last_bits: int | None = None,
+                        scale: bool = False, stochastic: bool = False, data_dir: str | None = None,
+                        dataset: str | None = None, out: str | None = None, sets: list[str] | tuple = (),
+                        calib_images: int = 1024, console=None) -> dict:
+    """Run one quantization stage on a float32 checkpoint; write its run directory; return the summary.
+
+    ``bits_a`` None means the same as ``bits_w`` (32: float activations). The summary holds the test accuracy
+    of the result and of the float model on the same split, and the score counted on the result."""
+    from .checkpoint import load_checkpoint
+    from .config import to_yaml
+    from .runs import Run, command_line
+    from .score import profile
+    from .train import data_from_config, evaluate, resolve_device
+
+    if method not in METHODS:
+        raise EdlabError(f"unknown method '{method}' (choices: {', '.join(METHODS)})")
+    if method == "qat":
+        bits_a = bits_w if bits_a is None else bits_a
+        _check_bits(bits_w, "--bits-w")
+        if bits_a != 32:
+            _check_bits(bits_a, "--bits-a")
+        _check_bits(first_last_bits, "--first-last-bits", allow_none=True)
+    if calib_images < 1:
+        raise EdlabError(f"--calib-images must be >= 1, got {calib_images}")
+    source = load_checkpoint(checkpoint)
+    if any(isinstance(m, QUANT_TYPES) for m in source.modules()) or \
+            any(p.dtype != torch.float32 for p in source.parameters()):
+        raise EdlabError(f"{checkpoint} is already quantized or half; quantize a float32 checkpoint")
+    flags: dict = {k: v for k, v in {"epochs": epochs, "out": out}.items() if v is not None}
+    data_flags = {k: v for k, v in {"dataset": dataset, "data_dir": data_dir}.items() if v is not None}
+    if data_flags:
+        flags["data"] = data_flags
+    cfg = stage_config(source, checkpoint, method, flags, list(sets))
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    data = data_from_config(cfg, device)
+    run = Run.create(cfg.name, cfg.out)
+    run.write_text("config.yaml", to_yaml(cfg))
+    source = source.to(device)
+    options: dict = {"method": method, "source_checkpoint": str(checkpoint)}
+    t0 = time.perf_counter()
+    if method == "int8":
+        r = _int8(source, data, run, options, console, calib_images)
+    elif method in ("fp16", "bf16"):
+        r = _half(source, method, data, run, cfg, options)
+    else:
+        r = _train(source, method, data, run, cfg, options, console, bits_w=bits_w,
+                   bits_a=None if bits_a == 32 else bits_a, keep_first_last=keep_first_last,
+                   first_last_bits=first_last_bits, scale=scale, stochastic=stochastic, calib_images=calib_images)
+    seconds = time.perf_counter() - t0
+    reference = evaluate(source, data.test)  # the float model on the same test split, for the change
+    summary = {
+        "method": method, "test_accuracy": r["test"]["accuracy"], "test_loss": r["test"]["loss"],
+        "val_accuracy": r["val_accuracy"], "reference_test_accuracy": reference["accuracy"],
+        "accuracy_change": r["test"]["accuracy"] - reference["accuracy"], "epochs": r.get("epochs", 0),
+        "seconds": seconds, "device": str(device), "dataset": cfg.data.dataset,
+        "model": getattr(source, "edlab_spec", {}).get("name"), "checkpoint": str(r["checkpoint"]),
+        "options": options, **r["extra"], **profile(r["scored"]).to_dict(), "command": command_line(),
+        "run_dir": str(run.path),
+    }
+    run.write_summary(summary)
+    run.close()
+    return summary
+
+
+@click.command("quantize")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--method", required=True, help=f"One of: {', '.join(METHODS)}.")
+@click.option("--bits-w", type=int, default=8, show_default=True, help="qat: weight bits (2-16).")
+@click.option("--bits-a", type=int, help="qat: activation bits (2-16, 32 = float); default: --bits-w.")
+@click.option("--first-last-bits", type=int, help="qat: quantize the first/last layers at this many bits "
+              "instead of keeping them float.")
+@click.option("--epochs", type=int, help="Fine-tuning epochs (binaryconnect, qat; default 5).")
+@click.option("--keep-first-last/--no-keep-first-last", default=True, show_default=True,
+              help="Leave the first and last layers in full precision.")
+@click.option("--scale", is_flag=True, help="binaryconnect: per-channel scale alpha = mean |w| (XNOR-style).")
+@click.option("--stochastic", is_flag=True, help="binaryconnect: stochastic binarization during training.")
+@click.option("--calib-images", type=int, default=1024, show_default=True,
+              help="int8: training images for calibration (qat: first 256 set the activation steps).")
+@click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "synthetic"]),
+              help="Default: the checkpoint's.")
+@click.option("--data-dir")
+@click.option("--out", help="Run directory (default runs/<model>-<method>-<timestamp>).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any training config key.")
+def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, epochs, keep_first_last, scale,
+                     stochastic, calib_images, dataset, data_dir, out, sets):
+    """Quantize a trained (or pruned) checkpoint; write a run directory and the quantized model.
+
+    Methods: fp16/bf16 (cast, evaluate, save half), binaryconnect (binary weights, fine-tuned), qat (k-bit
+    weights and activations, LSQ, fine-tuned), int8 (ONNX Runtime static int8: .onnx + accuracy + latency).
+    Fine-tuning uses the checkpoint's saved training config, changed by the flags and --set.
+
+    \b
+    Examples:
+      edlab quantize runs/r20/model.ckpt --method bf16
+      edlab quantize runs/r20/model.ckpt --method binaryconnect --epochs 10 --scale
+      edlab quantize runs/r20/model.ckpt --method qat --bits-w 4 --bits-a 4 --set optim.lr=0.005
+      edlab quantize runs/r20-pruned/model.ckpt --method int8 --calib-images 2048
+    """
+    from .cli import _console
+
+    console = _console()
+    s = quantize_checkpoint(checkpoint, method, bits_w=bits_w, bits_a=bits_a, epochs=epochs,
+                            keep_first_last=keep_first_last, first_last_bits=first_last_bits, scale=scale,
+                            stochastic=stochastic, data_dir=data_dir, dataset=dataset, out=out, sets=list(sets),
+                            calib_images=calib_images, console=console)
+    console.print(f"{method}: test accuracy {100 * s['test_accuracy']:.2f}% (float "
+                  f"{100 * s['reference_test_accuracy']:.2f}%, change {100 * s['accuracy_change']:+.2f} points)  "
+                  f"bits w/a {s['bits_w']:.3g}/{s['bits_a']:.3g}  score {s['score']:.4f}  -> {s['checkpoint']}")

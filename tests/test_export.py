@@ -1,0 +1,102 @@
+"""ONNX export: fp32 graphs match PyTorch (float, binary and k-bit models), int8 graphs run under ONNX Runtime
+with integer kernels and agree with fp32, the `edlab export` command and the int8 stage."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from test_quantize import threads_from_env, tiny_checkpoint  # noqa: F401  (fixtures)
+
+from edlab.checkpoint import load_checkpoint
+from edlab.cli import cli
+from edlab.data import get_data
+from edlab.models import create_model
+from edlab.quantize import binarize, calibrate, quantize_checkpoint, quantize_qat
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from edlab.export import _plain_batches, export_onnx, ort_evaluate, ort_session  # noqa: E402
+
+X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.getbasetemp())
+
+
+def ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def run(path, x: torch.Tensor) -> np.ndarray:
+    return ort_session(path, threads=1).run(None, {"input": x.numpy()})[0]
+
+
+@pytest.mark.parametrize("kind", ["float", "binary", "qat"])
+def test_fp32_export_matches_pytorch(tmp_path, kind):
+    torch.manual_seed(0)
+    model = create_model("resnet20", width=0.5)
+    if kind == "binary":
+        binarize(model, scale=True)
+    elif kind == "qat":
+        quantize_qat(model, 4, 4)
+        calibrate(model, X)
+    model.eval()
+    path = export_onnx(model, tmp_path / "m.onnx")
+    assert "BatchNormalization" not in ops(path)  # folded into the convs
+    with torch.no_grad():
+        ref = model(X).numpy()
+    out = run(path, X)
+    assert out.shape == ref.shape
+    if kind == "qat":  # same fake-quant arithmetic; a value on a rounding boundary may land one step apart
+        assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.75 and np.abs(out - ref).mean() < 1e-2
+    else:
+        np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-4)
+    assert run(path, X[:3]).shape == (3, 10)  # dynamic batch size
+
+
+def test_uncalibrated_qat_model_is_refused(tmp_path):
+    from edlab.errors import EdlabError
+
+    with pytest.raises(EdlabError, match="uncalibrated"):
+        export_onnx(quantize_qat(create_model("resnet20", width=0.25), 8, 8), tmp_path / "m.onnx")
+
+
+def test_int8_export_runs_integer_kernels_and_agrees_with_fp32(tiny_ckpt, tmp_path):
+    model = load_checkpoint(tiny_ckpt)
+    data = get_data("synthetic", val_size=0, eval_batch_size=250)
+    path = export_onnx(model, tmp_path / "m.int8.onnx", int8=True, calib_loader=_plain_batches(data, 256),
+                       calib_images=256)
+    assert {"QLinearConv", "QLinearAdd"} <= ops(path) and "Conv" not in ops(path)
+    x = next(iter(data.test))[0]
+    with torch.no_grad():
+        ref = model(x).argmax(1).numpy()
+    assert (run(path, x).argmax(1) == ref).mean() >= 0.9
+    fp32 = ort_evaluate(ort_session(export_onnx(model, tmp_path / "m.onnx")), data.test)["accuracy"]
+    int8 = ort_evaluate(ort_session(path), data.test)["accuracy"]
+    assert abs(int8 - fp32) <= 0.05
+
+
+def test_export_cli(tiny_ckpt, tmp_path):
+    out = tmp_path / "cli.int8.onnx"
+    r = CliRunner().invoke(cli, ["export", str(tiny_ckpt), "--int8", "--calib-images", "128", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.exists() and "ONNX Runtime test accuracy" in r.output
+    r = CliRunner().invoke(cli, ["export", str(tiny_ckpt), "--no-eval", "--out", str(tmp_path / "stage")])
+    assert r.exit_code == 0 and (tmp_path / "stage" / "model.onnx").exists()  # --out as a folder (pipelines)
+    r = CliRunner().invoke(cli, ["export", str(tiny_ckpt), "--format", "tflite"])
+    assert r.exit_code == 2 and r.stderr.strip() == "edlab: error: unknown export format 'tflite' (choices: onnx)"
+
+
+def test_int8_stage_writes_onnx_summary_and_latency(tiny_ckpt, tmp_path):
+    s = quantize_checkpoint(tiny_ckpt, "int8", calib_images=128, out=str(tmp_path / "int8"))
+    saved = json.loads((tmp_path / "int8" / "summary.json").read_text())
+    assert saved["checkpoint"].endswith("model.int8.onnx") and (tmp_path / "int8" / "model.int8.onnx").exists()
+    assert s["bits_a"] == 8 and 8 < s["bits_w"] < 10  # int8 conv/linear; BN and biases counted at 32 bits
+    lat = s["latency"]
+    assert lat["batch"] == 64 and lat["ort_int8_ms"] > 0 and lat["speedup_vs_torch_fp32"] > 0
+    assert abs(s["accuracy_change"]) <= 0.05
