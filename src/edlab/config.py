@@ -88,6 +88,11 @@ class TrainConfig(Section):
     name: str | None = None  # run name (default: model name)
     out: str | None = None  # run directory (default: runs/<name>-<timestamp>)
 
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _on_off(cls, v):  # YAML reads a bare on/off as a boolean
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
