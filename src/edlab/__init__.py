@@ -10,6 +10,7 @@ from .score import profile, score  # noqa: E402  (edlab.score is the formula; th
 
 __all__ = [
     "EdlabError", "TrainConfig", "create_model", "get_data", "list_models", "load_checkpoint",
-    "load_train_config", "profile", "prune_structured", "prune_unstructured", "register_model", "save_checkpoint", "score",
+    "load_train_config", "profile", "prune_structured", "prune_unstructured", "register_model",
+    "save_checkpoint", "score",
 ]
 __version__ = "0.1.0"
