@@ -118,7 +118,7 @@ class _QuantLayer:
             return self.quantized_weight()
         key = self._cache_key()
         if self._cache is None or self._cache[0] != key:
-            with torch.no_grad(), torch.inference_mode(False):  # a plain tensor, usable outside inference_mode
+            with torch.inference_mode(False), torch.no_grad():  # a plain tensor (also outside inference_mode)
                 self._cache = (key, self.quantized_weight())
         return self._cache[1]
 
