@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -43,13 +43,13 @@ def register_leaf(cls: type[nn.Module], describe: Callable[[nn.Module], dict], n
     _LEAF_TYPES[name or cls.__name__] = (cls, describe)
 
 
-def _conv_kwargs(m: nn.Conv2d) -> dict:
+def conv_kwargs(m: nn.Conv2d) -> dict:
     return dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=list(m.kernel_size),
                 stride=list(m.stride), padding=list(m.padding) if not isinstance(m.padding, str) else m.padding,
                 dilation=list(m.dilation), groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
 
 
-register_leaf(nn.Conv2d, _conv_kwargs)
+register_leaf(nn.Conv2d, conv_kwargs)
 register_leaf(nn.Linear, lambda m: dict(in_features=m.in_features, out_features=m.out_features,
                                         bias=m.bias is not None))
 register_leaf(nn.BatchNorm2d, lambda m: dict(num_features=m.num_features, eps=m.eps, momentum=m.momentum,
@@ -167,7 +167,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not p.is_file():
         raise EdlabError(f"checkpoint not found: {p}")
     raw = p.read_bytes()
-    if raw[:2] in (b"PK", b"\x80\x02") or raw[:1] == b"\x80":
+    n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else -1
+    looks_safetensors = 0 < n <= len(raw) - 8 and raw[8:9] == b"{"  # u64 header length, then JSON
+    if not looks_safetensors and (raw[:2] == b"PK" or raw[:1] == b"\x80"):  # zip (torch.save) or pickle
         raise EdlabError(f"{p} is a pickle/torch.save file; edlab refuses to unpickle checkpoints "
                          f"(they can run code). Convert it with edlab.save_checkpoint in a trusted session")
     try:

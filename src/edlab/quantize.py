@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import _conv_kwargs, register_leaf
+from .checkpoint import conv_kwargs, register_leaf
 from .errors import EdlabError
 
 METHODS = ("fp16", "bf16", "binaryconnect", "qat", "int8")
@@ -282,9 +282,9 @@ def _lsq_kwargs(m: _LSQ) -> dict:
     return {"bits_w": m.weight_bits, "bits_a": m.act_bits, "masked": m.masked}
 
 
-register_leaf(BinaryConv2d, lambda m: {**_conv_kwargs(m), **_binary_kwargs(m)})
+register_leaf(BinaryConv2d, lambda m: {**conv_kwargs(m), **_binary_kwargs(m)})
 register_leaf(BinaryLinear, lambda m: {**_linear_kwargs(m), **_binary_kwargs(m)})
-register_leaf(LSQConv2d, lambda m: {**_conv_kwargs(m), **_lsq_kwargs(m)})
+register_leaf(LSQConv2d, lambda m: {**conv_kwargs(m), **_lsq_kwargs(m)})
 register_leaf(LSQLinear, lambda m: {**_linear_kwargs(m), **_lsq_kwargs(m)})
 
 
@@ -325,7 +325,7 @@ def _replace_layers(model: nn.Module, make, keep: set[str] | None = None, keep_f
 
 
 def _kwargs(m: nn.Module) -> dict:
-    return _conv_kwargs(m) if isinstance(m, nn.Conv2d) else _linear_kwargs(m)
+    return conv_kwargs(m) if isinstance(m, nn.Conv2d) else _linear_kwargs(m)
 
 
 def binarize(model: nn.Module, keep_first_last: bool = True, scale: bool = False,
