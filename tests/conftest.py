@@ -31,3 +31,12 @@ def tiny_cfg(tmp_path):
         return load_train_config(None, None, base + [f"{k}={v}" for k, v in sets.items()])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and a second thread on a shared 2-core machine costs 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

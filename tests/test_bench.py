@@ -15,11 +15,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:structured pruning")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def tiny():

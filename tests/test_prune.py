@@ -23,12 +23,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:structured pruning")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a second thread on a shared 2-core machine costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def tiny(conv="standard", width=0.5):
