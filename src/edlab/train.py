@@ -248,7 +248,7 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
                         lam * ce(out.float(), y) + (1 - lam) * ce(out.float(), y_b)
             if not torch.isfinite(loss):  # step: non-finite guard
                 if cfg.nan_policy == "stop":
-                    raise EdlabError(f"loss became {float(loss)} at epoch {epoch + 1} step {i + 1}; stopped "
+                    raise EdlabError(f"loss became {float(loss.detach())} at epoch {epoch + 1} step {i + 1}; stopped "
                                      f"(the last good state is the previous epoch's resume state). "
                                      f"Lower the lr or set nan_policy=skip")
                 state.skipped_steps += 1
