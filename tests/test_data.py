@@ -141,3 +141,18 @@ def test_hostile_batch_pickle_does_not_run_code(tmp_path):
     with pytest.raises(EdlabError, match="refused global"):
         load_cifar("cifar10", str(tmp_path), download=False)
     assert not marker.exists()
+
+
+def test_fancy_folds_crop_and_flip_into_the_warp():
+    """With no scale/rotation, the single warp is exactly a padded crop window, flipped or not."""
+    x = torch.rand(16, 3, 32, 32) * 255
+    out = random_scale_rotate(x, gen(), scale=(1.0, 1.0), degrees=0.0, pad=4, flip=True)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    flips = 0
+    for i in range(16):
+        windows = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        plain = any(torch.allclose(out[i], w, atol=1e-3) for w in windows)
+        flipped = any(torch.allclose(out[i], w.flip(2), atol=1e-3) for w in windows)
+        assert plain or flipped
+        flips += flipped and not plain
+    assert 2 <= flips <= 14

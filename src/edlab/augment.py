@@ -40,14 +40,24 @@ def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
-def random_scale_rotate(x: torch.Tensor, gen: torch.Generator, scale=SCALE, degrees=DEGREES) -> torch.Tensor:
-    """One affine warp per image (bilinear, zero fill); x must be floating point."""
-    b = x.shape[0]
+def random_scale_rotate(x: torch.Tensor, gen: torch.Generator, scale=SCALE, degrees=DEGREES,
+                        pad: int = 0, flip: bool = False) -> torch.Tensor:
+    """One affine warp per image (bilinear, zero fill); x must be floating point.
+
+    With ``pad``/``flip`` the random crop (integer shift of up to ``pad`` pixels) and the horizontal flip are
+    folded into the same matrix, so ``fancy`` costs one warp instead of a crop, a flip and a warp.
+    """
+    b, _, h, w = x.shape
     s = scale[0] + (scale[1] - scale[0]) * _rand(b, gen, x.device)
     a = (2 * _rand(b, gen, x.device) - 1) * math.radians(degrees)
     cos, sin = torch.cos(a) / s, torch.sin(a) / s  # grid maps output -> input, hence 1/s
-    zero = torch.zeros_like(cos)
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    sign = torch.where(_rand(b, gen, x.device) < 0.5, -1.0, 1.0) if flip else torch.ones_like(cos)
+    if pad:  # crop window offset, in normalised units (2 / size per pixel)
+        tx = (torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device) - pad) * (2.0 / w)
+        ty = (torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device) - pad) * (2.0 / h)
+    else:
+        tx = ty = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([sign * cos, -sign * sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -92,11 +102,12 @@ class Augment:
         self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        if gen is not None and self.policy in ("crop-flip", "fancy"):
+        if gen is not None and self.policy == "crop-flip":
             x = random_flip(random_crop(x, gen), gen)  # on uint8: cheap gathers
         x = x.float()
-        if gen is not None and self.policy in ("scale-rotate", "fancy"):
-            x = random_scale_rotate(x, gen)  # before normalising: corners filled black, like the crop padding
+        if gen is not None and self.policy in ("scale-rotate", "fancy"):  # before normalising: black fill
+            fancy = self.policy == "fancy"  # crop and flip folded into the same warp
+            x = random_scale_rotate(x, gen, pad=PAD if fancy else 0, flip=fancy)
         x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         if gen is not None and self.cutout:
             x = cutout(x, gen, self.cutout)
