@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from edlab import EdlabError
-from edlab.augment import Augment, cutout, mixup, random_crop, random_flip, random_scale_rotate
+from edlab.augment import Augment, affine_grid, cutout, mixup, random_crop, random_flip, random_scale_rotate
 from edlab.data import get_data, load_cifar, split_validation, synthetic
 
 
@@ -156,3 +156,9 @@ def test_fancy_folds_crop_and_flip_into_the_warp():
         assert plain or flipped
         flips += flipped and not plain
     assert 2 <= flips <= 14
+
+
+def test_affine_grid_matches_torch():
+    theta = torch.randn(5, 2, 3, generator=gen(2))
+    ref = torch.nn.functional.affine_grid(theta, [5, 3, 32, 24], align_corners=False)
+    assert torch.allclose(affine_grid(theta, 32, 24), ref, atol=1e-5)
