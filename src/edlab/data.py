@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .augment import Augment, mixup  # noqa: F401  (mixup re-exported for the training loop)
+from .augment import Augment
 from .errors import EdlabError
 
 STATS = {

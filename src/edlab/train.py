@@ -20,9 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .augment import mixup
 from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from .config import OptimConfig, SchedConfig, TrainConfig, to_yaml
-from .data import Data, get_data, mixup
+from .data import Data, get_data
 from .errors import EdlabError
 from .models import create_model
 from .runs import Run, command_line
