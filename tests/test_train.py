@@ -32,11 +32,12 @@ def _final_weights(model):
                       if p.is_floating_point()])
 
 
-def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path):
-    full = tiny_cfg(epochs=3, out=str(tmp_path / "full"))
+@pytest.mark.parametrize("extra", [{}, {"ema": 0.9, "tta": "flip-shift"}], ids=["plain", "ema-tta"])
+def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path, extra):
+    full = tiny_cfg(epochs=3, out=str(tmp_path / "full"), **extra)
     m_full, s_full = train(full)
 
-    cut = tiny_cfg(epochs=3, out=str(tmp_path / "cut"))
+    cut = tiny_cfg(epochs=3, out=str(tmp_path / "cut"), **extra)
     run = Run.create("cut", cut.out)
     data = data_from_config(cut, torch.device("cpu"))
     model = model_from_config(cut, data.num_classes)
@@ -128,3 +129,35 @@ def test_lr_range_test_restores_weights(tiny_cfg):
     r = lr_range_test(model, data, cfg, steps=30)
     assert 1e-6 <= r["suggested_lr"] <= 10 and len(r["lrs"]) == len(r["losses"]) > 5
     assert torch.equal(before, _final_weights(model))
+
+
+def test_ema_is_the_running_average_of_the_weights():
+    from edlab.train import EMA
+
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)  # warm-up decay min(0.5, 2/11): the average moves 9/11 of the way
+    assert torch.allclose(ema.model.weight, start + 9 / 11)
+    ema.update(model)  # warm-up decay min(0.5, 3/12): 3/4 of the remaining 2/11
+    assert torch.allclose(ema.model.weight, start + 1 - (2 / 11) * 0.25)
+    assert not ema.model.weight.requires_grad
+
+
+def test_test_time_views_are_the_trained_symmetries():
+    from edlab.train import _shift, tta_logits
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    assert torch.equal(_shift(x, 1, 1)[..., 1:, 1:], x[..., :-1, :-1])  # content moves down-right
+    assert torch.equal(_shift(x, -1, -1)[..., :-1, :-1], x[..., 1:, 1:])
+
+    class LeftHalf(torch.nn.Module):  # not flip-invariant: TTA must change its output
+        def forward(self, x):
+            return x[..., :4].mean((1, 2, 3))[:, None].repeat(1, 2)
+
+    m = LeftHalf()
+    assert torch.equal(tta_logits(m, x, "none"), m(x))
+    assert torch.allclose(tta_logits(m, x, "flip"), (m(x) + m(x.flip(3))) / 2)
+    assert tta_logits(m, x, "flip-shift").shape == (2, 2)

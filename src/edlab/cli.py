@@ -154,13 +154,16 @@ def train(config, resume, sets, **flags):
 @click.option("--half", is_flag=True, help="Evaluate in half precision (fp16 on CUDA, bf16 on CPU).")
 @click.option("--batch-size", type=int, default=1000, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--tta", type=click.Choice(["none", "flip", "flip-shift", "trained"]), default="trained",
+              show_default=True, help="Test-time views averaged; 'trained' = what the run that made it used.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_(checkpoint, dataset, data_dir, half, batch_size, device, as_json):
+def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json):
     """Re-measure test accuracy of a checkpoint.
 
     \b
     Example:
       edlab eval runs/resnet20-20261125-120000/model.ckpt --half
+      edlab eval model.ckpt --tta flip      # average the logits of each image and its mirror
     """
     import torch
 
@@ -180,14 +183,16 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, as_json):
         dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
         model.to(dtype)
         precision = str(dtype).replace("torch.", "")
-    r = evaluate(model, data.test)
-    out = {"checkpoint": checkpoint, "dataset": dataset, "precision": precision,
+    if tta == "trained":
+        tta = cfg.get("tta", "none")
+    r = evaluate(model, data.test, tta=tta)
+    out = {"checkpoint": checkpoint, "dataset": dataset, "precision": precision, "tta": tta,
            "test_accuracy": r["accuracy"], "test_loss": r["loss"], "images": len(data.test.split)}
     if as_json:
         click.echo(json.dumps(out, indent=2))
     else:
         click.echo(f"{dataset} test accuracy {100 * r['accuracy']:.2f}%  loss {r['loss']:.4f}  "
-                   f"({precision}, {out['images']} images)")
+                   f"({precision}, {out['images']} images" + (f", tta {tta})" if tta != "none" else ")"))
 
 
 @cli.command()

@@ -76,6 +76,8 @@ class TrainConfig(Section):
     epochs: int = Field(30, ge=0, le=100000)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0)  # max global grad norm
+    ema: float | None = Field(None, gt=0, lt=1)  # decay of an exponential moving average of the weights
+    tta: Literal["none", "flip", "flip-shift"] = "none"  # test-time views averaged in val and test evaluation
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast; auto = bf16 where it is fast
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False  # torch.compile the model

@@ -131,8 +131,33 @@ class LRSchedule:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
+TTA_VIEWS = ("none", "flip", "flip-shift")
+
+
+def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Translate a batch by (dy, dx) pixels, filling with the reflected border (what crop-flip trains on)."""
+    p = max(abs(dy), abs(dx))
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (p, p, p, p), mode="reflect")
+    return padded[..., p - dy:p - dy + h, p - dx:p - dx + w]
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Logits averaged over test-time views: the mirror image (flip) and one-pixel translations
+    (flip-shift, 6 views), the symmetries the network was trained with; costs 2x / 6x an evaluation."""
+    out = model(x)
+    if tta == "none":
+        return out
+    out = out.float() + model(x.flip(3)).float()
+    if tta == "flip-shift":
+        for d in (1, -1):
+            s = _shift(x, d, d)
+            out = out + model(s).float() + model(s.flip(3)).float()
+    return out / (2 if tta == "flip" else 6)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, amp: torch.dtype | None = None) -> dict:
+def evaluate(model: nn.Module, loader, amp: torch.dtype | None = None, tta: str = "none") -> dict:
     """Mean cross-entropy and accuracy over a loader (sums kept on device: one sync at the end)."""
     was_training = model.training
     model.eval()
@@ -144,7 +169,7 @@ def evaluate(model: nn.Module, loader, amp: torch.dtype | None = None) -> dict:
     for x, y in loader:
         x = x.to(dtype)
         with autocast(device, amp):
-            out = model(x)
+            out = tta_logits(model, x, tta)
         loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
         n += len(y)
@@ -153,6 +178,38 @@ def evaluate(model: nn.Module, loader, amp: torch.dtype | None = None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- fitting
+class EMA:
+    """Exponential moving average of the weights and BN statistics (Polyak averaging).
+
+    The average of the last ~1/(1-decay) steps sits nearer the centre of the basin SGD bounces around in,
+    so it validates better than the last iterate; the warm-up (1+t)/(10+t) keeps the random initial
+    weights from lingering in the average early on."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        avg, cur = self.model.state_dict(), model.state_dict()
+        floats = [k for k, v in avg.items() if v.dtype.is_floating_point]
+        torch._foreach_lerp_([avg[k] for k in floats], [cur[k].detach() for k in floats], 1 - d)
+        for k, v in avg.items():  # integer buffers (BN's num_batches_tracked): the current value
+            if not v.dtype.is_floating_point:
+                v.copy_(cur[k])
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.model.load_state_dict(s["model"])
+        self.updates = s["updates"]
+
+
 @dataclass
 class FitState:
     """Everything needed to continue training after the last finished epoch."""
@@ -174,19 +231,22 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, 
     return alpha * t * t * soft + (1 - alpha) * ce(student, y)
 
 
-def _save_resume(path, model, opt, sched: LRSchedule, state: FitState, scaler) -> None:
+def _save_resume(path, model, opt, sched: LRSchedule, state: FitState, scaler, ema: EMA | None = None) -> None:
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "sched": sched.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
                 "state": {k: v for k, v in state.__dict__.items()}}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _load_resume(path, model, opt, sched: LRSchedule, scaler) -> FitState:
+def _load_resume(path, model, opt, sched: LRSchedule, scaler, ema: EMA | None = None) -> FitState:
     try:  # weights_only: plain tensors and containers, no code can run
         blob = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(blob["model"])
         opt.load_state_dict(blob["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(blob["ema"])
     except Exception as e:
         raise EdlabError(f"resume state {path} is unreadable ({type(e).__name__}); "
                          f"start the run again without --resume") from None
@@ -214,10 +274,11 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
     sched = LRSchedule(cfg.sched, cfg.epochs, len(data.train))
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
     ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    ema = EMA(model, cfg.ema) if cfg.ema else None
     state = FitState()
     if resume and run is not None:
         if run.file("resume.pt").exists():
-            state = _load_resume(run.file("resume.pt"), model, opt, sched, scaler)
+            state = _load_resume(run.file("resume.pt"), model, opt, sched, scaler, ema)
         run.rewrite_metrics(state.history)  # the resume state is the truth: drop lines of unfinished epochs
     if teacher is not None:
         teacher.to(device).eval()
@@ -268,11 +329,15 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
                 scaler.update()
             else:
                 opt.step()
+            if ema is not None:  # step: weight averaging
+                ema.update(model)
             loss_sum += loss.detach().double() * len(y)
             correct += (out.argmax(1) == y).sum()
             seen += len(y)
         train_seconds = time.perf_counter() - t0
-        val = evaluate(model, data.val, amp) if data.val is not None else {"loss": None, "accuracy": None}
+        judged = ema.model if ema is not None else model  # the weights that validation (and the run) keep
+        no_val = {"loss": None, "accuracy": None}
+        val = evaluate(judged, data.val, amp, cfg.tta) if data.val is not None else no_val
         sched.epoch_end(val["loss"])
         seconds = time.perf_counter() - t0
         state.seconds += seconds
@@ -289,8 +354,8 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
         state.epoch = epoch + 1
         if run is not None:
             if improved and cfg.keep == "best":
-                save_checkpoint(model, run.file("best.ckpt"), epoch=epoch + 1, val_accuracy=val["accuracy"])
-            _save_resume(run.file("resume.pt"), model, opt, sched, state, scaler)
+                save_checkpoint(judged, run.file("best.ckpt"), epoch=epoch + 1, val_accuracy=val["accuracy"])
+            _save_resume(run.file("resume.pt"), model, opt, sched, state, scaler, ema)
             run.log_metrics(row)
         if console is not None:
             console.print(_epoch_line(row, cfg.epochs))
@@ -300,6 +365,8 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
             if console is not None:
                 console.print(f"early stop: no val-accuracy gain for {cfg.early_stop} epochs")
             break
+    if ema is not None:  # the run's model is the averaged one
+        model.load_state_dict(ema.model.state_dict())
     return state
 
 
@@ -380,7 +447,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     if cfg.keep == "best" and run.file("best.ckpt").exists():
         model = load_checkpoint(run.file("best.ckpt")).to(device)
     amp = resolve_precision(cfg.precision, device)
-    test = evaluate(model, data.test, amp)  # the only time the test split is read
+    test = evaluate(model, data.test, amp, cfg.tta)  # the only time the test split is read
     model = model.to("cpu").to(memory_format=torch.contiguous_format).float().eval()
     save_checkpoint(model, run.file("model.ckpt"), test_accuracy=test["accuracy"],
                     val_accuracy=state.best_val, config=cfg.model_dump(mode="json"))
@@ -390,7 +457,8 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
         "val_accuracy": last.get("val_accuracy"), "best_val_accuracy": state.best_val,
         "best_epoch": state.best_epoch, "epochs": state.epoch, "seconds": state.seconds,
         "wall_seconds_this_process": time.perf_counter() - t0, "skipped_steps": state.skipped_steps,
-        "device": str(device), "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "tta": cfg.tta, "ema": cfg.ema, "device": str(device),
+        "precision": str(amp).replace("torch.", "") if amp else "fp32",
         "model": cfg.model.name, "dataset": cfg.data.dataset, **model_summary(model),
         "command": command_line(), "run_dir": str(run.path),
     }
