@@ -141,6 +141,8 @@ def train(config, resume, sets, **flags):
     cfg = load_train_config(config, _flags_to_tree(flags, TRAIN_FLAGS), list(sets))
     console = _console()
     _, s = run_train(cfg, resume=resume, console=console)
+    if s is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     console.print(f"test accuracy {100 * s['test_accuracy']:.2f}%  (best val {100 * s['best_val_accuracy']:.2f}%"
                   f" @ epoch {s['best_epoch']})  params {s['params']:,}  MACs {s['macs']:,}  "
                   f"score {s['score']:.4f}  {s['seconds'] / 60:.1f} min  -> {s['run_dir']}")

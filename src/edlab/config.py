@@ -81,6 +81,8 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast; auto = bf16 where it is fast
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False  # torch.compile the model
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # reduce-overhead = CUDA graphs
+    sync_bn: bool = False  # under torchrun on GPUs: batch statistics over the whole global batch
     device: str = "auto"  # auto = cuda if present, else cpu
     threads: int | None = Field(None, ge=1, le=1024)  # CPU threads for torch (None = torch's default, the cores)
     seed: int = 0

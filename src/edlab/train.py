@@ -24,6 +24,7 @@ from .augment import mixup
 from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from .config import OptimConfig, SchedConfig, TrainConfig, to_yaml
 from .data import Data, get_data
+from .distributed import Dist
 from .errors import EdlabError
 from .models import create_model
 from .runs import Run, command_line
@@ -258,9 +259,17 @@ def _load_resume(path, model, opt, sched: LRSchedule, scaler, ema: EMA | None = 
 
 def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
         teacher: nn.Module | None = None, resume: bool = False, console=None,
-        on_epoch=None) -> FitState:
-    """Train ``model`` in place for cfg.epochs on data.train, validating on data.val each epoch."""
+        on_epoch=None, d: Dist | None = None) -> FitState:
+    """Train ``model`` in place for cfg.epochs on data.train, validating on data.val each epoch.
+
+    Under torchrun (``d`` active) every rank runs this on its slice of each batch; rank 0 validates and
+    writes, the others follow its decisions."""
+    from . import distributed
+
+    d = d or Dist()
     device = data.train.device
+    if d.active and data.train.batch_size % d.world:
+        raise EdlabError(f"batch size {data.train.batch_size} does not split into {d.world} equal rank slices")
     amp = resolve_precision(cfg.precision, device)
     channels_last = resolve_channels_last(cfg.channels_last, device, amp)
     model.to(device)
@@ -269,7 +278,9 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
     data.train.channels_last = data.test.channels_last = channels_last
     if data.val is not None:
         data.val.channels_last = channels_last
-    step_model = torch.compile(model) if cfg.compile else model
+    ddp = distributed.wrap(d, model, device, cfg.sync_bn)
+    # step: compiled graph; mode reduce-overhead records CUDA graphs (no per-kernel launch cost)
+    step_model = torch.compile(ddp, mode=cfg.compile_mode) if cfg.compile else ddp
     opt = build_optimizer(model, cfg.optim)
     sched = LRSchedule(cfg.sched, cfg.epochs, len(data.train))
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
@@ -279,22 +290,29 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
     if resume and run is not None:
         if run.file("resume.pt").exists():
             state = _load_resume(run.file("resume.pt"), model, opt, sched, scaler, ema)
-        run.rewrite_metrics(state.history)  # the resume state is the truth: drop lines of unfinished epochs
+        if d.main:
+            run.rewrite_metrics(state.history)  # the resume state is the truth: drop lines of unfinished epochs
     if teacher is not None:
         teacher.to(device).eval()
+    # A non-finite loss is looked for on the host every step on CPU (free there) but every 50 steps on GPUs,
+    # where each look is a host synchronisation; the first bad step is recorded on the device meanwhile.
+    check_every = 1 if device.type == "cpu" or cfg.nan_policy == "skip" else 50
 
     for epoch in range(state.epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
         data.train.set_epoch(epoch)
         mix_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + epoch + 17)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # metrics stay on the device: no sync
         correct = torch.zeros((), device=device, dtype=torch.int64)
-        seen, steps = 0, len(data.train)
+        seen = torch.zeros((), device=device, dtype=torch.int64)
+        first_bad = torch.full((), -1, device=device, dtype=torch.int64)
+        steps = len(data.train)
         for i, (x, y) in enumerate(_progress(data.train, epoch, cfg.epochs, console)):
             lr = cfg.optim.lr * sched.factor(epoch * steps + i)
             for g in opt.param_groups:
                 g["lr"] = lr
+            x, y = distributed.shard(d, x, y)  # step: this rank's slice of the global batch
             y_b, lam = y, 1.0
             if cfg.data.mixup > 0:  # step: mixup
                 x, y, y_b, lam = mixup(x, y, cfg.data.mixup, mix_gen)
@@ -308,14 +326,21 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
                 else:
                     loss = ce(out.float(), y) if lam == 1.0 else \
                         lam * ce(out.float(), y) + (1 - lam) * ce(out.float(), y_b)
-            if not torch.isfinite(loss):  # step: non-finite guard
-                if cfg.nan_policy == "stop":
-                    raise EdlabError(f"loss became {float(loss.detach())} at epoch {epoch + 1} step {i + 1}; stopped "
-                                     f"(the last good state is the previous epoch's resume state). "
-                                     f"Lower the lr or set nan_policy=skip")
-                state.skipped_steps += 1
-                opt.zero_grad(set_to_none=True)
-                continue
+            finite = torch.isfinite(loss.detach())  # step: non-finite guard
+            first_bad = torch.where(finite | (first_bad >= 0), first_bad, i)
+            if (i + 1) % check_every == 0 or i + 1 == steps:
+                bad = (first_bad >= 0).to(torch.int64)
+                distributed.all_sum(d, bad)  # every rank takes the same decision
+                if int(bad):
+                    if cfg.nan_policy == "stop":
+                        at = int(first_bad) if int(first_bad) >= 0 else i
+                        raise EdlabError(f"loss became non-finite (nan/inf) at epoch {epoch + 1} "
+                                         f"step {at + 1}; stopped (the last good state is the previous epoch's "
+                                         f"resume state). Lower the lr or set nan_policy=skip")
+                    state.skipped_steps += 1
+                    first_bad.fill_(-1)
+                    opt.zero_grad(set_to_none=True)
+                    continue
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -334,10 +359,14 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
             loss_sum += loss.detach().double() * len(y)
             correct += (out.argmax(1) == y).sum()
             seen += len(y)
+        distributed.all_sum(d, loss_sum, correct, seen)
+        seen = int(seen)
         train_seconds = time.perf_counter() - t0
         judged = ema.model if ema is not None else model  # the weights that validation (and the run) keep
-        no_val = {"loss": None, "accuracy": None}
-        val = evaluate(judged, data.val, amp, cfg.tta) if data.val is not None else no_val
+        val = {"loss": None, "accuracy": None}
+        if data.val is not None and d.main:
+            val = evaluate(judged, data.val, amp, cfg.tta)
+        val = distributed.broadcast(d, val)  # rank 0's figures drive every rank's schedule and early stop
         sched.epoch_end(val["loss"])
         seconds = time.perf_counter() - t0
         state.seconds += seconds
@@ -352,7 +381,7 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
         else:
             state.bad_epochs += 1
         state.epoch = epoch + 1
-        if run is not None:
+        if run is not None and d.main:
             if improved and cfg.keep == "best":
                 save_checkpoint(judged, run.file("best.ckpt"), epoch=epoch + 1, val_accuracy=val["accuracy"])
             _save_resume(run.file("resume.pt"), model, opt, sched, state, scaler, ema)
@@ -367,6 +396,8 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
             break
     if ema is not None:  # the run's model is the averaged one
         model.load_state_dict(ema.model.state_dict())
+    if cfg.sync_bn:
+        distributed.unsync_bn(model)
     return state
 
 
@@ -422,15 +453,7 @@ def _same_run_config(saved, cfg: TrainConfig) -> bool:
     return old == new
 
 
-def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None = None,
-          data: Data | None = None):
-    """Build data and model from ``cfg``, fit, test once, write the run directory. Returns (model, summary).
-
-    ``data`` may be passed pre-built (it must match cfg.data), e.g. by a caller that already loaded it."""
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:  # on a shared machine, fewer threads than cores avoids OpenMP stalls
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+def _open_run(cfg: TrainConfig, resume: bool, run: Run | None) -> Run:
     if run is None:
         run = Run.open(cfg.out) if resume else Run.create(cfg.name or cfg.model.name, cfg.out)
     if resume:
@@ -439,11 +462,45 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
             raise EdlabError(f"--resume: the config differs from the one saved in {saved}; resume with the "
                              f"same config (edlab train {saved} --out {run.path} --resume)")
     run.write_text("config.yaml", to_yaml(cfg))
+    return run
+
+
+def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None = None,
+          data: Data | None = None):
+    """Build data and model from ``cfg``, fit, test once, write the run directory. Returns (model, summary).
+
+    ``data`` may be passed pre-built (it must match cfg.data), e.g. by a caller that already loaded it.
+    Under torchrun, rank 0 makes the run directory and tests; other ranks return (model, None)."""
+    from . import distributed
+
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:  # on a shared machine, fewer threads than cores avoids OpenMP stalls
+        torch.set_num_threads(cfg.threads)
+    d = distributed.setup(cfg.device)
+    device = distributed.rank_device(d, resolve_device(cfg.device))
+    error, path = None, None
+    if d.main:
+        try:
+            run = _open_run(cfg, resume, run)
+            path = str(run.path)
+        except EdlabError as e:
+            if not d.active:
+                raise
+            error = str(e)
+    error, path = distributed.broadcast(d, (error, path))  # every rank stops, or every rank uses rank 0's dir
+    if error:
+        raise EdlabError(error)
+    if not d.main:
+        run, console = Run.open(path), None
     data = data or data_from_config(cfg, device)
     model = model_from_config(cfg, data.num_classes)
     teacher = load_checkpoint(cfg.distill.teacher) if cfg.distill.teacher else None
     t0 = time.perf_counter()
-    state = fit(model, data, cfg, run, teacher=teacher, resume=resume, console=console)
+    state = fit(model, data, cfg, run, teacher=teacher, resume=resume, console=console, d=d)
+    if not d.main:
+        distributed.barrier(d)  # rank 0 tests and writes; wait so that torchrun ends all ranks together
+        distributed.teardown(d)
+        return model, None
     if cfg.keep == "best" and run.file("best.ckpt").exists():
         model = load_checkpoint(run.file("best.ckpt")).to(device)
     amp = resolve_precision(cfg.precision, device)
@@ -457,11 +514,13 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
         "val_accuracy": last.get("val_accuracy"), "best_val_accuracy": state.best_val,
         "best_epoch": state.best_epoch, "epochs": state.epoch, "seconds": state.seconds,
         "wall_seconds_this_process": time.perf_counter() - t0, "skipped_steps": state.skipped_steps,
-        "tta": cfg.tta, "ema": cfg.ema, "device": str(device),
+        "tta": cfg.tta, "ema": cfg.ema, "device": str(device), "world_size": d.world,
         "precision": str(amp).replace("torch.", "") if amp else "fp32",
         "model": cfg.model.name, "dataset": cfg.data.dataset, **model_summary(model),
         "command": command_line(), "run_dir": str(run.path),
     }
     run.write_summary(summary)
     run.close()
+    distributed.barrier(d)
+    distributed.teardown(d)
     return model, summary
