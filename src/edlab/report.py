@@ -341,7 +341,7 @@ def run_cells(r: RunInfo) -> list[str]:
             _g(r.get("data", "batch_size")), _g(r.get("optim", "weight_decay")), _g(r.get("data", "augment")),
             _g(_first(s.get("epochs"), s.get("finetune_epochs_total"), r.get("epochs"))), _pct(_num(r.val)),
             _pct(r.test), _int(s.get("params")), _int(s.get("macs")), bits, ps_pu,
-            "" if r.score is None else f"{r.score:.4g}", "" if seconds is None else f"{seconds / 60:.1f}"]
+            "" if r.score is None else f"{r.score:.4g}", "" if seconds is None else f"{seconds / 60:.3g}"]
 
 
 LAYER_COLUMNS = ["layer", "type", "params", "nonzero", "MACs", "bits w/a", "params term", "ops term", "% of score"]
