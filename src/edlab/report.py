@@ -434,8 +434,9 @@ def build_report(paths: list[str | Path], out: str | Path, floor: float = 0.9, t
             layer_rows = [vars(r) for r in prof.rows]
             layer_note = (f"{best.name}: score {prof.score:.4g} = params term {prof.score_params_term:.4g} + "
                           f"ops term {prof.score_ops_term:.4g} ({prof.rules} rules, counted from model.ckpt)")
-        except (EdlabError, OSError, ValueError, KeyError, RuntimeError) as e:
-            layer_note = f"{best.name}: model.ckpt could not be profiled ({str(e).splitlines()[0]})"
+        except Exception as e:  # one unreadable checkpoint must not cost the whole page
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            layer_note = f"{best.name}: model.ckpt could not be profiled ({first})"
     figures["layers"] = bool(layer_rows) and plot_layers(layer_rows, f"per-layer score: {best.name}",
                                                          out / "layers.png")
     in_front = set(front)
