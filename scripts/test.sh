@@ -4,6 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# tests/test_report.py opens the report in headless Chromium: install it quietly when missing; without apt
+# (or root/sudo) it is not installed and that test skips, saying why.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 \
+    && ! command -v google-chrome >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
+  { $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends chromium; } >/dev/null 2>&1 || echo "test.sh: could not install chromium (browser test skips)"
+fi
 MARK="not slow"
 SHARED=../shared/data
 if [ -z "${EDLAB_DATA_DIR:-}" ] && [ -f "$SHARED/prepare_cifar10.py" ]; then

@@ -18,7 +18,7 @@ TRAIN_FLAGS = {
     "train_subset": "data.train_subset", "epochs": "epochs", "batch_size": "data.batch_size",
     "optimizer": "optim.name", "lr": "optim.lr", "weight_decay": "optim.weight_decay",
     "scheduler": "sched.name", "augment": "data.augment", "seed": "seed", "out": "out", "device": "device",
-    "precision": "precision", "threads": "threads",
+    "precision": "precision", "threads": "threads", "tracker": "tracker",
 }
 
 
@@ -57,6 +57,7 @@ STAGE_COMMANDS: dict[str, str] = {
     "bench": "edlab.bench:bench_command",
     "quantize": "edlab.quantize:quantize_command",
     "export": "edlab.export:export_command",
+    "report": "edlab.report:report_command",
 }
 
 
@@ -120,6 +121,8 @@ def cli():
 @click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
 @click.option("--threads", type=int, help="CPU threads (default: all cores; 1 on a busy shared machine).")
+@click.option("--tracker", type=click.Choice(["tensorboard", "wandb", "mlflow"]),
+              help="Also log to W&B or MLflow (TensorBoard always); needs pip install edlab[wandb] / edlab[mlflow].")
 @click.option("--out", help="Run directory (default runs/<name>-<timestamp>).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any config key, e.g. optim.nesterov=false.")
@@ -132,6 +135,7 @@ def train(config, resume, sets, **flags):
       edlab train --model resnet20 --dataset synthetic --epochs 2
       edlab train cfg.yaml --lr 0.05 --set data.cutout=8 --set sched.warmup_epochs=1
       edlab train cfg.yaml --out runs/r20 --resume      # continue a killed run
+      WANDB_MODE=offline edlab train cfg.yaml --tracker wandb
     """
     from .config import load_train_config
     from .train import train as run_train

@@ -89,6 +89,7 @@ class TrainConfig(Section):
     early_stop: int | None = Field(None, ge=1)  # stop after N epochs without val-accuracy gain
     keep: Literal["last", "best"] = "last"  # model.ckpt = last epoch or best validation epoch
     nan_policy: Literal["stop", "skip"] = "stop"  # a non-finite loss stops the run, or skips the step
+    tracker: Literal["tensorboard", "wandb", "mlflow"] = "tensorboard"  # + W&B or MLflow (TensorBoard always)
     name: str | None = None  # run name (default: model name)
     out: str | None = None  # run directory (default: runs/<name>-<timestamp>)
 

@@ -5,8 +5,15 @@ Layout of ``runs/<name>-<timestamp>/``::
     config.yaml      fully resolved config            metrics.jsonl  one JSON line per epoch
     summary.json     final figures + reproduce cmd     tb/            TensorBoard event files
     model.ckpt       final model (edlab checkpoint)    resume.pt      state to continue a killed run
+    tracker.json     id of the W&B / MLflow run (only with such a tracker), so a resumed run continues it
 
 JSON files are replaced atomically, so a crash never leaves a half-written summary.
+
+Trackers: TensorBoard always; with ``tracker: wandb`` or ``tracker: mlflow`` in the config the same
+metrics also go to Weights & Biases (``WANDB_MODE=offline`` works without an account) or MLflow (local
+store ./mlruns unless MLFLOW_TRACKING_URI says otherwise). The tracker starts when the run writes its
+config.yaml (every command does that before loading data), so a missing package fails in one line before
+any training; the packages are imported only then.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .checkpoint import atomic_write_bytes
 from .errors import EdlabError
@@ -43,12 +52,84 @@ def command_line() -> str:
     return shlex.join(["edlab", *sys.argv[1:]]) if sys.argv and "edlab" in sys.argv[0] else shlex.join(sys.argv)
 
 
+def _metric_items(row: dict) -> dict[str, float]:
+    """Numeric, finite values except the step, named like 'train/loss' so dashboards group them."""
+    return {k.replace("_", "/", 1): float(v) for k, v in row.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k != "epoch" and math.isfinite(v)}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _import(name: str, extra: str):
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise EdlabError(f"tracker '{extra}' needs the {extra} package: pip install edlab[{extra}]") from None
+
+
+class WandbTracker:
+    """Weights & Biases: one W&B run per run directory, its files under <run>/wandb/."""
+
+    def __init__(self, run_dir: Path, config: dict, resume_id: str | None):
+        wandb = _import("wandb", "wandb")
+        self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", "edlab"), name=run_dir.name,
+                               dir=str(run_dir), config=config, id=resume_id, resume="allow" if resume_id else None)
+        self.id = self._run.id
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self._run.log(values, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MlflowTracker:
+    """MLflow through its client (no global 'active run' to leak between stages of a pipeline)."""
+
+    def __init__(self, run_dir: Path, config: dict, resume_id: str | None):
+        mlflow = _import("mlflow", "mlflow")
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or Path("mlruns").resolve().as_uri()
+        if uri.startswith("file:") or "://" not in uri:  # MLflow >= 3.x refuses its file store unless asked
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self._client = mlflow.MlflowClient(tracking_uri=uri)
+        if resume_id:
+            self.id = resume_id
+        else:
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "edlab")
+            exp = self._client.get_experiment_by_name(name)
+            exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(name)
+            self.id = self._client.create_run(exp_id, run_name=run_dir.name).info.run_id
+            for k, v in _flatten(config).items():
+                self._client.log_param(self.id, k, v)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for k, v in values.items():
+            self._client.log_metric(self.id, k, v, step=step)
+
+    def close(self) -> None:
+        self._client.set_terminated(self.id)
+
+
+TRACKERS = {"wandb": WandbTracker, "mlflow": MlflowTracker}  # tensorboard: always on, built in
+
+
 class Run:
     """A run directory. ``Run.create`` makes a new unique one; ``Run.open`` an existing one (resume)."""
 
     def __init__(self, path: Path):
         self.path = path
         self._tb = None
+        self._tracker: WandbTracker | MlflowTracker | None = None
 
     @classmethod
     def create(cls, name: str, out: str | None = None, root: str = "runs") -> Run:
@@ -81,7 +162,27 @@ class Run:
         return self.path / name
 
     def write_text(self, name: str, text: str) -> None:
+        if name == "config.yaml":
+            self.start_tracker(yaml.safe_load(text) or {})
         atomic_write_bytes(self.file(name), text.encode())
+
+    def start_tracker(self, config: dict) -> None:
+        """Open the W&B or MLflow run named by ``config['tracker']`` (nothing more for tensorboard)."""
+        name = config.get("tracker") or "tensorboard"
+        if name == "tensorboard" or self._tracker is not None:
+            return
+        if name not in TRACKERS:
+            raise EdlabError(f"unknown tracker '{name}' (choices: tensorboard, {', '.join(TRACKERS)})")
+        saved = self.file("tracker.json")
+        prev = json.loads(saved.read_text()) if saved.exists() else {}
+        try:
+            self._tracker = TRACKERS[name](self.path, config, prev.get("id") if prev.get("tracker") == name else None)
+        except EdlabError:
+            raise
+        except Exception as e:  # e.g. wandb online without a login: one line, not the package's traceback
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise EdlabError(f"tracker '{name}' could not start: {first}") from None
+        write_json(saved, {"tracker": name, "id": self._tracker.id})
 
     def log_metrics(self, row: dict) -> None:
         with open(self.file("metrics.jsonl"), "a") as f:
@@ -95,6 +196,8 @@ class Run:
                 if isinstance(v, int | float) and k != "epoch" and math.isfinite(v):
                     tb.add_scalar(k.replace("_", "/", 1), v, step)
             tb.flush()
+        if self._tracker is not None:
+            self._tracker.log(_metric_items(row), int(row.get("epoch", 0)))
 
     def metrics(self) -> list[dict]:
         p = self.file("metrics.jsonl")
@@ -128,3 +231,6 @@ class Run:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None

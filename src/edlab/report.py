@@ -1,0 +1,513 @@
+"""``edlab report``: one static page that compares runs: curves, a table, score vs accuracy, layer costs.
+
+Why a static page: it opens from disk anywhere (a laptop, a CI artifact, a course hand-in) with no server
+and nothing fetched from the network. The HTML has its CSS inline and shows PNG figures saved beside it
+(matplotlib's Agg canvas, no display needed); report.md repeats the table so docs can embed it.
+
+Inputs are directories searched recursively. A run dir is any folder with a summary.json (what
+``edlab train``, ``prune`` and ``quantize`` write); pipeline dirs (``edlab run``) and study dirs
+(``edlab sweep``: study.json + trials/NNNN/) are found the same way, and their name groups their runs.
+Stage folders holding only a result.json (score, eval, bench stages) are listed in a small table of their
+own. A run without metrics.jsonl or model.ckpt is still a row; it just has no curve or breakdown.
+
+Output folder::
+
+    index.html   the page            report.md    the runs table in Markdown
+    curves.png   learning curves     pareto.png   score vs accuracy with the Pareto front
+    layers.png   per-layer score of the best model (when it has a model.ckpt)
+    .edlab-report  marker: this folder is a report, so the next report may replace it
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import EdlabError
+
+MARKER = ".edlab-report"
+FIGURES = ("curves.png", "pareto.png", "layers.png")
+SKIP_DIRS = {"tb", "wandb", "mlruns", "__pycache__", "node_modules"}  # never hold runs; can be huge
+
+
+@dataclass
+class RunInfo:
+    """What the report knows about one run dir; every field may be missing (None)."""
+
+    path: Path
+    name: str
+    group: str
+    kind: str  # train | prune | quantize
+    config: dict
+    summary: dict
+    curves: list[dict] = field(default_factory=list)  # rows: epoch, train/val accuracy and loss
+
+    def get(self, *keys: str) -> Any:
+        """A nested config value, e.g. get('optim', 'lr'); None when absent."""
+        node: Any = self.config
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        return node
+
+    @property
+    def val(self) -> float | None:
+        """Validation accuracy of the model the run kept (keep=best keeps the best epoch's weights)."""
+        s = self.summary
+        if self.get("keep") == "best" and isinstance(s.get("best_val_accuracy"), int | float):
+            return s["best_val_accuracy"]
+        v = s.get("val_accuracy")
+        return v if isinstance(v, int | float) else s.get("best_val_accuracy")
+
+    @property
+    def test(self) -> float | None:
+        return _num(self.summary.get("test_accuracy"))
+
+    @property
+    def score(self) -> float | None:
+        return _num(self.summary.get("score"))
+
+    @property
+    def checkpoint(self) -> Path | None:
+        p = self.path / "model.ckpt"
+        return p if p.is_file() else None
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut by a crash
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_curves(run_dir: Path) -> list[dict]:
+    """Per-epoch rows for the learning curves.
+
+    A train (or QAT) run logs one row per epoch in metrics.jsonl. A prune run logs one row per pruning step
+    there, and its fine-tuning epochs in finetune.jsonl: those are numbered 1, 2, ... across the steps."""
+    rows = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if "train_accuracy" in r or "train_loss" in r]
+    if not rows and (run_dir / "finetune.jsonl").exists():
+        rows = [{**r, "epoch": i} for i, r in enumerate(_read_jsonl(run_dir / "finetune.jsonl"), 1)]
+    return [r for r in rows if _num(r.get("epoch")) is not None]
+
+
+def _kind(summary: dict) -> str:
+    if "method" in summary:
+        return "quantize"
+    if "steps" in summary and "recipe" in summary:
+        return "prune"
+    return "train"
+
+
+def _group_of(run_dir: Path, root: Path) -> str:
+    """The nearest study (study.json) or, failing that, pipeline (pipeline.json) at or above the run."""
+    chain = [run_dir, *run_dir.parents]
+    chain = chain[: chain.index(root) + 1] if root in chain else [run_dir]
+    for marker, label in (("study.json", "study"), ("pipeline.json", "pipeline")):
+        for d in chain:
+            if (d / marker).is_file():
+                meta = _read_json(d / marker)
+                name = meta.get("name") or meta.get("study_name") if isinstance(meta, dict) else None
+                return f"{label} {name or d.name}"
+    return ""
+
+
+def discover(paths: list[str | Path]) -> tuple[list[RunInfo], list[dict], list[str]]:
+    """Find run dirs (summary.json) and stage results (result.json) under each path, recursively.
+
+    Returns (runs, results, skipped): skipped names folders whose summary.json could not be read, so the
+    page can say what it left out instead of failing on one broken run."""
+    roots = []
+    for p in paths:
+        root = Path(p)
+        if not root.exists():
+            raise EdlabError(f"not found: {p}")
+        if not root.is_dir():
+            raise EdlabError(f"not a directory: {p} (give run, pipeline or study directories)")
+        roots.append(root.resolve())
+    runs: list[RunInfo] = []
+    results: list[dict] = []
+    skipped: list[str] = []
+    seen: set[Path] = set()
+    for root in roots:
+        prefix = root.name if len(roots) > 1 else ""
+        for here, dirs, files in os.walk(root):
+            d = Path(here)
+            dirs[:] = sorted(x for x in dirs if x not in SKIP_DIRS and not x.startswith(".")
+                             and ".interrupted-" not in x and not (d / x / MARKER).exists())
+            if d in seen:
+                continue
+            seen.add(d)
+            rel = d.relative_to(root).as_posix()
+            name = "/".join(x for x in (prefix, "" if rel == "." else rel) if x) or d.name
+            if "summary.json" in files:
+                summary = _read_json(d / "summary.json")
+                if not isinstance(summary, dict):
+                    skipped.append(f"{name} (summary.json unreadable)")
+                    continue
+                runs.append(RunInfo(path=d, name=name, group=_group_of(d, root), kind=_kind(summary),
+                                    config=_read_yaml(d / "config.yaml"), summary=summary, curves=read_curves(d)))
+            elif "result.json" in files:
+                res = _read_json(d / "result.json")
+                if isinstance(res, dict):
+                    results.append({"name": name, "group": _group_of(d, root), **res})
+    return runs, results, skipped
+
+
+def pareto_front(points: list[tuple[float | None, float | None]]) -> list[int]:
+    """Indices of the points no other point beats: none has a lower-or-equal score and a higher-or-equal
+    accuracy with one of them strictly better. Sorted by score. Points with a missing value are ignored;
+    of identical points only the first is kept."""
+    valid = [(s, -a, i) for i, (s, a) in enumerate(points) if _num(s) is not None and _num(a) is not None]
+    front: list[int] = []
+    best = -math.inf
+    for _, neg_a, i in sorted(valid):  # by score, then by accuracy high to low, then by position
+        if -neg_a > best:
+            front.append(i)
+            best = -neg_a
+    return front
+
+
+def choose_best(runs: list[RunInfo], floor: float) -> tuple[RunInfo | None, str]:
+    """The model the page breaks down, and the rule that picked it (validation only: the test set is a
+    final report, never a selection criterion)."""
+    with_val = [r for r in runs if _num(r.val) is not None]
+    if not with_val:
+        return None, "no run has a validation accuracy"
+    good = [r for r in with_val if r.val >= floor and r.score is not None]
+    if good:
+        best = min(good, key=lambda r: (r.score, -r.val))
+        return best, f"lowest score among the runs with validation accuracy >= {100 * floor:g} %"
+    best = max(with_val, key=lambda r: (r.val, -(r.score or math.inf)))
+    return best, f"highest validation accuracy (no run reaches the {100 * floor:g} % floor)"
+
+
+# --- figures ----------------------------------------------------------------------------------------------
+
+def _figure(width: float, height: float):
+    """A figure on the Agg canvas without pyplot: no display needed, no global backend switched."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def plot_curves(runs: list[RunInfo], path: Path) -> bool:
+    """Accuracy, loss and generalization gap (train - val accuracy) per epoch, one colour per run."""
+    shown = [r for r in runs if r.curves]
+    if not shown:
+        return False
+    fig = _figure(14, 4.2)
+    ax_acc, ax_loss, ax_gap = fig.subplots(1, 3)
+    colors = [f"C{i % 10}" for i in range(len(shown))]
+    for r, c in zip(shown, colors):
+        ep = [r_["epoch"] for r_ in r.curves]
+        for ax, key, style in ((ax_acc, "train_accuracy", "--"), (ax_acc, "val_accuracy", "-"),
+                               (ax_loss, "train_loss", "--"), (ax_loss, "val_loss", "-")):
+            pts = [(e, _num(row.get(key))) for e, row in zip(ep, r.curves)]
+            pts = [(e, v) for e, v in pts if v is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, color=c, marker="." if len(pts) < 30 else None,
+                        label=r.name if key == "val_accuracy" else None)
+        gap = [(e, row["train_accuracy"] - row["val_accuracy"]) for e, row in zip(ep, r.curves)
+               if _num(row.get("train_accuracy")) is not None and _num(row.get("val_accuracy")) is not None]
+        if gap:
+            ax_gap.plot(*zip(*gap), color=c, marker="." if len(gap) < 30 else None)
+    ax_acc.set(title="accuracy (solid: val, dashed: train)", xlabel="epoch", ylabel="accuracy")
+    ax_loss.set(title="loss (solid: val, dashed: train)", xlabel="epoch", ylabel="loss")
+    ax_gap.set(title="generalization gap: train - val accuracy", xlabel="epoch", ylabel="gap")
+    ax_gap.axhline(0, color="0.6", linewidth=0.8)
+    for ax in (ax_acc, ax_loss, ax_gap):
+        ax.grid(alpha=0.3)
+    if len(shown) <= 12:  # beyond that a legend hides the curves; the table names the runs
+        ax_acc.legend(fontsize=7, loc="lower right")
+    fig.savefig(path, dpi=90)
+    return True
+
+
+def plot_pareto(runs: list[RunInfo], front: list[int], best: RunInfo | None, path: Path) -> bool:
+    """Score (log x) vs accuracy: val filled, test hollow, the Pareto front of val, the 90 % line."""
+    pts = [(i, r) for i, r in enumerate(runs) if r.score is not None and r.score > 0]
+    if not pts:
+        return False
+    fig = _figure(8, 5.2)
+    ax = fig.subplots()
+    vals = [(r.score, r.val) for _, r in pts if _num(r.val) is not None]
+    tests = [(r.score, r.test) for _, r in pts if r.test is not None]
+    if vals:
+        ax.scatter(*zip(*vals), color="C0", label="validation accuracy", zorder=3)
+    if tests:
+        ax.scatter(*zip(*tests), facecolors="none", edgecolors="C1", label="test accuracy", zorder=3)
+    line = [(runs[i].score, runs[i].val) for i in front if runs[i].score and runs[i].score > 0]
+    if line:
+        ax.step(*zip(*line), where="post", color="C2", label="Pareto front (val): lowest score per accuracy")
+    if best is not None and best.score and _num(best.val) is not None:
+        ax.scatter([best.score], [best.val], marker="*", s=220, color="C3", label=f"best: {best.name}", zorder=4)
+    ax.axhline(0.9, color="C3", linestyle=":", label="90 % accuracy")
+    ax.set_xscale("log")
+    ax.set(xlabel="score (log scale, lower is better)", ylabel="accuracy", title="score vs accuracy")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="best")
+    fig.savefig(path, dpi=90)
+    return True
+
+
+def plot_layers(rows: list[dict], title: str, path: Path) -> bool:
+    """Horizontal stacked bars: each layer's params term and ops term of the score."""
+    rows = [r for r in rows if (r["params_term"] or 0) + (r["ops_term"] or 0) > 0]
+    if not rows:
+        return False
+    fig = _figure(9, max(3.0, 0.18 * len(rows) + 1.2))
+    ax = fig.subplots()
+    y = list(range(len(rows)))
+    p = [r["params_term"] for r in rows]
+    o = [r["ops_term"] for r in rows]
+    ax.barh(y, p, color="C0", label="params term")
+    ax.barh(y, o, left=p, color="C1", label="ops term")
+    ax.set_yticks(y, [r["name"] for r in rows], fontsize=6 if len(rows) > 40 else 8)
+    ax.invert_yaxis()
+    ax.set(xlabel="contribution to the score", title=title)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.savefig(path, dpi=90)
+    return True
+
+
+# --- tables -----------------------------------------------------------------------------------------------
+
+COLUMNS = ["run", "group", "kind", "model", "width", "conv", "optimizer", "lr", "batch", "wd", "augment", "epochs",
+           "val %", "test %", "params", "MACs", "bits w/a", "ps/pu", "score", "minutes"]
+
+
+def _pct(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:.2f}"
+
+
+def _g(v: Any) -> str:
+    return "" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
+
+
+def _int(v: Any) -> str:
+    return f"{int(v):,}" if _num(v) is not None else ""
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def run_cells(r: RunInfo) -> list[str]:
+    s = r.summary
+    bits = f"{_g(s.get('bits_w'))}/{_g(s.get('bits_a'))}" if s.get("bits_w") is not None else ""
+    ps_pu = f"{s['ps']:.2f}/{s['pu']:.2f}" if _num(s.get("ps")) is not None and _num(s.get("pu")) is not None else ""
+    seconds = _num(s.get("seconds"))
+    return [r.name, r.group, r.kind, _g(r.get("model", "name") or s.get("model")), _g(r.get("model", "width")),
+            _g(r.get("model", "conv")), _g(r.get("optim", "name")), _g(r.get("optim", "lr")),
+            _g(r.get("data", "batch_size")), _g(r.get("optim", "weight_decay")), _g(r.get("data", "augment")),
+            _g(_first(s.get("epochs"), s.get("finetune_epochs_total"), r.get("epochs"))), _pct(_num(r.val)),
+            _pct(r.test), _int(s.get("params")), _int(s.get("macs")), bits, ps_pu,
+            "" if r.score is None else f"{r.score:.4g}", "" if seconds is None else f"{seconds / 60:.3g}"]
+
+
+LAYER_COLUMNS = ["layer", "type", "params", "nonzero", "MACs", "bits w/a", "params term", "ops term", "% of score"]
+
+
+def layer_cells(row: dict, total: float) -> list[str]:
+    share = (row["params_term"] + row["ops_term"]) / total if total else 0.0
+    return [row["name"], row["type"], _int(row["params"]), _int(row["nonzero"]), _int(row["macs"]),
+            f"{_g(row['bits_w']) or '-'}/{_g(row['bits_a']) or '-'}", f"{row['params_term']:.3g}",
+            f"{row['ops_term']:.3g}", f"{100 * share:.1f}"]
+
+
+TEXT_COLUMNS = {"run", "group", "kind", "model", "conv", "optimizer", "augment", "layer", "type", "stage"}
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    esc = [[c.replace("|", "\\|") for c in row] for row in rows]
+    right = {i for i, h in enumerate(header) if h not in TEXT_COLUMNS}
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in esc]) + "\n"
+
+
+def html_table(header: list[str], rows: list[list[str]], marks: list[str] | None = None) -> str:
+    """A plain table; ``marks`` holds a CSS class per row (best, front) or ''."""
+    e = html.escape
+    text = ["class='t'" if h in TEXT_COLUMNS else "" for h in header]
+    head = "".join(f"<th {t}>{e(h)}</th>" for h, t in zip(header, text))
+    body = []
+    for i, row in enumerate(rows):
+        cls = f' class="{marks[i]}"' if marks and marks[i] else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td {t}>{e(c)}</td>" for c, t in zip(row, text)) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 1400px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 12px; margin: .5em 0; }
+th, td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; white-space: nowrap; }
+th { background: #f3f3f3; } .t { text-align: left; }
+tr.best { background: #fde2e2; font-weight: bold; } tr.front td:first-child::after { content: " \\2605"; }
+img { max-width: 100%; border: 1px solid #eee; } .note { color: #666; } .wide { overflow-x: auto; }
+"""
+
+
+def _prepare_out(out: Path) -> None:
+    """Refuse to write into a folder that holds anything but an earlier report."""
+    if out.exists() and not out.is_dir():
+        raise EdlabError(f"--out {out} is a file, not a directory")
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise EdlabError(f"--out {out} exists, is not empty and is not an edlab report (no {MARKER}); "
+                         f"choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in FIGURES:  # an earlier report's figure must not outlive its data
+        (out / name).unlink(missing_ok=True)
+
+
+def build_report(paths: list[str | Path], out: str | Path, floor: float = 0.9, title: str = "edlab report") -> dict:
+    """Write the report folder; returns what it found (runs, best, rule, figures) for the caller."""
+    if not 0 <= floor <= 1:
+        raise EdlabError(f"--floor is an accuracy between 0 and 1, got {floor}")
+    out = Path(out)
+    runs, results, skipped = discover(paths)
+    if not runs:
+        raise EdlabError(f"no run directories (with summary.json) under {', '.join(map(str, paths))}")
+    if out.exists() and any(out.resolve() == r.path for r in runs):
+        raise EdlabError(f"--out {out} is one of the run directories")
+    _prepare_out(out)
+    (out / MARKER).write_text(json.dumps({"edlab_report": 1, "created": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    runs.sort(key=lambda r: (r.group, r.name))
+    front = pareto_front([(r.score, _num(r.val)) for r in runs])
+    best, rule = choose_best(runs, floor)
+    figures = {"curves": plot_curves(runs, out / "curves.png"), "pareto": plot_pareto(runs, front, best,
+                                                                                        out / "pareto.png")}
+    layer_rows: list[dict] = []
+    layer_note = ""
+    if best is None:
+        layer_note = "no best model: " + rule
+    elif best.checkpoint is None:
+        layer_note = f"{best.name} has no model.ckpt: no per-layer breakdown"
+    else:
+        from .checkpoint import load_checkpoint
+        from .score import profile
+
+        try:
+            s = best.summary
+            size = tuple(s["input_size"]) if isinstance(s.get("input_size"), list) else (3, 32, 32)
+            prof = profile(load_checkpoint(best.checkpoint), input_size=size, rules=s.get("rules") or "course")
+            layer_rows = [vars(r) for r in prof.rows]
+            layer_note = (f"{best.name}: score {prof.score:.4g} = params term {prof.score_params_term:.4g} + "
+                          f"ops term {prof.score_ops_term:.4g} ({prof.rules} rules, counted from model.ckpt)")
+        except Exception as e:  # one unreadable checkpoint must not cost the whole page
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            layer_note = f"{best.name}: model.ckpt could not be profiled ({first})"
+    figures["layers"] = bool(layer_rows) and plot_layers(layer_rows, f"per-layer score: {best.name}",
+                                                         out / "layers.png")
+    in_front = set(front)
+    marks = ["best" if r is best else ("front" if i in in_front else "") for i, r in enumerate(runs)]
+    table_rows = [run_cells(r) for r in runs]
+    total = sum(r["params_term"] + r["ops_term"] for r in layer_rows)
+    layer_table = [layer_cells(r, total) for r in layer_rows]
+    best_line = f"Best model: **{best.name}** — rule: {rule}." if best else f"Best model: none ({rule})."
+    groups = sorted({r.group for r in runs if r.group})
+
+    in_groups = f" in {', '.join(groups)}" if groups else ""
+    md = [f"# {title}\n", f"{len(runs)} runs{in_groups}.\n", best_line + "\n", markdown_table(COLUMNS, table_rows)]
+    md += [f"\n![{n}]({n}.png)\n" for n in ("curves", "pareto", "layers") if figures[n]]
+    (out / "report.md").write_text("\n".join(md))
+
+    e = html.escape
+    page = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>",
+            f"<style>{CSS}</style></head><body>", f"<h1>{e(title)}</h1>",
+            f"<p>{len(runs)} runs" + (f" in {e(', '.join(groups))}" if groups else "") +
+            f" from {e(', '.join(str(p) for p in paths))}; generated {e(time.strftime('%Y-%m-%d %H:%M'))}.</p>",
+            f"<p>Best model: <b>{e(best.name)}</b> — rule: {e(rule)}.</p>" if best else f"<p>{e(rule)}</p>",
+            "<h2>Runs</h2><p class='note'>val: validation accuracy of the kept model; test: read once at the "
+            "end of each run. Red row: best model; &#9733;: on the Pareto front (validation).</p>",
+            f"<div class='wide'>{html_table(COLUMNS, table_rows, marks)}</div>"]
+    if skipped:
+        page.append(f"<p class='note'>Left out: {e('; '.join(skipped))}</p>")
+    page.append("<h2>Learning curves</h2>")
+    page.append("<img src='curves.png' alt='learning curves'>" if figures["curves"] else
+                "<p class='note'>No run has per-epoch metrics (metrics.jsonl).</p>")
+    no_curve = [r.name for r in runs if not r.curves]
+    if figures["curves"] and no_curve:
+        page.append(f"<p class='note'>Without per-epoch metrics: {e(', '.join(no_curve))}</p>")
+    page.append("<h2>Score vs accuracy</h2>")
+    page.append("<img src='pareto.png' alt='score vs accuracy'>" if figures["pareto"] else
+                "<p class='note'>No run has a score.</p>")
+    page.append("<h2>Per-layer score of the best model</h2>")
+    page.append(f"<p>{e(layer_note)}</p>")
+    if figures["layers"]:
+        page.append("<img src='layers.png' alt='per-layer score'>")
+    if layer_table:
+        page.append(f"<div class='wide'>{html_table(LAYER_COLUMNS, layer_table)}</div>")
+    if results:
+        keys = ["score", "test_accuracy", "params", "macs"]
+        rows = [[x["name"], x.get("group", ""), *("" if _num(x.get(k)) is None else f"{x[k]:.4g}" for k in keys)]
+                for x in results]
+        page += ["<h2>Stage results (result.json)</h2>", html_table(["stage", "group", *keys], rows)]
+    page.append("</body></html>\n")
+    (out / "index.html").write_text("\n".join(page))
+    return {"runs": runs, "results": results, "skipped": skipped, "best": best, "rule": rule, "front": front,
+            "figures": [n for n, ok in figures.items() if ok], "out": out}
+
+
+@click.command("report")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--out", default="report", show_default=True,
+              help="Report folder; refused if it exists, is not empty and is not an earlier report.")
+@click.option("--floor", type=float, default=0.9, show_default=True,
+              help="Best model = lowest score with validation accuracy >= floor; none reach it: highest val.")
+@click.option("--title", default="edlab report", show_default=True)
+def report_command(paths, out, floor, title):
+    """A static HTML page (plus PNGs and report.md) comparing runs found under run/pipeline/study folders.
+
+    Opens from disk with no server or network: learning curves, the runs table, score vs accuracy with the
+    Pareto front, and the per-layer score of the best model.
+
+    \b
+    Examples:
+      edlab report runs/ --out report          # then open report/index.html
+      edlab report runs/r20-compress studies/s1 --out cmp --floor 0.88
+    """
+    r = build_report(list(paths), out, floor, title)
+    best = f"; best: {r['best'].name} ({r['rule']})" if r["best"] else ""
+    click.echo(f"report: {len(r['runs'])} runs, figures {', '.join(r['figures']) or 'none'}{best} "
+               f"-> {Path(out) / 'index.html'}")

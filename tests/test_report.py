@@ -1,0 +1,236 @@
+"""edlab report: discovery, the Pareto front, the best-model rule, the files, and the page in a real browser.
+
+The browser check drives headless Chromium over the DevTools protocol through ``--remote-debugging-pipe``:
+Chromium reads NUL-terminated JSON commands from its fd 3 and writes replies and events to its fd 4, so no
+port, no websocket library and no polling of files is needed. The page is loaded in a fresh tab and we
+collect every error the DevTools domains report while it loads: uncaught exceptions
+(Runtime.exceptionThrown), console.error/assert calls (Runtime.consoleAPICalled) and browser log errors
+such as a missing image (Log.entryAdded, level error). After the load event, Runtime.evaluate reads each
+<img>'s ``complete`` and ``naturalWidth`` (0 when the file is missing or is not a decodable image). A
+second test feeds it a page with a broken image and a console.error to show the check can fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edlab.cli import cli
+from edlab.errors import EdlabError
+from edlab.report import build_report, choose_best, discover, pareto_front
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def find_chromium() -> str | None:
+    env = os.environ.get("EDLAB_CHROMIUM")
+    if env and Path(env).is_file():
+        return env
+    return next((p for p in map(shutil.which, CHROMIUM_NAMES) if p), None)
+
+
+def browser_check(chromium: str, page: Path, profile_dir: Path, timeout: float = 90) -> dict:
+    """Load ``page`` in headless Chromium; return {"images": [{src, complete, w}], "errors": [str]}."""
+    cmd_r, cmd_w = os.pipe()  # we write commands -> chromium reads fd 3
+    ev_r, ev_w = os.pipe()  # chromium writes fd 4 -> we read replies and events
+
+    def child_fds() -> None:  # in the child: put the pipe ends at fds 3 and 4 (dup first: no clobbering)
+        a, b = os.dup(cmd_r), os.dup(ev_w)
+        os.dup2(a, 3)
+        os.dup2(b, 4)
+
+    args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+            "--no-default-browser-check", "--disable-extensions", "--remote-debugging-pipe",
+            f"--user-data-dir={profile_dir}", "about:blank"]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            pass_fds=(3, 4), preexec_fn=child_fds)
+    os.close(cmd_r)
+    os.close(ev_w)
+    buf = b""
+    errors: list[str] = []
+    events: list[dict] = []
+    next_id = 0
+    deadline = time.monotonic() + timeout
+
+    def read_message() -> dict:
+        nonlocal buf
+        while b"\0" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([ev_r], [], [], left)[0]:
+                raise TimeoutError("chromium did not answer in time")
+            chunk = os.read(ev_r, 1 << 16)
+            if not chunk:
+                raise RuntimeError("chromium closed the DevTools pipe")
+            buf += chunk
+        raw, buf = buf.split(b"\0", 1)
+        return json.loads(raw)
+
+    def note(msg: dict) -> None:  # keep what the page reports as an error
+        method, p = msg.get("method"), msg.get("params", {})
+        if method == "Runtime.exceptionThrown":
+            d = p["exceptionDetails"]
+            errors.append("exception: " + d.get("exception", {}).get("description", d.get("text", "")))
+        elif method == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
+            errors.append("console: " + " ".join(str(a.get("value", a.get("description"))) for a in p["args"]))
+        elif method == "Log.entryAdded" and p["entry"]["level"] == "error":
+            errors.append(f"log: {p['entry']['text']} {p['entry'].get('url', '')}".strip())
+        events.append(msg)
+
+    def send(method: str, params: dict | None = None, session: str | None = None) -> dict:
+        nonlocal next_id
+        next_id += 1
+        msg = {"id": next_id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(cmd_w, json.dumps(msg).encode() + b"\0")
+        while True:
+            reply = read_message()
+            if reply.get("id") == next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+            note(reply)
+
+    try:
+        target = send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Runtime", "Log", "Page"):
+            send(f"{domain}.enable", session=session)
+        send("Page.navigate", {"url": page.resolve().as_uri()}, session=session)
+        while not any(e.get("method") == "Page.loadEventFired" for e in events):
+            note(read_message())
+        js = ("JSON.stringify(Array.from(document.images, i => ({src: i.getAttribute('src'), "
+              "complete: i.complete, w: i.naturalWidth})))")
+        images = json.loads(send("Runtime.evaluate", {"expression": js, "returnByValue": True},
+                                 session=session)["result"]["value"])
+        send("Browser.close")
+    finally:
+        os.close(cmd_w)
+        os.close(ev_r)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return {"images": images, "errors": errors}
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory, one_thread):
+    """Two tiny trained runs (one inside a fake study), plus a run without checkpoint or metrics, a broken
+    summary.json and a score stage's result.json: all the shapes discovery must cope with."""
+    from edlab.config import load_train_config
+    from edlab.train import train
+
+    root = tmp_path_factory.mktemp("runs")
+    base = ["model.name=resnet20", "model.width=0.25", "data.dataset=synthetic", "data.val_size=128",
+            "data.train_subset=256", "data.batch_size=64", "epochs=2", "precision=fp32", "threads=1"]
+    train(load_train_config(None, None, base + ["optim.lr=0.05", f"out={root / 'a'}"]))
+    study = root / "study1"
+    (study / "trials" / "0000").mkdir(parents=True)
+    (study / "study.json").write_text(json.dumps({"name": "lr-search"}))
+    train(load_train_config(None, None, base + ["optim.lr=0.2", "model.width=0.5",
+                                                f"out={study / 'trials' / '0000' / 'run'}"]))
+    bare = root / "bare"  # summary and config only: no curve, no checkpoint
+    bare.mkdir()
+    shutil.copy(root / "a" / "config.yaml", bare / "config.yaml")
+    summary = json.loads((root / "a" / "summary.json").read_text())
+    (bare / "summary.json").write_text(json.dumps({**summary, "val_accuracy": 0.95, "score": 0.5}))
+    (root / "broken").mkdir()
+    (root / "broken" / "summary.json").write_text("{not json")
+    (root / "score-stage").mkdir()
+    (root / "score-stage" / "result.json").write_text(json.dumps({"score": 0.01, "params": 10}))
+    (root / "a" / "tb").mkdir(exist_ok=True)  # never searched
+    return root
+
+
+def test_pareto_front():
+    pts = [(1.0, 0.5), (2.0, 0.7), (1.5, 0.4), (3.0, 0.7), (0.5, 0.3), (None, 0.9), (2.5, 0.8), (0.5, 0.3)]
+    assert pareto_front(pts) == [4, 0, 1, 6]  # sorted by score; dominated, missing and duplicate points out
+    assert pareto_front([]) == []
+    assert pareto_front([(1.0, 0.5), (1.0, 0.6)]) == [1]  # same score: the more accurate one
+
+
+def _run(name: str, val: float | None, score: float | None):
+    from edlab.report import RunInfo
+
+    return RunInfo(path=Path(name), name=name, group="", kind="train", config={},
+                   summary={"val_accuracy": val, "score": score})
+
+
+def test_choose_best_floor_then_fallback():
+    runs = [_run("a", 0.95, 0.5), _run("b", 0.91, 0.2), _run("c", 0.85, 0.01), _run("d", None, 0.001)]
+    best, rule = choose_best(runs, 0.9)
+    assert best.name == "b" and "lowest score" in rule
+    best, rule = choose_best(runs, 0.99)
+    assert best.name == "a" and "highest validation accuracy" in rule
+
+
+def test_discover(runs_root):
+    runs, results, skipped = discover([runs_root])
+    by_name = {r.name: r for r in runs}
+    assert set(by_name) == {"a", "bare", "study1/trials/0000/run"}
+    assert by_name["study1/trials/0000/run"].group == "study lr-search"
+    assert by_name["a"].group == "" and len(by_name["a"].curves) == 2
+    assert by_name["bare"].curves == [] and by_name["bare"].checkpoint is None
+    assert skipped == ["broken (summary.json unreadable)"]
+    assert [r["name"] for r in results] == ["score-stage"]
+    with pytest.raises(EdlabError, match="not found"):
+        discover([runs_root / "nope"])
+
+
+def test_report_files_and_refusals(runs_root, tmp_path):
+    out = tmp_path / "rep"
+    r = CliRunner().invoke(cli, ["report", str(runs_root), "--out", str(out), "--floor", "0"])
+    assert r.exit_code == 0, r.output
+    assert "best: a (lowest score" in r.output  # floor 0: every run qualifies, a is the narrowest
+    for name in ("curves.png", "pareto.png", "layers.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "index.html").read_text()
+    assert "<link" not in page and "<script" not in page and "http" not in page  # nothing fetched
+    md = (out / "report.md").read_text()
+    assert "| run | group |" in md and "study lr-search" in md
+    # bare has the best val (0.95 >= floor) but no checkpoint: picked by the rule, breakdown skipped
+    res = build_report([runs_root], out, floor=0.9)
+    assert res["best"].name == "bare" and "lowest score" in res["rule"]
+    assert "layers" not in res["figures"] and not (out / "layers.png").exists()
+    assert "bare has no model.ckpt" in (out / "index.html").read_text()
+    res = build_report([runs_root], out, floor=0.99)  # nobody reaches it: highest val, which is bare again
+    assert "highest validation accuracy" in res["rule"]
+    not_report = tmp_path / "notes"
+    not_report.mkdir()
+    (not_report / "keep.txt").write_text("mine")
+    for args in (["report", str(runs_root), "--out", str(not_report)], ["report", str(tmp_path / "missing")]):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2 and r.output.count("\n") == 1 and r.output.startswith("edlab: error:"), r.output
+    assert (not_report / "keep.txt").read_text() == "mine" and len(list(not_report.iterdir())) == 1
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="chromium not found (apt-get install chromium, or set "
+                                                     "EDLAB_CHROMIUM): the page cannot be checked in a browser")
+def test_report_in_headless_chromium(runs_root, tmp_path):
+    out = tmp_path / "rep"
+    build_report([runs_root / "a", runs_root / "study1", runs_root / "bare"], out, floor=0.0)
+    seen = browser_check(find_chromium(), out / "index.html", tmp_path / "profile")
+    assert seen["errors"] == []
+    assert sorted(i["src"] for i in seen["images"]) == ["curves.png", "layers.png", "pareto.png"]
+    assert all(i["complete"] and i["w"] > 0 for i in seen["images"]), seen["images"]
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="chromium not found: the browser check cannot run")
+def test_browser_check_sees_broken_pages(tmp_path):
+    page = tmp_path / "bad.html"
+    page.write_text("<!doctype html><html><body><img src='missing.png'>"
+                    "<script>console.error('boom')</script></body></html>")
+    seen = browser_check(find_chromium(), page, tmp_path / "profile")
+    assert seen["images"] == [{"src": "missing.png", "complete": True, "w": 0}]
+    assert any("boom" in e for e in seen["errors"]), seen["errors"]
+    assert any("missing.png" in e or "ERR_FILE_NOT_FOUND" in e for e in seen["errors"]), seen["errors"]
