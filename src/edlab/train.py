@@ -450,6 +450,7 @@ def _same_run_config(saved, cfg: TrainConfig) -> bool:
     new = cfg.model_dump(mode="json")
     for d in (old, new):
         d.pop("threads", None)
+        d.pop("tracker", None)
     return old == new
 
 
