@@ -57,6 +57,7 @@ STAGE_COMMANDS: dict[str, str] = {
     "bench": "edlab.bench:bench_command",
     "quantize": "edlab.quantize:quantize_command",
     "export": "edlab.export:export_command",
+    "sweep": "edlab.study:sweep_command",
 }
 
 
