@@ -402,13 +402,30 @@ def _alive(owner: dict) -> bool:
     return owner.get("pid_start") is None or _proc_start(int(pid)) == owner.get("pid_start")
 
 
+def _claim_key(owner: dict) -> str:
+    return f"claim:{owner['host']}|{owner['pid']}|{owner['pid_start']}"
+
+
+def _from_claim_key(key: str) -> dict:
+    host, pid, start = key[len("claim:"):].rsplit("|", 2)
+    return {"host": host, "pid": int(pid), "pid_start": None if start == "None" else start}
+
+
 def _stale(t, stale_after: float) -> bool:
-    """A RUNNING trial is dead when its process is gone (same machine) or its heartbeat is old (elsewhere)."""
-    owner = t.user_attrs.get("owner") or {}
-    if owner.get("host") == socket.gethostname():
-        return not _alive(owner)
-    beat = t.user_attrs.get("heartbeat") or (t.datetime_start.timestamp() if t.datetime_start else 0.0)
-    return time.time() - beat > stale_after
+    """A RUNNING trial is dead when its process is gone (same machine) or its heartbeat is old (elsewhere).
+
+    The process is the trial's owner, or, if it died between claiming and writing that, every process
+    that tried to claim it (each writes claim:<host|pid|start> before claiming, and clears it on losing)."""
+    a = t.user_attrs
+    owners = [a["owner"]] if a.get("owner") else [_from_claim_key(k) for k, v in a.items()
+                                                  if k.startswith("claim:") and v is not None]
+    started = t.datetime_start.timestamp() if t.datetime_start else 0.0
+    if not owners:  # asked by a search worker that died before its first write
+        return time.time() - started > 30
+    here = socket.gethostname()
+    if any(o.get("host") != here for o in owners):
+        return time.time() - (a.get("heartbeat") or started) > stale_after
+    return not any(_alive(o) for o in owners)
 
 
 def recover(study, stale_after: float) -> int:
@@ -468,11 +485,15 @@ def _claim(study):
 
     storage = study._storage
     study_id = _retry(storage.get_study_id_from_name, study.study_name)
+    me = _owner()
     for t in _retry(study.get_trials, deepcopy=False, states=(TrialState.WAITING,)):
         tid = _retry(storage.get_trial_id_from_study_id_trial_number, study_id, t.number)
         try:
+            _retry(storage.set_trial_user_attr, tid, _claim_key(me), time.time())  # before: no unowned RUNNING
             if _retry(storage.set_trial_state_values, tid, TrialState.RUNNING):
+                _retry(storage.set_trial_user_attr, tid, "owner", me)
                 return _retry(optuna.trial.Trial, study, tid)
+            _retry(storage.set_trial_user_attr, tid, _claim_key(me), None)
         except UpdateFinishedTrialError:
             continue
     return None
@@ -490,6 +511,8 @@ def _next_trial(st: Study, study):
     if len(slots - {None}) >= st.trials:
         return None
     trial = _retry(study.ask)
+    if trial.user_attrs.get("owner") is None:
+        _retry(trial.set_user_attr, "owner", _owner())
     if trial.user_attrs.get("slot") is None:
         _retry(trial.set_user_attr, "slot", trial.number)
         origins = [t.number for t in _retry(study.get_trials, deepcopy=False)
@@ -620,7 +643,6 @@ def run_worker(st: Study, study, index: int = 0, echo=print) -> int:
             _retry(study.tell, trial, state=TrialState.PRUNED, skip_if_finished=True)
             continue
         run_dir = st.out / "trials" / f"{slot:04d}"
-        _retry(trial.set_user_attr, "owner", _owner())
         _retry(trial.set_user_attr, "heartbeat", time.time())
         point = _suggest(st, trial)
         _retry(trial.set_user_attr, "point", point)
@@ -666,7 +688,8 @@ def trial_rows(study) -> list[dict]:
                      "val_accuracy": a.get("val_accuracy"), "test_accuracy": a.get("test_accuracy"),
                      "score": a.get("score"), "macs": a.get("macs"), "params": a.get("params"),
                      "seconds": a.get("seconds"), "run_dir": a.get("run_dir"), "command": a.get("command"),
-                     "error": a.get("error"), "interrupted": bool(a.get("interrupted"))})
+                     "error": a.get("error"), "interrupted": bool(a.get("interrupted")),
+                     "worker": "{host}:{pid}".format(**a["owner"]) if a.get("owner") else None})
     return rows
 
 
