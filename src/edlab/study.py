@@ -347,11 +347,8 @@ def open_study(st: Study, url: str, worker: int = 0, create: bool = True):
         raise
     except Exception as e:
         raise EdlabError(f"cannot open study storage {_redact(url)}: {str(e).splitlines()[0]}") from None
-    floor = _floor(st)
     if st.mode == "search":
-        constraints = (lambda t: [floor - (t.user_attrs.get("val_accuracy") or 0.0)]) if floor is not None else None
-        sampler = optuna.samplers.TPESampler(seed=st.seed + worker, n_startup_trials=st.startup_trials,
-                                             constraints_func=constraints)
+        sampler = optuna.samplers.TPESampler(seed=st.seed + worker, n_startup_trials=st.startup_trials)
     else:
         sampler = optuna.samplers.RandomSampler(seed=st.seed)  # every parameter is fixed by the enqueued point
     if create:
@@ -671,6 +668,8 @@ def run_worker(st: Study, study, index: int = 0, echo=print) -> int:
         for k, v in r.items():
             _retry(trial.set_user_attr, k, v)
         _retry(trial.set_user_attr, "wall_seconds", time.perf_counter() - t0)
+        if _floor(st) is not None:  # feasible when <= 0: TPE then prefers draws above the floor
+            _retry(trial.set_constraint, "val_floor", _floor(st) - r["val_accuracy"])
         _retry(study.tell, trial, values, skip_if_finished=True)
         done += 1
         echo(f"{tag}trial {trial.number} (point {slot:04d}): val {100 * r['val_accuracy']:.2f}%  "
