@@ -794,11 +794,12 @@ def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, 
     st = load_study(study_file, quick, sets, out)
     console = _console()
     if dry_run:
-        what = st.points if st.mode != "search" else [{k: v for k, v in st.params.items()}]
         console.print(f"study {st.name}: {st.mode}, {len(st.points) or st.trials} trials, base {st.kind} "
-                      f"{st.base or 'inline'}, fixed {st.fixed}, out {st.out}")
-        for i, p in enumerate(what):
-            console.print(f"  {i:04d} {p}")
+                      f"{st.base or 'inline'}, objective {st.objective}, fixed {st.fixed}, out {st.out}")
+        for i, p in enumerate(st.points):
+            console.print(f"  {i:04d} " + ", ".join(f"{k}={v}" for k, v in p.items()))
+        for k, spec in st.params.items():
+            console.print(f"  {k}: " + ", ".join(f"{f}={v}" for f, v in spec.items()))
         return
     _optuna()
     url = storage_url(st, storage)
