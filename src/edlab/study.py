@@ -245,9 +245,27 @@ def trial_config(st: Study, point: dict[str, Any], out: str) -> TrainConfig:
     return build(TrainConfig, read_yaml(st.base), _tree(st.fixed), _tree(point), {"out": out})
 
 
+def _text(v: Any) -> str:
+    """A value as --set text that YAML reads back as the same value ('on' is quoted, 'grouped:2' is not)."""
+    import yaml
+
+    if isinstance(v, str):
+        try:
+            if yaml.safe_load(v) == v:
+                return v
+        except yaml.YAMLError:
+            pass
+    return json.dumps(v)  # JSON is YAML
+
+
 def _sets(flat: dict[str, Any]) -> list[str]:
-    """Overrides as --set text; JSON is YAML, so strings stay strings (e.g. 'on', 'grouped:2')."""
-    return [f"{k}={json.dumps(v)}" for k, v in flat.items()]
+    return [f"{k}={_text(v)}" for k, v in flat.items()]
+
+
+def _command(*words: str) -> str:
+    import shlex
+
+    return shlex.join(words)
 
 
 def _recipe_path(st: Study) -> str:
@@ -551,8 +569,9 @@ def _suggest(st: Study, trial) -> dict[str, Any]:
             point[k] = trial.suggest_int(k, int(s["low"]), int(s["high"]), step=int(s.get("step", 1)),
                                          log=bool(s.get("log", False)))
         else:
-            point[k] = trial.suggest_float(k, float(s["low"]), float(s["high"]), step=s.get("step"),
-                                           log=bool(s.get("log", False)))
+            v = trial.suggest_float(k, float(s["low"]), float(s["high"]), step=s.get("step"),
+                                    log=bool(s.get("log", False)))
+            point[k] = round(v, 12) if s.get("step") else v  # 0.35, not 0.35000000000000003
     return point
 
 
@@ -597,8 +616,8 @@ def _run_train(st: Study, point: dict, run_dir: Path, console) -> dict:
     val = s.get("best_val_accuracy") if cfg.keep == "best" else s.get("val_accuracy")
     return {"val_accuracy": val, "test_accuracy": s.get("test_accuracy"), "score": s.get("score"),
             "macs": s.get("macs"), "params": s.get("params"), "seconds": s.get("seconds"),
-            "command": f"edlab train {st.base} " + " ".join(f"--set '{x}'" for x in _sets({**st.fixed, **point}))
-                       + f" --out {run_dir}"}
+            "command": _command("edlab", "train", st.base, *(a for x in _sets({**st.fixed, **point})
+                                                                for a in ("--set", x)), "--out", str(run_dir))}
 
 
 def _run_recipe(st: Study, point: dict, run_dir: Path, console) -> dict:
@@ -612,7 +631,7 @@ def _run_recipe(st: Study, point: dict, run_dir: Path, console) -> dict:
     for key in ("val_accuracy", "test_accuracy", "score", "macs", "params"):
         out[key] = next((s[key] for s in reversed(summaries) if s.get(key) is not None), None)
     out["seconds"] = sum(s.get("seconds") or 0.0 for s in r["stages"])
-    out["command"] = f"edlab run {recipe} " + " ".join(f"--set '{x}'" for x in sets) + f" --out {run_dir}"
+    out["command"] = _command("edlab", "run", recipe, *(a for x in sets for a in ("--set", x)), "--out", str(run_dir))
     return out
 
 
@@ -686,7 +705,8 @@ def trial_rows(study) -> list[dict]:
         rows.append({"number": t.number, "slot": a.get("slot"), "state": t.state.name, "point": a.get("point"),
                      "val_accuracy": a.get("val_accuracy"), "test_accuracy": a.get("test_accuracy"),
                      "score": a.get("score"), "macs": a.get("macs"), "params": a.get("params"),
-                     "seconds": a.get("seconds"), "run_dir": a.get("run_dir"), "command": a.get("command"),
+                     "seconds": a.get("seconds"), "wall_seconds": a.get("wall_seconds"), "run_dir": a.get("run_dir"),
+                     "command": a.get("command"),
                      "error": a.get("error"), "interrupted": bool(a.get("interrupted")),
                      "worker": "{host}:{pid}".format(**a["owner"]) if a.get("owner") else None})
     return rows
