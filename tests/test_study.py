@@ -219,3 +219,26 @@ def test_ready_studies_are_valid(path, monkeypatch):
         assert st.points or st.trials
         if quick:
             assert st.fixed != load_study(str(path.relative_to(ROOT))).fixed, "quick: must change something"
+
+
+def test_locked_sqlite_is_retried_other_errors_are_not():
+    import sqlite3
+
+    from edlab.study import _retry
+
+    calls = []
+
+    def flaky(fail_times: int, message: str):
+        calls.append(1)
+        if len(calls) <= fail_times:
+            try:
+                raise sqlite3.OperationalError(message)
+            except sqlite3.OperationalError as e:  # as Optuna wraps it
+                raise RuntimeError("An exception is raised during the commit.") from e
+        return "ok"
+
+    assert _retry(flaky, 2, "database is locked") == "ok" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(RuntimeError):
+        _retry(flaky, 1, "no such table: trials")
+    assert len(calls) == 1

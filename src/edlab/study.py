@@ -331,8 +331,8 @@ def _retry(fn, *args, **kwargs):
     for attempt in range(12):
         try:
             return fn(*args, **kwargs)
-        except Exception as e:  # sqlalchemy OperationalError, or Optuna's wrapper of it
-            if "locked" not in str(e) or attempt == 11:
+        except Exception as e:  # sqlalchemy OperationalError, or Optuna's StorageInternalError raised from it
+            if "database is locked" not in f"{e} {e.__cause__}" or attempt == 11:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -654,7 +654,7 @@ def run_worker(st: Study, study, index: int = 0, echo=print) -> int:
         if trial is None:
             return done
         slot = trial.user_attrs["slot"]
-        if st.mode != "search" and _is_duplicate(study, trial):
+        if _is_duplicate(study, trial):
             _retry(trial.set_user_attr, "duplicate", True)
             _retry(study.tell, trial, state=TrialState.PRUNED, skip_if_finished=True)
             continue
@@ -734,6 +734,9 @@ def best(st: Study, rows: list[dict]) -> dict:
 
 def write_report(st: Study, study, url: str) -> dict:
     rows = sorted(trial_rows(study), key=lambda r: (r["slot"] if r["slot"] is not None else -1, r["number"]))
+    for r in rows:  # waiting grid/list trials: show their point before a worker has written it
+        if r["point"] is None and r["slot"] is not None and st.mode != "search" and r["slot"] < len(st.points):
+            r["point"] = st.points[r["slot"]]
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
@@ -802,8 +805,8 @@ def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, 
 
     \b
     Examples:
-      edlab sweep studies/lr.yaml                   # GPU-sized
-      edlab sweep studies/lr.yaml --quick           # minutes per trial on a CPU
+      edlab sweep studies/learning-rate.yaml        # GPU-sized
+      edlab sweep studies/learning-rate.yaml --quick # minutes per trial on a CPU
       edlab sweep studies/challenge.yaml --workers 2
       edlab sweep studies/resnets.yaml --storage postgresql://me@db/edlab --workers 4
     """
