@@ -762,8 +762,14 @@ def render(report: dict, console) -> None:
     chosen = set(b.get("pareto_front", [])) | ({b["slot"]} if "slot" in b else set())
     keys = list(dict.fromkeys(k for r in report["trials"] for k in (r["point"] or {})))
     table = Table(title=f"study {report['name']} ({report['mode']}, objective {report['objective']})")
-    for col in ("point", "state", *keys, "val %", "test %", "score", "MACs", "s"):
-        table.add_column(col, justify="left" if col == "state" or col in keys else "right", overflow="fold")
+    tails = [k.rsplit(".", 1)[-1] for k in keys]  # short headers where they stay unambiguous
+    heads = [t if tails.count(t) == 1 else k for k, t in zip(keys, tails)]
+    table.add_column("point", justify="right", no_wrap=True)
+    table.add_column("state")
+    for h in heads:
+        table.add_column(h, overflow="fold")
+    for col in ("val %", "test %", "score", "MACs", "s"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in report["trials"]:
         if r["state"] == "FAIL" and r["interrupted"]:
             continue  # re-run under another trial number
@@ -776,7 +782,11 @@ def render(report: dict, console) -> None:
                       pct(r["test_accuracy"]), "-" if r["score"] is None else f"{r['score']:.4f}",
                       "-" if r["macs"] is None else f"{r['macs'] / 1e6:.1f}M",
                       "-" if r["seconds"] is None else f"{r['seconds']:.0f}")
+    width = console.width
+    if not console.is_terminal:  # a log file or pipe: no 80-column wrapping of a wide table
+        console.width = 250
     console.print(table)
+    console.width = width
     counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(report["counts"].items()))
     rule = b.get("rule", "pareto front")
     console.print(f"{counts} of {report['size']}; * = selected on validation accuracy ({rule})")
