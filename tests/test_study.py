@@ -83,7 +83,10 @@ def test_sigkill_then_same_command_finishes_only_the_rest(tmp_path):
     p = sweep(study, "--out", out, "--workers", "2", start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline:
-        states = [s for _, s in trials(db)] if db.exists() else []
+        try:
+            states = [s for _, s in trials(db)] if db.exists() else []
+        except sqlite3.OperationalError:  # the file exists before Optuna has made its tables
+            states = []
         if "COMPLETE" in states and "RUNNING" in states:
             break
         assert p.poll() is None, p.communicate()
