@@ -58,6 +58,7 @@ STAGE_COMMANDS: dict[str, str] = {
     "quantize": "edlab.quantize:quantize_command",
     "export": "edlab.export:export_command",
     "report": "edlab.report:report_command",
+    "sweep": "edlab.study:sweep_command",
 }
 
 

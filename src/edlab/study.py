@@ -1,0 +1,875 @@
+"""Studies: many training (or pipeline) runs over a grid, a list or an Optuna search, resumable at any point.
+
+A study file names a base and how to vary it::
+
+    name: lr                       # Optuna study name; out dir default runs/study-<name>
+    config: configs/resnet20-cifar10.yaml   # base = one `edlab train` per trial ...
+    # recipe: recipes/r20-compress.yaml     # ... or one `edlab run` pipeline per trial (keys STAGE.KEY)
+    set: {epochs: 15}              # fixed overrides of every trial
+    grid: {optim.lr: [0.05, 0.1, 0.2]}      # or list: [{...}, ...], or search: {params: ..., trials: N}
+    objective: val_accuracy        # | pareto | {min_score_with_val_at_least: 0.9}
+    quick: {epochs: 1, data.train_subset: 2000}   # overrides used with --quick (a separate study)
+
+Every trial is one Optuna trial in a storage shared by all workers (SQLite file in the out dir by
+default). Grid and list points are enqueued once each as WAITING trials that workers claim; a trial
+left RUNNING by a killed process is marked FAIL and its point enqueued again, so the same command
+finishes a study without repeating finished trials. A point's run directory is
+``<out>/trials/<NNNN>`` (NNNN: its index, or the number of the trial that first drew it in a search),
+so a re-run continues what the killed one left (resume.pt, finished pipeline stages). Selection uses
+validation accuracy only; test accuracy is recorded for the report.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import TrainConfig, _set_dotted, build, read_yaml
+from .errors import EdlabError
+from .runs import write_json
+
+STUDY_KEYS = ("name", "description", "out", "config", "recipe", "set", "quick", "grid", "list", "search",
+              "objective", "seed")
+SEARCH_KEYS = ("params", "trials", "startup_trials")
+PARAM_TYPES = {"int": ("low", "high", "step", "log"), "float": ("low", "high", "step", "log"),
+               "categorical": ("choices",)}
+HEARTBEAT_S = 30  # a running trial refreshes its heartbeat attribute this often
+Scalar = (str, int, float, bool, type(None))
+
+
+@dataclass
+class Study:
+    """A study file resolved: base, fixed overrides (set + quick + --set), the points or search space."""
+
+    name: str
+    file: str
+    out: Path
+    kind: str  # "config" | "recipe"
+    base: str  # the config or recipe path (an inline recipe is written to <out>/recipe.yaml)
+    fixed: dict[str, Any]
+    mode: str  # "grid" | "list" | "search"
+    points: list[dict[str, Any]] = field(default_factory=list)
+    params: dict[str, dict] = field(default_factory=dict)
+    trials: int = 0
+    startup_trials: int = 10
+    objective: Any = "val_accuracy"
+    seed: int = 0
+    inline_recipe: dict | None = None
+
+    def fingerprint(self) -> str:
+        """What must not change between a study's runs (trials may grow): base, overrides, space, goal."""
+        base = self.inline_recipe if self.inline_recipe is not None else self.base
+        spec = [self.kind, base, self.fixed, self.mode, self.points, self.params, self.objective]
+        return json.dumps(spec, sort_keys=True, default=str)
+
+
+# ---------------------------------------------------------------------------------------- study file
+def _fail(file: str, msg: str) -> EdlabError:
+    return EdlabError(f"study {file}: {msg}")
+
+
+def _find(path: str, study_file: str) -> str:
+    """Paths in a study file: as given (from the working directory), else beside the study file."""
+    if Path(path).exists():
+        return path
+    beside = Path(study_file).parent / path
+    return str(beside) if beside.exists() else path
+
+
+def _flat(tree: Any, file: str, what: str) -> dict[str, Any]:
+    """{'optim': {'lr': 1}} or {'optim.lr': 1} -> {'optim.lr': 1}."""
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise _fail(file, f"'{what}' must be a mapping of config keys to values")
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in _flat(v, file, what).items()})
+        else:
+            out[str(k)] = v
+    return out
+
+
+def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str] = (), out: str | None = None) -> Study:
+    """Read and check a study file; every point / range is validated against its base before anything runs."""
+    from .config import parse_overrides
+
+    raw = read_yaml(path)
+    unknown = sorted(set(raw) - set(STUDY_KEYS))
+    if unknown:
+        raise _fail(path, f"unknown key(s) {', '.join(unknown)} (valid: {', '.join(STUDY_KEYS)})")
+    if ("config" in raw) == ("recipe" in raw):
+        raise _fail(path, "give exactly one base: config: (a train config) or recipe: (a pipeline recipe)")
+    modes = [m for m in ("grid", "list", "search") if m in raw]
+    if len(modes) != 1:
+        raise _fail(path, "give exactly one of grid:, list:, search:")
+    name = str(raw.get("name") or Path(path).stem) + ("-quick" if quick else "")
+    kind = "config" if "config" in raw else "recipe"
+    inline = None
+    if kind == "recipe" and isinstance(raw["recipe"], dict | list):
+        inline = raw["recipe"] if isinstance(raw["recipe"], dict) else {"stages": raw["recipe"]}
+        base = ""
+    else:
+        base = _find(str(raw[kind]), path)
+        if not Path(base).is_file():
+            raise _fail(path, f"{kind} file not found: {raw[kind]}")
+    quick_block = _flat(raw.get("quick"), path, "quick")
+    extra_trials = quick_block.pop("trials", None) if quick else None
+    fixed = _flat(raw.get("set"), path, "set")
+    if quick:
+        fixed.update(quick_block)
+    fixed.update(_flat(parse_overrides(list(sets)), path, "--set"))
+    if out is None:
+        out = str(raw["out"]) + ("-quick" if quick else "") if raw.get("out") else f"runs/study-{name}"
+    st = Study(name=name, file=path, out=Path(out), kind=kind, base=base, fixed=fixed, mode=modes[0],
+               objective=raw.get("objective", "val_accuracy"), seed=int(raw.get("seed", 0)), inline_recipe=inline)
+    if st.mode == "grid":
+        grid = raw["grid"]
+        if not isinstance(grid, dict) or not grid:
+            raise _fail(path, "grid: must map config keys to lists of values")
+        grid = _flat(grid, path, "grid")
+        for k, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise _fail(path, f"grid key '{k}' needs a non-empty list of values, got {values!r}")
+        st.points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    elif st.mode == "list":
+        if not isinstance(raw["list"], list) or not raw["list"]:
+            raise _fail(path, "list: must be a non-empty list of mappings {key: value}")
+        st.points = [_flat(p, path, "list entry") for p in raw["list"]]
+    else:
+        _parse_search(st, raw["search"], path, extra_trials)
+    for p in st.points:
+        for k, v in p.items():
+            if not isinstance(v, Scalar):
+                raise _fail(path, f"value of '{k}' must be a number, string, boolean or null, got {v!r}")
+            if k in st.fixed:
+                raise _fail(path, f"'{k}' is both varied and fixed (set:/quick:/--set)")
+    _check_objective(st)
+    validate(st)
+    return st
+
+
+def _parse_search(st: Study, search: Any, path: str, extra_trials: Any) -> None:
+    if not isinstance(search, dict):
+        raise _fail(path, "search: must be a mapping with params: and trials:")
+    unknown = sorted(set(search) - set(SEARCH_KEYS))
+    if unknown:
+        raise _fail(path, f"unknown search key(s) {', '.join(unknown)} (valid: {', '.join(SEARCH_KEYS)})")
+    params = search.get("params")
+    if not isinstance(params, dict) or not params:
+        raise _fail(path, "search.params must map config keys to {type: int|float|categorical, ...}")
+    for k, spec in params.items():
+        if not isinstance(spec, dict) or spec.get("type") not in PARAM_TYPES:
+            raise _fail(path, f"search param '{k}' needs type: int, float or categorical")
+        allowed = PARAM_TYPES[spec["type"]]
+        bad = sorted(set(spec) - set(allowed) - {"type"})
+        if bad:
+            raise _fail(path, f"search param '{k}': unknown field(s) {', '.join(bad)} (valid: {', '.join(allowed)})")
+        if spec["type"] == "categorical":
+            ch = spec.get("choices")
+            if not isinstance(ch, list) or not ch or not all(isinstance(c, Scalar) for c in ch):
+                raise _fail(path, f"search param '{k}' needs choices: a list of numbers/strings")
+        else:
+            lo, hi = spec.get("low"), spec.get("high")
+            if not isinstance(lo, int | float) or not isinstance(hi, int | float) or lo > hi:
+                raise _fail(path, f"search param '{k}' needs numbers low <= high, got {lo!r}, {hi!r}")
+            if spec.get("log") and lo <= 0:
+                raise _fail(path, f"search param '{k}': log scale needs low > 0")
+        if k in st.fixed:
+            raise _fail(path, f"'{k}' is both searched and fixed (set:/quick:/--set)")
+    st.params = params
+    trials = extra_trials if extra_trials is not None else search.get("trials")
+    if not isinstance(trials, int) or trials < 1:
+        raise _fail(path, f"search.trials must be a positive integer, got {trials!r}")
+    st.trials, st.startup_trials = trials, int(search.get("startup_trials", 10))
+
+
+def _check_objective(st: Study) -> None:
+    o = st.objective
+    if o in ("val_accuracy", "pareto"):
+        return
+    if isinstance(o, dict) and set(o) == {"min_score_with_val_at_least"} and \
+            isinstance(o["min_score_with_val_at_least"], int | float) and 0 <= o["min_score_with_val_at_least"] <= 1:
+        return
+    raise _fail(st.file, f"objective must be val_accuracy, pareto or {{min_score_with_val_at_least: FRACTION}}, "
+                         f"got {o!r}")
+
+
+def _probe_values(st: Study) -> list[dict[str, Any]]:
+    """One override set per varied value (grid/search) or per point (list), to validate without running."""
+    if st.mode == "list":
+        return st.points
+    if st.mode == "grid":
+        keys = st.points[0].keys()
+        return [{k: v} for k in keys for v in dict.fromkeys(p[k] for p in st.points)]
+    probes = []
+    for k, spec in st.params.items():
+        values = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
+        probes += [{k: v} for v in values]
+    return probes
+
+
+def validate(st: Study) -> None:
+    """Each varied value with the fixed overrides must make a valid config (or recipe with valid stage options)."""
+    for probe in _probe_values(st):
+        try:
+            if st.kind == "config":
+                trial_config(st, probe, "probe")
+            else:
+                _check_recipe(st, probe)
+        except EdlabError as e:
+            shown = ", ".join(f"{k}={v}" for k, v in probe.items())
+            raise _fail(st.file, f"{shown}: {e}") from None
+
+
+def _tree(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for k, v in flat.items():
+        _set_dotted(tree, k, v)
+    return tree
+
+
+def trial_config(st: Study, point: dict[str, Any], out: str) -> TrainConfig:
+    return build(TrainConfig, read_yaml(st.base), _tree(st.fixed), _tree(point), {"out": out})
+
+
+def _text(v: Any) -> str:
+    """A value as --set text that YAML reads back as the same value ('on' is quoted, 'grouped:2' is not)."""
+    import yaml
+
+    if isinstance(v, str):
+        try:
+            if yaml.safe_load(v) == v:
+                return v
+        except yaml.YAMLError:
+            pass
+    return json.dumps(v)  # JSON is YAML
+
+
+def _sets(flat: dict[str, Any]) -> list[str]:
+    return [f"{k}={_text(v)}" for k, v in flat.items()]
+
+
+def _command(*words: str) -> str:
+    import shlex
+
+    return shlex.join(words)
+
+
+def _recipe_path(st: Study) -> str:
+    if st.inline_recipe is None:
+        return st.base
+    st.out.mkdir(parents=True, exist_ok=True)
+    p = st.out / "recipe.yaml"
+    import yaml
+
+    text = yaml.safe_dump(st.inline_recipe, sort_keys=False)
+    if not p.exists() or p.read_text() != text:
+        p.write_text(text)
+    return str(p)
+
+
+def _check_recipe(st: Study, point: dict[str, Any]) -> None:
+    """Parse every stage's command line as the CLI would (unknown options, bad types), without running it."""
+    from .cli import TRAIN_FLAGS, _flags_to_tree, cli
+    from .config import load_train_config
+    from .pipeline import load_recipe, stage_argv
+
+    if st.inline_recipe is not None:
+        import tempfile
+
+        import yaml
+
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            yaml.safe_dump(st.inline_recipe, f)
+        try:
+            recipe = load_recipe(f.name, _sets({**st.fixed, **point}))
+        finally:
+            os.unlink(f.name)
+    else:
+        recipe = load_recipe(st.base, _sets({**st.fixed, **point}))
+    ctx = click.Context(cli)
+    for i, (name, opts) in enumerate(recipe["stages"]):
+        cmd = cli.get_command(ctx, name)
+        if cmd is None:
+            raise EdlabError(f"stage {i}: unknown command '{name}'")
+        argv = stage_argv(name, opts, "model.ckpt", Path("probe"))
+        try:
+            sub = cmd.make_context(name, argv[1:], parent=ctx)
+        except click.ClickException as e:
+            raise EdlabError(f"stage {i} ({name}): {e.format_message()}") from None
+        if name == "train":
+            p = sub.params
+            load_train_config(p.get("config"), _flags_to_tree(p, TRAIN_FLAGS), list(p.get("sets") or ()))
+
+
+# ------------------------------------------------------------------------------------------- storage
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise EdlabError("edlab sweep needs Optuna: pip install 'edlab[study]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def _retry(fn, *args, **kwargs):
+    """SQLite shared by several processes answers 'database is locked' under contention: wait and retry."""
+    delay = 0.1
+    for attempt in range(12):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # sqlalchemy OperationalError, or Optuna's StorageInternalError raised from it
+            if "database is locked" not in f"{e} {e.__cause__}" or attempt == 11:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def storage_url(st: Study, storage: str | None) -> str:
+    if storage:
+        return storage
+    st.out.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(st.out / 'study.db').resolve()}"
+
+
+def _directions(st: Study) -> list[str]:
+    if st.objective == "pareto":
+        return ["maximize", "minimize"]
+    return ["minimize"] if isinstance(st.objective, dict) else ["maximize"]
+
+
+def _floor(st: Study) -> float | None:
+    return st.objective["min_score_with_val_at_least"] if isinstance(st.objective, dict) else None
+
+
+def open_study(st: Study, url: str, worker: int = 0, create: bool = True):
+    """Create or load the Optuna study; refuse one that was started from a different study definition."""
+    optuna = _optuna()
+    kwargs = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite") else {}
+    try:
+        storage = _retry(optuna.storages.RDBStorage, url, **kwargs)
+    except EdlabError:
+        raise
+    except Exception as e:
+        raise EdlabError(f"cannot open study storage {_redact(url)}: {str(e).splitlines()[0]}") from None
+    if st.mode == "search":
+        sampler = optuna.samplers.TPESampler(seed=st.seed + worker, n_startup_trials=st.startup_trials)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=st.seed)  # every parameter is fixed by the enqueued point
+    if create:
+        study = _retry(optuna.create_study, storage=storage, study_name=st.name, directions=_directions(st),
+                       sampler=sampler, load_if_exists=True)
+    else:
+        study = _retry(optuna.load_study, storage=storage, study_name=st.name, sampler=sampler)
+    saved = study.user_attrs.get("edlab_spec")
+    if saved is None:
+        _retry(study.set_user_attr, "edlab_spec", st.fingerprint())
+        _retry(study.set_user_attr, "study_file", st.file)
+    elif saved != st.fingerprint():
+        raise EdlabError(f"study '{st.name}' in {_redact(url)} was started from a different definition (base, "
+                         f"overrides, points or objective changed); choose another --out or --storage")
+    if [d.name.lower() for d in study.directions] != _directions(st):
+        raise EdlabError(f"study '{st.name}' in {_redact(url)} has other objectives; choose another --out")
+    return study
+
+
+def _redact(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+# ------------------------------------------------------------------------------------ trial life cycle
+def _proc_start(pid: int) -> str | None:
+    """Start time of a process (Linux /proc), so a reused pid is not taken for the worker that died."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _proc_start(os.getpid())}
+
+
+def _alive(owner: dict) -> bool:
+    pid = owner.get("pid")
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return owner.get("pid_start") is None or _proc_start(int(pid)) == owner.get("pid_start")
+
+
+def _claim_key(owner: dict) -> str:
+    return f"claim:{owner['host']}|{owner['pid']}|{owner['pid_start']}"
+
+
+def _from_claim_key(key: str) -> dict:
+    host, pid, start = key[len("claim:"):].rsplit("|", 2)
+    return {"host": host, "pid": int(pid), "pid_start": None if start == "None" else start}
+
+
+def _stale(t, stale_after: float) -> bool:
+    """A RUNNING trial is dead when its process is gone (same machine) or its heartbeat is old (elsewhere).
+
+    The process is the trial's owner, or, if it died between claiming and writing that, every process
+    that tried to claim it (each writes claim:<host|pid|start> before claiming, and clears it on losing)."""
+    a = t.user_attrs
+    owners = [a["owner"]] if a.get("owner") else [_from_claim_key(k) for k, v in a.items()
+                                                  if k.startswith("claim:") and v is not None]
+    started = t.datetime_start.timestamp() if t.datetime_start else 0.0
+    if not owners:  # asked by a search worker that died before its first write
+        return time.time() - started > 30
+    here = socket.gethostname()
+    if any(o.get("host") != here for o in owners):
+        return time.time() - (a.get("heartbeat") or started) > stale_after
+    return not any(_alive(o) for o in owners)
+
+
+def recover(study, stale_after: float) -> int:
+    """Mark trials whose process died while RUNNING as FAIL (interrupted); enqueue_missing re-runs them."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    n = 0
+    storage = study._storage
+    study_id = _retry(storage.get_study_id_from_name, study.study_name)
+    for t in _retry(study.get_trials, deepcopy=False, states=(TrialState.RUNNING,)):
+        if not _stale(t, stale_after):
+            continue
+        tid = _retry(storage.get_trial_id_from_study_id_trial_number, study_id, t.number)
+        try:
+            _retry(storage.set_trial_user_attr, tid, "interrupted", True)
+            if _retry(storage.set_trial_state_values, tid, TrialState.FAIL):
+                n += 1
+        except UpdateFinishedTrialError:  # it finished meanwhile, or another process recovered it
+            pass
+    return n
+
+
+def _slot_states(study, retry_failed: bool) -> tuple[set[int], dict[int, dict]]:
+    """Slots that are done or in progress, and for search the params of every slot drawn so far."""
+    from optuna.trial import TrialState
+
+    busy: set[int] = set()
+    drawn: dict[int, dict] = {}
+    for t in _retry(study.get_trials, deepcopy=False):
+        slot = t.user_attrs.get("slot")
+        if slot is None:
+            continue
+        if t.params and slot not in drawn:
+            drawn[slot] = dict(t.params)
+        failed_for_real = t.state == TrialState.FAIL and not t.user_attrs.get("interrupted") and not retry_failed
+        if t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING) or failed_for_real:
+            busy.add(slot)
+    return busy, drawn
+
+
+def enqueue_missing(st: Study, study, retry_failed: bool = False) -> int:
+    """Enqueue each grid/list point (and each interrupted search draw) that no trial has done or holds."""
+    busy, drawn = _slot_states(study, retry_failed)
+    todo = [(i, p) for i, p in enumerate(st.points) if i not in busy] if st.mode != "search" else \
+        [(s, p) for s, p in sorted(drawn.items()) if s not in busy]
+    for slot, point in todo:
+        _retry(study.enqueue_trial, point, user_attrs={"slot": slot})
+    return len(todo)
+
+
+def _claim(study):
+    """Take one WAITING trial (RUNNING from now on), or None. Never creates a trial."""
+    import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    study_id = _retry(storage.get_study_id_from_name, study.study_name)
+    me = _owner()
+    for t in _retry(study.get_trials, deepcopy=False, states=(TrialState.WAITING,)):
+        tid = _retry(storage.get_trial_id_from_study_id_trial_number, study_id, t.number)
+        try:
+            _retry(storage.set_trial_user_attr, tid, _claim_key(me), time.time())  # before: no unowned RUNNING
+            if _retry(storage.set_trial_state_values, tid, TrialState.RUNNING):
+                _retry(storage.set_trial_user_attr, tid, "owner", me)
+                return _retry(optuna.trial.Trial, study, tid)
+            _retry(storage.set_trial_user_attr, tid, _claim_key(me), None)
+        except UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def _next_trial(st: Study, study):
+    """A WAITING trial, else (search) a new draw while the budget lasts; surplus draws are dropped."""
+    from optuna.trial import TrialState
+
+    trial = _claim(study)
+    if trial is not None or st.mode != "search":
+        return trial
+    trials = _retry(study.get_trials, deepcopy=False)
+    slots = {t.user_attrs.get("slot") for t in trials if not t.user_attrs.get("surplus")}
+    if len(slots - {None}) >= st.trials:
+        return None
+    trial = _retry(study.ask)
+    if trial.user_attrs.get("owner") is None:
+        _retry(trial.set_user_attr, "owner", _owner())
+    if trial.user_attrs.get("slot") is None:
+        _retry(trial.set_user_attr, "slot", trial.number)
+        origins = [t.number for t in _retry(study.get_trials, deepcopy=False)
+                   if t.user_attrs.get("slot") == t.number and not t.user_attrs.get("surplus")]
+        if sum(n <= trial.number for n in origins) > st.trials:  # another worker drew the last one first
+            _retry(trial.set_user_attr, "surplus", True)
+            _retry(study.tell, trial, state=TrialState.PRUNED)
+            return None
+    return trial
+
+
+def _is_duplicate(study, trial) -> bool:
+    """Two processes may enqueue the same point at once; only the lowest-numbered live copy runs."""
+    from optuna.trial import TrialState
+
+    slot = trial.user_attrs.get("slot")
+    for t in _retry(study.get_trials, deepcopy=False):
+        if t.number == trial.number or t.user_attrs.get("slot") != slot:
+            continue
+        if t.state == TrialState.COMPLETE or (t.state == TrialState.RUNNING and t.number < trial.number):
+            return True
+    return False
+
+
+def _suggest(st: Study, trial) -> dict[str, Any]:
+    """The trial's point: fixed by the enqueued params (grid/list, retries) or drawn by the sampler."""
+    if st.mode != "search":
+        slot = trial.user_attrs["slot"]
+        point = st.points[slot]
+        for k in point:
+            choices = list(dict.fromkeys(p[k] for p in st.points if k in p))
+            trial.suggest_categorical(k, choices)
+        return dict(point)
+    point = {}
+    for k, s in st.params.items():
+        if s["type"] == "categorical":
+            point[k] = trial.suggest_categorical(k, s["choices"])
+        elif s["type"] == "int":
+            point[k] = trial.suggest_int(k, int(s["low"]), int(s["high"]), step=int(s.get("step", 1)),
+                                         log=bool(s.get("log", False)))
+        else:
+            v = trial.suggest_float(k, float(s["low"]), float(s["high"]), step=s.get("step"),
+                                    log=bool(s.get("log", False)))
+            point[k] = round(v, 12) if s.get("step") else v  # 0.35, not 0.35000000000000003
+    return point
+
+
+def _heartbeat(trial, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        try:
+            trial.set_user_attr("heartbeat", time.time())
+        except Exception:  # a busy database: the next beat will do
+            pass
+
+
+def _log_console(path: Path):
+    from rich.console import Console
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Console(file=open(path, "a"), highlight=False, soft_wrap=True, force_terminal=False)
+
+
+def run_point(st: Study, point: dict[str, Any], run_dir: Path, log: Path) -> dict:
+    """Run one trial's training (or pipeline) in run_dir, continuing whatever a killed attempt left there."""
+    console = _log_console(log)
+    try:
+        if st.kind == "config":
+            return _run_train(st, point, run_dir, console)
+        return _run_recipe(st, point, run_dir, console)
+    finally:
+        console.file.close()
+
+
+def _run_train(st: Study, point: dict, run_dir: Path, console) -> dict:
+    from .train import train
+
+    cfg = trial_config(st, point, str(run_dir))
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():  # finished, but the process died before the trial was recorded
+        s = json.loads(summary_path.read_text())
+    else:
+        resume = (run_dir / "resume.pt").exists()
+        if not resume and run_dir.exists() and any(run_dir.iterdir()):
+            run_dir.rename(run_dir.with_name(f"{run_dir.name}.interrupted-{time.strftime('%H%M%S')}"))
+        _, s = train(cfg, resume=resume, console=console)
+    val = s.get("best_val_accuracy") if cfg.keep == "best" else s.get("val_accuracy")
+    return {"val_accuracy": val, "test_accuracy": s.get("test_accuracy"), "score": s.get("score"),
+            "macs": s.get("macs"), "params": s.get("params"), "seconds": s.get("seconds"),
+            "command": _command("edlab", "train", st.base, *(a for x in _sets({**st.fixed, **point})
+                                                                for a in ("--set", x)), "--out", str(run_dir))}
+
+
+def _run_recipe(st: Study, point: dict, run_dir: Path, console) -> dict:
+    from .pipeline import run_pipeline
+
+    recipe = _recipe_path(st)
+    sets = _sets({**st.fixed, **point})
+    r = run_pipeline(recipe, sets, str(run_dir), echo=console.print)
+    summaries = [s["summary"] or {} for s in r["stages"]]
+    out: dict[str, Any] = {}
+    for key in ("val_accuracy", "test_accuracy", "score", "macs", "params"):
+        out[key] = next((s[key] for s in reversed(summaries) if s.get(key) is not None), None)
+    out["seconds"] = sum(s.get("seconds") or 0.0 for s in r["stages"])
+    out["command"] = _command("edlab", "run", recipe, *(a for x in sets for a in ("--set", x)), "--out", str(run_dir))
+    return out
+
+
+def _values(st: Study, r: dict) -> list[float]:
+    if r.get("val_accuracy") is None or r.get("score") is None:
+        raise EdlabError("the trial's summary has no val_accuracy or score (validation split empty?)")
+    if st.objective == "pareto":
+        return [r["val_accuracy"], r["score"]]
+    return [r["score"]] if isinstance(st.objective, dict) else [r["val_accuracy"]]
+
+
+def run_worker(st: Study, study, index: int = 0, echo=print) -> int:
+    """Claim and run trials until none is left; returns how many this worker finished."""
+    from optuna.trial import TrialState
+
+    done = 0
+    tag = f"[worker {index}] " if index else ""
+    while True:
+        trial = _next_trial(st, study)
+        if trial is None:
+            return done
+        slot = trial.user_attrs["slot"]
+        if _is_duplicate(study, trial):
+            _retry(trial.set_user_attr, "duplicate", True)
+            _retry(study.tell, trial, state=TrialState.PRUNED, skip_if_finished=True)
+            continue
+        run_dir = st.out / "trials" / f"{slot:04d}"
+        _retry(trial.set_user_attr, "heartbeat", time.time())
+        point = _suggest(st, trial)
+        _retry(trial.set_user_attr, "point", point)
+        _retry(trial.set_user_attr, "run_dir", str(run_dir))
+        shown = ", ".join(f"{k}={v}" for k, v in point.items())
+        echo(f"{tag}trial {trial.number} (point {slot:04d}) {shown}: running")
+        stop = threading.Event()
+        beat = threading.Thread(target=_heartbeat, args=(trial, stop), daemon=True)
+        beat.start()
+        t0 = time.perf_counter()
+        try:
+            r = run_point(st, point, run_dir, st.out / "logs" / f"{slot:04d}.log")
+            values = _values(st, r)
+        except KeyboardInterrupt:
+            _retry(trial.set_user_attr, "interrupted", True)
+            _retry(study.tell, trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+        except Exception as e:  # a bad point (e.g. ps + pu >= 1) fails its trial, not the study
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            _retry(trial.set_user_attr, "error", msg)
+            _retry(study.tell, trial, state=TrialState.FAIL, skip_if_finished=True)
+            echo(f"{tag}trial {trial.number} (point {slot:04d}): failed: {msg}")
+            continue
+        finally:
+            stop.set()
+        for k, v in r.items():
+            _retry(trial.set_user_attr, k, v)
+        _retry(trial.set_user_attr, "wall_seconds", time.perf_counter() - t0)
+        if _floor(st) is not None:  # feasible when <= 0: TPE then prefers draws above the floor
+            _retry(trial.set_constraint, "val_floor", _floor(st) - r["val_accuracy"])
+        _retry(study.tell, trial, values, skip_if_finished=True)
+        done += 1
+        echo(f"{tag}trial {trial.number} (point {slot:04d}): val {100 * r['val_accuracy']:.2f}%  "
+             f"score {r['score']:.4f}  ({time.perf_counter() - t0:.0f} s)")
+
+
+# ------------------------------------------------------------------------------------------- results
+def trial_rows(study) -> list[dict]:
+    rows = []
+    for t in _retry(study.get_trials, deepcopy=False):
+        a = t.user_attrs
+        if a.get("duplicate") or a.get("surplus"):
+            continue
+        rows.append({"number": t.number, "slot": a.get("slot"), "state": t.state.name, "point": a.get("point"),
+                     "val_accuracy": a.get("val_accuracy"), "test_accuracy": a.get("test_accuracy"),
+                     "score": a.get("score"), "macs": a.get("macs"), "params": a.get("params"),
+                     "seconds": a.get("seconds"), "wall_seconds": a.get("wall_seconds"), "run_dir": a.get("run_dir"),
+                     "command": a.get("command"),
+                     "error": a.get("error"), "interrupted": bool(a.get("interrupted")),
+                     "worker": "{host}:{pid}".format(**a["owner"]) if a.get("owner") else None})
+    return rows
+
+
+def best(st: Study, rows: list[dict]) -> dict:
+    """The selection, on validation accuracy only: best val, the Pareto front, or lowest score above the floor."""
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    if not done:
+        return {}
+    if st.objective == "pareto":
+        front = [r for r in done if not any(o["val_accuracy"] >= r["val_accuracy"] and o["score"] <= r["score"] and
+                                            (o["val_accuracy"], o["score"]) != (r["val_accuracy"], r["score"])
+                                            for o in done)]
+        return {"pareto_front": sorted((r["slot"] for r in front), key=lambda s: s)}
+    floor = _floor(st)
+    if floor is not None:
+        ok = [r for r in done if r["val_accuracy"] >= floor]
+        if ok:
+            return {"slot": min(ok, key=lambda r: r["score"])["slot"], "rule": f"lowest score with val >= {floor}"}
+        return {"slot": max(done, key=lambda r: r["val_accuracy"])["slot"],
+                "rule": f"no trial reached val {floor}: highest val"}
+    return {"slot": max(done, key=lambda r: r["val_accuracy"])["slot"], "rule": "highest val accuracy"}
+
+
+def write_report(st: Study, study, url: str) -> dict:
+    rows = sorted(trial_rows(study), key=lambda r: (r["slot"] if r["slot"] is not None else -1, r["number"]))
+    for r in rows:  # waiting grid/list trials: show their point before a worker has written it
+        if r["point"] is None and r["slot"] is not None and st.mode != "search" and r["slot"] < len(st.points):
+            r["point"] = st.points[r["slot"]]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    report = {"name": st.name, "study_file": st.file, "mode": st.mode, "base": {st.kind: st.base or "inline"},
+              "fixed": st.fixed, "objective": st.objective, "storage": _redact(url),
+              "size": len(st.points) if st.mode != "search" else st.trials, "counts": counts,
+              "best": best(st, rows), "trials": rows}
+    write_json(st.out / "study.json", report)
+    return report
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def render(report: dict, console) -> None:
+    from rich.table import Table
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    b = report["best"]
+    chosen = set(b.get("pareto_front", [])) | ({b["slot"]} if "slot" in b else set())
+    keys = list(dict.fromkeys(k for r in report["trials"] for k in (r["point"] or {})))
+    table = Table(title=f"study {report['name']} ({report['mode']}, objective {report['objective']})")
+    tails = [k.rsplit(".", 1)[-1] for k in keys]  # short headers where they stay unambiguous
+    heads = [t if tails.count(t) == 1 else k for k, t in zip(keys, tails)]
+    table.add_column("point", justify="right", no_wrap=True)
+    table.add_column("state")
+    for h in heads:
+        table.add_column(h, overflow="fold")
+    for col in ("val %", "test %", "score", "MACs", "s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in report["trials"]:
+        if r["state"] == "FAIL" and r["interrupted"]:
+            continue  # re-run under another trial number
+        mark = " *" if r["slot"] in chosen and r["state"] == "COMPLETE" else ""
+        point = r["point"] or {}
+        state = r["state"].lower().replace("complete", "done")
+        table.add_row(f"{r['slot']:04d}{mark}" if r["slot"] is not None else "-",
+                      state if not r["error"] else f"fail: {r['error']}",
+                      *(_short(point.get(k, "")) for k in keys), pct(r["val_accuracy"]),
+                      pct(r["test_accuracy"]), "-" if r["score"] is None else f"{r['score']:.4f}",
+                      "-" if r["macs"] is None else f"{r['macs'] / 1e6:.1f}M",
+                      "-" if r["seconds"] is None else f"{r['seconds']:.0f}")
+    width = console.width
+    if not console.is_terminal:  # a log file or pipe: no 80-column wrapping of a wide table
+        console.width = 250
+    console.print(table)
+    console.width = width
+    counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(report["counts"].items()))
+    rule = b.get("rule", "pareto front")
+    console.print(f"{counts} of {report['size']}; * = selected on validation accuracy ({rule})")
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+@click.command("sweep")
+@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.option("--out", help="Study directory (default: the file's out:, else runs/study-<name>).")
+@click.option("--storage", help="Optuna storage URL, e.g. postgresql://user@host/db (default: SQLite in --out).")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Processes running trials at once on this machine, sharing the storage.")
+@click.option("--quick", is_flag=True, help="Apply the file's quick: overrides (a separate study, out <out>-quick).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Extra fixed override of every trial.")
+@click.option("--retry-failed", is_flag=True, help="Run again the points whose trials failed with an error.")
+@click.option("--stale-after", type=float, default=600, show_default=True,
+              help="Seconds without heartbeat after which another machine's RUNNING trial counts as dead.")
+@click.option("--dry-run", is_flag=True, help="Check the study file and list its points; run nothing.")
+@click.option("--worker", "worker_index", type=int, hidden=True)
+def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, stale_after, dry_run, worker_index):
+    """Run a study: one training (config:) or pipeline (recipe:) run per grid/list point or search trial.
+
+    The study lives in an Optuna storage; run the same command again after any interruption and it
+    finishes the remaining trials (finished ones are never repeated; a killed one is re-run). At the end
+    it prints a table and writes <out>/study.json. See docs/studies.md.
+
+    \b
+    Examples:
+      edlab sweep studies/learning-rate.yaml        # GPU-sized
+      edlab sweep studies/learning-rate.yaml --quick # minutes per trial on a CPU
+      edlab sweep studies/challenge.yaml --workers 2
+      edlab sweep studies/resnets.yaml --storage postgresql://me@db/edlab --workers 4
+    """
+    from .cli import _console
+
+    if workers < 1:
+        raise EdlabError(f"--workers must be >= 1, got {workers}")
+    st = load_study(study_file, quick, sets, out)
+    console = _console()
+    if dry_run:
+        console.print(f"study {st.name}: {st.mode}, {len(st.points) or st.trials} trials, base {st.kind} "
+                      f"{st.base or 'inline'}, objective {st.objective}, fixed {st.fixed}, out {st.out}")
+        for i, p in enumerate(st.points):
+            console.print(f"  {i:04d} " + ", ".join(f"{k}={v}" for k, v in p.items()))
+        for k, spec in st.params.items():
+            console.print(f"  {k}: " + ", ".join(f"{f}={v}" for f, v in spec.items()))
+        return
+    _optuna()
+    url = storage_url(st, storage)
+    if st.kind == "recipe":
+        _recipe_path(st)
+    if worker_index is not None:  # a worker started by the sweep below
+        study = open_study(st, url, worker_index, create=False)
+        run_worker(st, study, worker_index, echo=lambda m: print(m, flush=True))
+        return
+    study = open_study(st, url)
+    recovered = recover(study, stale_after)
+    added = enqueue_missing(st, study, retry_failed)
+    console.print(f"study {st.name} in {_redact(url)}: {recovered} interrupted trial(s) to re-run, "
+                  f"{added} point(s) enqueued, {workers} worker(s); logs in {st.out / 'logs'}")
+    if workers == 1:
+        run_worker(st, study, 0, echo=console.print)
+    else:
+        _spawn(study_file, st, url, workers, quick, sets, stale_after)
+        recover(study, stale_after)  # a worker that crashed left its trial RUNNING: the next run re-does it
+    report = write_report(st, study, url)
+    render(report, console)
+    console.print(f"-> {st.out / 'study.json'}")
+
+
+def _spawn(study_file: str, st: Study, url: str, workers: int, quick: bool, sets, stale_after: float) -> None:
+    """N worker processes in this process group (killing the group stops them all), then wait for them."""
+    base = [sys.executable, "-m", "edlab", "sweep", study_file, "--out", str(st.out), "--storage", url,
+            "--stale-after", str(stale_after)] + (["--quick"] if quick else []) + \
+        [a for s in sets for a in ("--set", s)]
+    procs = [subprocess.Popen(base + ["--worker", str(i + 1)]) for i in range(workers)]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.wait()
+        raise
+    bad = [i + 1 for i, c in enumerate(codes) if c != 0]
+    if bad:
+        raise EdlabError(f"worker(s) {', '.join(map(str, bad))} exited with an error (see above); run the same "
+                         f"command again to finish the study")

@@ -1,0 +1,247 @@
+"""edlab sweep: studies recorded exactly once per point, resumable after SIGKILL, with clean errors."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("optuna")
+
+from click.testing import CliRunner  # noqa: E402
+
+from edlab.cli import cli  # noqa: E402
+from edlab.study import load_study  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = """model: {name: resnet20, width: 0.25}
+data: {dataset: synthetic, val_size: 128, train_subset: 256, batch_size: 64}
+epochs: 1
+precision: fp32
+threads: 1
+"""
+
+
+def write(tmp_path, study: str, config: str = TINY) -> Path:
+    (tmp_path / "tiny.yaml").write_text(config)
+    p = tmp_path / "study.yaml"
+    p.write_text(study)
+    return p
+
+
+def sweep(*args, timeout=300, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "edlab", "sweep", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def trials(db: Path) -> list[tuple[int, str]]:
+    """(number, state) of every trial, read straight from the SQLite file as another process would."""
+    with sqlite3.connect(db, timeout=30) as con:
+        return con.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+
+
+def report(out: Path) -> dict:
+    return json.loads((out / "study.json").read_text())
+
+
+def complete_slots(rep: dict) -> list[int]:
+    return sorted(t["slot"] for t in rep["trials"] if t["state"] == "COMPLETE")
+
+
+GRID4 = "name: g\nconfig: tiny.yaml\ngrid:\n  optim.lr: [0.05, 0.1]\n  data.augment: [none, crop-flip]\n"
+
+
+def test_two_workers_record_every_point_once(tmp_path):
+    study = write(tmp_path, GRID4)
+    out = tmp_path / "out"
+    p = sweep(study, "--out", out, "--workers", "2")
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    rep = report(out)
+    assert complete_slots(rep) == [0, 1, 2, 3] and len(rep["trials"]) == 4
+    assert rep["counts"] == {"COMPLETE": 4}
+    assert all(line.startswith("[worker ") for line in stdout.splitlines() if " trial " in line)
+    assert all(t["worker"] for t in rep["trials"])
+    for t in rep["trials"]:
+        s = json.loads((Path(t["run_dir"]) / "summary.json").read_text())
+        assert t["val_accuracy"] == s["val_accuracy"] and t["test_accuracy"] == s["test_accuracy"]
+        assert t["score"] == s["score"] and t["run_dir"].endswith(f"trials/{t['slot']:04d}")
+    assert rep["trials"][0]["point"] == {"optim.lr": 0.05, "data.augment": "none"}
+    assert len(trials(out / "study.db")) == 4
+
+
+def test_sigkill_then_same_command_finishes_only_the_rest(tmp_path):
+    config = TINY.replace("epochs: 1", "epochs: 3").replace("train_subset: 256", "train_subset: 512")
+    study = write(tmp_path, "name: k\nconfig: tiny.yaml\ngrid:\n  optim.lr: [0.02, 0.05, 0.1]\n", config)
+    out, db = tmp_path / "out", tmp_path / "out" / "study.db"
+    p = sweep(study, "--out", out, "--workers", "2", start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            states = [s for _, s in trials(db)] if db.exists() else []
+        except sqlite3.OperationalError:  # the file exists before Optuna has made its tables
+            states = []
+        if "COMPLETE" in states and "RUNNING" in states:
+            break
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)  # the sweep and its workers, mid-trial
+    p.communicate()
+    before = dict(trials(db))
+    finished = [n for n, s in before.items() if s == "COMPLETE"]
+    assert finished and "RUNNING" in before.values()
+    run_dirs = {n: out / "trials" / f"{n:04d}" for n in range(3)}  # grid points are enqueued in order
+    stamps = {n: (run_dirs[n] / "summary.json").stat().st_mtime_ns for n in finished}
+
+    p = sweep(study, "--out", out)
+    _, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    rep = report(out)
+    assert complete_slots(rep) == [0, 1, 2]  # each point COMPLETE exactly once
+    after = dict(trials(db))
+    assert all(after[n] == "COMPLETE" for n in finished)  # the finished trials, never repeated
+    assert [s for s in after.values()].count("COMPLETE") == 3
+    interrupted = [t for t in rep["trials"] if t["interrupted"]]
+    assert interrupted and all(t["state"] == "FAIL" for t in interrupted)
+    assert {n: (run_dirs[n] / "summary.json").stat().st_mtime_ns for n in finished} == stamps
+
+
+def test_search_reruns_an_interrupted_draw_with_its_params(tmp_path):
+    import optuna
+
+    study = write(tmp_path, """name: s
+config: tiny.yaml
+search:
+  params:
+    optim.lr: {type: float, low: 0.01, high: 0.2, log: true}
+    model.width: {type: categorical, choices: [0.25, 0.5]}
+  trials: 3
+objective: {min_score_with_val_at_least: 0.0}
+""")
+    out = tmp_path / "out"
+    # a draw left RUNNING by a process that no longer exists
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out.mkdir()
+    s = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name="s", directions=["minimize"])
+    t = s.ask()
+    lr, width = t.suggest_float("optim.lr", 0.01, 0.2, log=True), t.suggest_categorical("model.width", [0.25, 0.5])
+    t.set_user_attr("slot", t.number)
+    import socket
+
+    t.set_user_attr("owner", {"host": socket.gethostname(), "pid": dead.pid, "pid_start": None})
+    r = CliRunner().invoke(cli, ["sweep", str(study), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = report(out)
+    assert len(complete_slots(rep)) == 3 and complete_slots(rep)[0] == 0  # slot = number of the first draw
+    redo = next(t for t in rep["trials"] if t["slot"] == 0 and t["state"] == "COMPLETE")
+    assert redo["point"] == {"optim.lr": lr, "model.width": width} and redo["number"] > 0
+    assert "slot" in rep["best"] and rep["best"]["rule"].startswith("lowest score")
+    r = CliRunner().invoke(cli, ["sweep", str(study), "--out", str(out)])  # finished: nothing runs again
+    assert r.exit_code == 0 and len(report(out)["trials"]) == len(rep["trials"])
+
+
+def test_recipe_study_records_the_last_stage(tmp_path):
+    study = write(tmp_path, """name: r
+recipe:
+  - train: {config: tiny.yaml}
+  - prune: {finetune-epochs: 0, train-subset: 256, precision: fp32}
+grid:
+  prune.unstructured: [0.3, 0.6]
+objective: pareto
+""")
+    out = tmp_path / "out"
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the recipe's config path is relative, as in a project directory
+    try:
+        r = CliRunner().invoke(cli, ["sweep", str(study), "--out", str(out)])
+    finally:
+        os.chdir(cwd)
+    assert r.exit_code == 0, r.output
+    rep = report(out)
+    assert complete_slots(rep) == [0, 1]
+    a, b = (next(t for t in rep["trials"] if t["slot"] == i) for i in (0, 1))
+    assert b["score"] < a["score"]  # more zeros, lower score: the prune stage's figures, not train's
+    prune = json.loads((out / "trials" / "0001" / "01-prune" / "summary.json").read_text())
+    assert b["val_accuracy"] == prune["val_accuracy"] and prune["pu"] == pytest.approx(0.6, abs=0.01)
+    assert set(rep["best"]["pareto_front"]) <= {0, 1}
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("config: tiny.yaml\ngrid: {optim.lr: [0.1]}\nbogus: 1\n", "unknown key(s) bogus"),
+    ("config: tiny.yaml\ngrid: {optim.lrr: [0.1]}\n", "unknown config key 'optim.lrr'"),
+    ("config: tiny.yaml\ngrid: {optim.name: [sgd, sgdx]}\n", "optim.name=sgdx"),
+    ("config: tiny.yaml\ngrid: {optim.lr: 0.1}\n", "non-empty list"),
+    ("config: tiny.yaml\ngrid: {optim.lr: [0.1]}\nlist: [{epochs: 1}]\n", "exactly one of"),
+    ("grid: {optim.lr: [0.1]}\n", "exactly one base"),
+    ("config: tiny.yaml\nsearch: {params: {optim.lr: {type: loguniform}}, trials: 2}\n", "type: int"),
+    ("config: tiny.yaml\nsearch: {params: {optim.lr: {type: float, low: 1, high: 0}}, trials: 2}\n", "low <= high"),
+    ("config: tiny.yaml\ngrid: {optim.lr: [0.1]}\nobjective: accuracy\n", "objective must be"),
+    ("recipe: [{train: {config: tiny.yaml}}]\ngrid: {prune.structured: [0.1]}\n", "name a stage"),
+    ("recipe: [{train: {config: tiny.yaml}}]\ngrid: {train.epochz: [1]}\n", "No such option"),
+])
+def test_bad_study_file_is_one_line_exit_2(tmp_path, text, msg):
+    study = write(tmp_path, text)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        r = CliRunner().invoke(cli, ["sweep", str(study), "--out", str(tmp_path / "out")])
+    finally:
+        os.chdir(cwd)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("edlab: error: study") and msg in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_optuna_says_how_to_install(tmp_path, monkeypatch):
+    study = write(tmp_path, "config: tiny.yaml\ngrid: {optim.lr: [0.1]}\n")
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    r = CliRunner().invoke(cli, ["sweep", str(study), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "pip install 'edlab[study]'" in r.stderr
+
+
+def test_changed_study_is_refused(tmp_path):
+    study = write(tmp_path, "config: tiny.yaml\nset: {epochs: 0}\ngrid: {optim.lr: [0.1]}\n")
+    out = tmp_path / "out"
+    assert CliRunner().invoke(cli, ["sweep", str(study), "--out", str(out)]).exit_code == 0
+    r = CliRunner().invoke(cli, ["sweep", str(study), "--out", str(out), "--set", "seed=1"])
+    assert r.exit_code == 2 and "different definition" in r.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_ready_studies_are_valid(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for quick in (False, True):
+        st = load_study(str(path.relative_to(ROOT)), quick=quick)
+        assert st.points or st.trials
+        if quick:
+            assert st.fixed != load_study(str(path.relative_to(ROOT))).fixed, "quick: must change something"
+
+
+def test_locked_sqlite_is_retried_other_errors_are_not():
+    import sqlite3
+
+    from edlab.study import _retry
+
+    calls = []
+
+    def flaky(fail_times: int, message: str):
+        calls.append(1)
+        if len(calls) <= fail_times:
+            try:
+                raise sqlite3.OperationalError(message)
+            except sqlite3.OperationalError as e:  # as Optuna wraps it
+                raise RuntimeError("An exception is raised during the commit.") from e
+        return "ok"
+
+    assert _retry(flaky, 2, "database is locked") == "ok" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(RuntimeError):
+        _retry(flaky, 1, "no such table: trials")
+    assert len(calls) == 1
