@@ -54,3 +54,16 @@ def test_pipeline_runs_and_continues(tmp_path):
     seen = []
     again = run_pipeline(str(RECIPE), out=str(out), echo=seen.append)
     assert all("skipped" in line for line in seen[:5]) and again["checkpoint"] == r["checkpoint"]
+
+
+def test_score_after_int8_takes_the_int8_stage_figures(tmp_path):
+    """int8 leaves an .onnx file, no checkpoint: the score stage reports what the int8 stage measured."""
+    pytest.importorskip("onnxruntime")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.read_text().split("  - prune:")[0]
+                      + "  - quantize: {method: int8, calib-images: 64}\n  - score: {}\n")
+    r = run_pipeline(str(recipe), out=str(tmp_path / "p"), echo=lambda *a: None)
+    quant, score = r["stages"][1]["summary"], json.loads((tmp_path / "p" / "02-score" / "result.json").read_text())
+    assert quant["bits_w"] > 8 - 1e-9 and score["scored_by"] == "quantize"
+    assert score["score"] == pytest.approx(quant["score"])
+    assert score["score"] < r["stages"][0]["summary"]["score"]

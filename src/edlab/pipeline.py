@@ -135,6 +135,17 @@ def run_pipeline(recipe_path: str, sets: list[str] | None = None, out: str | Non
             checkpoint = prev.get("checkpoint") or checkpoint
             results.append(prev)
             continue
+        last = results[-1].get("summary") if results else None
+        no_model = bool(results) and not (Path(results[-1]["dir"]) / "model.ckpt").exists()
+        if name == "score" and not opts and no_model and isinstance(last, dict) and "score" in last:
+            # int8 leaves an ONNX file, not a checkpoint: its stage already scored it from the model
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            write_json(stage_dir / "result.json", {**last, "scored_by": results[-1]["name"]})
+            echo(f"[{i}] score: taken from stage {i - 1} ({results[-1]['name']}), which scored its own output")
+            results.append({"index": i, "name": name, "argv": [], "dir": str(stage_dir), "status": "done",
+                            "seconds": 0.0, "checkpoint": None, "summary": last})
+            write_json(state_path, {"recipe": recipe_path, "name": recipe["name"], "stages": results})
+            continue
         argv = stage_argv(name, opts, checkpoint, stage_dir)
         if stage_dir.exists() and any(stage_dir.iterdir()):
             if name == "train" and (stage_dir / "resume.pt").exists():
