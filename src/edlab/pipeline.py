@@ -13,7 +13,10 @@ repeated; a key with a dot, e.g. ``optim.lr: 0.05``, -> ``--set optim.lr=0.05``)
 checkpoint gets the last ``model.ckpt`` written by an earlier stage. Every stage writes into
 ``<pipeline dir>/<NN>-<stage>/``; commands without a run directory (score, eval, bench, info) have their
 ``--json`` output saved there as ``result.json``. Running the same recipe with the same ``--out`` again
-continues: finished stages are skipped, an interrupted train stage is resumed.
+continues: finished stages are skipped, an interrupted stage that left resume state (train; quantize
+binaryconnect/qat) is resumed from its last finished epoch, any other interrupted stage is moved aside
+(``NN-stage.interrupted-K``) and redone from the start; every stage is deterministic, so the pipeline ends
+with the same files as an uninterrupted one (docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .errors import EdlabError
 from .runs import write_json
 
 TAKES_CHECKPOINT = {"prune", "quantize", "export", "eval", "score", "bench", "info"}
+RESUMABLE = {"train", "quantize"}  # commands with --resume, used when the stage left a resume.pt
 WRITES_JSON = {"score", "eval", "bench"}  # their --json output is the stage's result
 NO_OUT = {"score", "eval", "bench", "info"}
 
@@ -137,10 +141,13 @@ def run_pipeline(recipe_path: str, sets: list[str] | None = None, out: str | Non
             continue
         argv = stage_argv(name, opts, checkpoint, stage_dir)
         if stage_dir.exists() and any(stage_dir.iterdir()):
-            if name == "train" and (stage_dir / "resume.pt").exists():
+            if name in RESUMABLE and (stage_dir / "resume.pt").exists():
                 argv.append("--resume")
             else:  # an interrupted stage without resume state: keep its files aside, start it again
-                stage_dir.rename(stage_dir.with_name(f"{stage_dir.name}.interrupted-{time.strftime('%H%M%S')}"))
+                k = 1
+                while stage_dir.with_name(f"{stage_dir.name}.interrupted-{k}").exists():
+                    k += 1
+                stage_dir.rename(stage_dir.with_name(f"{stage_dir.name}.interrupted-{k}"))
         echo(f"[{i}] edlab {' '.join(argv)}")
         t0 = time.perf_counter()
         code, output = _invoke(argv)
