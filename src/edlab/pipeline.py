@@ -55,6 +55,11 @@ def load_recipe(path: str, sets: list[str] | None = None) -> dict:
         if opts is not None and not isinstance(opts, dict):
             raise EdlabError(f"recipe {path}: options of stage {i} ({name}) must be a mapping")
         parsed.append([str(name), dict(opts or {})])
+    commands = _commands()
+    for i, (name, _) in enumerate(parsed):  # a typo in stage 3 must not surface after stages 0-2 ran
+        if name not in commands or name == "run":
+            raise EdlabError(f"recipe {path}: stage {i} '{name}' is not an edlab command "
+                             f"(choices: {', '.join(c for c in commands if c != 'run')})")
     for key, value in _flatten(parse_overrides(sets or [])):
         target, _, option = key.partition(".")
         idx = int(target) if target.isdigit() else next((i for i, (n, _) in enumerate(parsed) if n == target), None)
@@ -63,6 +68,14 @@ def load_recipe(path: str, sets: list[str] | None = None) -> dict:
                              f"{', '.join(f'{i}:{n}' for i, (n, _) in enumerate(parsed))})")
         parsed[idx][1][option] = value
     return {"name": recipe.get("name") or Path(path).stem, "out": recipe.get("out"), "stages": parsed}
+
+
+def _commands() -> list[str]:
+    import click
+
+    from .cli import cli
+
+    return cli.list_commands(click.Context(cli))
 
 
 def _flatten(tree: dict, prefix: str = ""):
@@ -111,6 +124,8 @@ def _scalar(v: Any) -> str:
 
 
 def _invoke(argv: list[str]) -> tuple[int, str]:
+    import click
+
     from .cli import cli
 
     buf = io.StringIO()
@@ -120,6 +135,9 @@ def _invoke(argv: list[str]) -> tuple[int, str]:
             cli.main(args=argv, prog_name="edlab", standalone_mode=False)
         except SystemExit as e:
             code = int(e.code or 0)
+        except click.ClickException as e:  # a bad option value of the stage: one line, like EdlabError
+            click.echo(f"edlab: error: {argv[0]}: {e.format_message()}", err=True)
+            code = e.exit_code
     return code, buf.getvalue()
 
 
