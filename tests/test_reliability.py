@@ -456,7 +456,8 @@ def test_twin_processes_same_second_same_name_same_checkpoint(tmp_path):
     dirs = [p.stdout.read().strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert len(set(dirs)) == 2 and all(Path(d).is_dir() for d in dirs), dirs
-    assert {Path(d).name[len("same-"):][:15] for d in dirs} == {time.strftime("%Y%m%d-%H%M%S", time.localtime(t0))}, dirs
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(t0))
+    assert {Path(d).name[len("same-"):][:15] for d in dirs} == {stamp}, dirs  # really the same second
     final = load_checkpoint(path)
     torch.manual_seed(final.edlab_metadata["writer"])
     assert torch.equal(_weights(final), _weights(create_model("resnet20", width=0.25).eval()))
