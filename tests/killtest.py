@@ -20,13 +20,15 @@ import random
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-# Keys that legitimately differ between an interrupted and an uninterrupted run: wall-clock figures and the
-# command line (a continued stage gets --resume).
-VOLATILE = {"seconds", "wall_seconds_this_process", "images_per_s", "command", "argv"}
+# Keys that legitimately differ between an interrupted and an uninterrupted run: wall-clock figures, the
+# command line (a continued stage gets --resume) and a checkpoint's header digest (it covers the absolute
+# paths in the header; the header itself is compared, paths made relative, and so is the weights digest).
+VOLATILE = {"seconds", "wall_seconds_this_process", "images_per_s", "command", "argv", "header_sha256"}
 
 
 @dataclass(frozen=True)
@@ -71,16 +73,18 @@ def run_edlab(args: list, cwd: str | Path | None = None, kill: KillPoint | None 
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
-def run_until_done(first: list, again: list, kills: list[KillPoint], cwd=None) -> list[str]:
-    """Run ``first`` killed at kills[0], then ``again`` (the continue command) killed at each next point,
-    then ``again`` without a kill. Each run must either die by SIGKILL or exit 0. Returns a log line per
-    run, e.g. 'write#3: killed' or '2.10s: finished' (a kill point after the end of the work)."""
+def run_until_done(first: list, again: list | Callable[[], list], kills: list[KillPoint], cwd=None) -> list[str]:
+    """Run ``first`` killed at kills[0], then ``again`` (the continue command, or a function returning it,
+    e.g. ``first`` while a killed run had not yet created its folder) killed at each next point, then
+    ``again`` without a kill. Each run must either die by SIGKILL or exit 0. Returns a log line per run,
+    e.g. 'write#3: killed' or '2.10s: finished' (a kill point after the end of the work)."""
     log = []
     for i, k in enumerate(kills):
-        r = run_edlab(first if i == 0 else again, cwd, k)
+        args = first if i == 0 else again() if callable(again) else again
+        r = run_edlab(args, cwd, k)
         assert r.returncode in (0, -signal.SIGKILL), f"run {i} ({k}) failed ({r.returncode}):\n{r.stderr[-3000:]}"
         log.append(f"{k}: {'finished' if r.returncode == 0 else 'killed'}")
-    r = run_edlab(again if kills else first, cwd)
+    r = run_edlab((again() if callable(again) else again) if kills else first, cwd)
     assert r.returncode == 0, f"final run failed ({r.returncode}):\n{r.stderr[-3000:]}"
     log.append("final: finished")
     return log

@@ -77,6 +77,35 @@ def test_pipeline_killed_at_many_random_points(pipeline_ref, tmp_path):
     print(f"{landed} kills landed out of {tried} kill points tried in {chain} chains")
 
 
+TRAIN = ["train", "--model", "resnet20", "--dataset", "synthetic", "--epochs", "3", "--train-subset", "128",
+         "--batch-size", "32", "--precision", "fp32", "--threads", "1", "--seed", "5", "--set", "model.width=0.25",
+         "--set", "data.val_size=64", "--set", "ema=0.9"]
+
+
+@pytest.mark.slow
+def test_train_killed_at_many_random_points(tmp_path):
+    """`edlab train --out D`, SIGKILLed at 16 seeded random points (inside a write: config, resume.pt of
+    each epoch, model.ckpt, summary; or after a delay: mid-epoch), then `--resume` until done: the same
+    metrics and weights as an uninterrupted run (EMA included, 4 steps per epoch)."""
+    r = run_edlab([*TRAIN, "--out", tmp_path / "ref"])
+    assert r.returncode == 0, r.stderr
+    ref = fingerprint(tmp_path / "ref")
+    landed = 0
+    for chain in range(4):
+        out = tmp_path / f"c{chain}"
+        first = [*TRAIN, "--out", out]
+
+        def again(first=first, out=out):  # a run killed before it made its folder is started again
+            return [*first, "--resume"] if out.is_dir() else first
+
+        log = run_until_done(first, again, random_kill_points(4, seed=100 + chain, max_write=7, max_seconds=6.0))
+        landed += sum(line.endswith("killed") for line in log)
+        print(f"train chain {chain}: {', '.join(log)}")
+        assert fingerprint(out) == ref, log
+    print(f"train: {landed} kills landed out of 16 kill points")
+    assert landed >= 8
+
+
 @pytest.mark.slow
 def test_standalone_quantize_resume_after_a_kill(pipeline_ref, tmp_path):
     """`edlab quantize --resume` continues a qat run killed inside its second resume.pt write."""
