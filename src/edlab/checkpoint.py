@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import json
 import os
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,8 @@ from safetensors.torch import save as st_save
 from .errors import EdlabError
 from .models import create_model
 
-FORMAT = "edlab-ckpt/1"
+FORMAT = "edlab-ckpt/2"  # /2 adds header_sha256 and dtypes/shapes to the tensor digest; /1 files still load
+READABLE_FORMATS = ("edlab-ckpt/1", FORMAT)
 # Builders a checkpoint may name besides the edlab registry: importing them runs no code from the file.
 ALLOWED_BUILDER_MODULES = ("torchvision.models",)
 
@@ -92,7 +94,15 @@ def _build_base(arch: dict) -> nn.Module:
     if module not in ALLOWED_BUILDER_MODULES:
         raise EdlabError(f"checkpoint names builder '{builder}', which is not allowed "
                          f"(allowed: edlab models, {', '.join(m + '.*' for m in ALLOWED_BUILDER_MODULES)})")
-    model = getattr(importlib.import_module(module), fn)(**arch.get("kwargs", {}))
+    mod = importlib.import_module(module)
+    kwargs = arch.get("kwargs", {})
+    # only the registered model builders (not get_model, get_weight, ...), and no pretrained-weights argument:
+    # the weights come from this file, and loading a checkpoint must not download anything
+    if fn not in getattr(mod, "list_models", lambda: [])() or \
+            any("weights" in k and v is not None for k, v in kwargs.items()):
+        raise EdlabError(f"checkpoint names builder '{builder}' with {sorted(kwargs)}, which is not allowed "
+                         f"(a registered {module} model, without pretrained weights)")
+    model = getattr(mod, fn)(**kwargs)
     model.edlab_spec = dict(arch)
     return model
 
@@ -105,27 +115,58 @@ def arch_of(model: nn.Module) -> dict:
     return dict(spec)
 
 
-def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+def _tensor_digest(tensors: dict[str, torch.Tensor], dtypes_and_shapes: bool = True) -> str:
+    """sha256 of names and bytes (and, from format /2 on, dtypes and shapes: a flipped dtype letter or a
+    reshaped tensor of the same size must not load silently)."""
     h = hashlib.sha256()
     for k in sorted(tensors):
         h.update(k.encode())
+        if dtypes_and_shapes:
+            h.update(f"|{tensors[k].dtype}|{list(tensors[k].shape)}".encode())
         t = tensors[k].detach().cpu().contiguous()
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _header_digest(header: dict) -> str:
+    """sha256 of the JSON header without this digest: metadata and architecture are verified too."""
+    rest = {k: v for k, v in header.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+# Fault injection for the reliability tests (tests/test_kill.py): EDLAB_FAULT=kill-in-write:N makes the
+# N-th atomic write of this process write half its bytes to the temp file and then SIGKILL the process, the
+# worst moment for a crash. Unset (always, outside tests) it costs one dict lookup per write.
+_WRITES = 0
+
+
+def _fault_point(f, data: bytes) -> None:
+    global _WRITES
+    spec = os.environ.get("EDLAB_FAULT", "")
+    if not spec.startswith("kill-in-write:"):
+        return
+    _WRITES += 1
+    if _WRITES == int(spec.split(":")[1]):
+        f.write(data[: len(data) // 2])
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over the target."""
+    """Write to a temp file in the same folder, fsync, then rename over the target: a reader (or a crash)
+    sees the old file or the new one, never a mix. Concurrent writers each use their own temp file, so
+    the last rename wins and the file is always one writer's complete bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
+            _fault_point(f, data)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -154,6 +195,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, arch: dict | None = None
         "metadata": metadata,
     }
     try:
+        header = json.loads(json.dumps(header))  # the digest is of what a reader will parse
+        header["header_sha256"] = _header_digest(header)
         blob = st_save(state, metadata={"edlab": json.dumps(header)})
     except TypeError as e:
         raise EdlabError(f"checkpoint metadata must be JSON-serialisable: {e}") from None
@@ -179,14 +222,29 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except (SafetensorError, KeyError, ValueError, OSError, json.JSONDecodeError) as e:
         raise EdlabError(f"{p} is not a valid edlab checkpoint (corrupt or truncated?): "
                          f"{type(e).__name__}") from None
-    if header.get("format") != FORMAT:
-        raise EdlabError(f"{p}: unsupported checkpoint format {header.get('format')!r} (expected {FORMAT})")
-    if _tensor_digest(tensors) != header.get("sha256"):
+    if not isinstance(header, dict):
+        raise EdlabError(f"{p} is not a valid edlab checkpoint (its header is not a JSON object)")
+    fmt = header.get("format")
+    if fmt not in READABLE_FORMATS:
+        raise EdlabError(f"{p}: unsupported checkpoint format {fmt!r} (expected {FORMAT})")
+    if (fmt == FORMAT or "header_sha256" in header) and header.get("header_sha256") != _header_digest(header):
+        raise EdlabError(f"{p}: header checksum mismatch, the architecture or metadata are corrupt")
+    if _tensor_digest(tensors, dtypes_and_shapes=fmt == FORMAT) != header.get("sha256"):
         raise EdlabError(f"{p}: checksum mismatch, the weights are corrupt")
     return header, tensors
 
 
 def model_from_header(header: dict) -> nn.Module:
+    """The model a verified header describes (weights not loaded). A header whose fields have the wrong
+    shape or type (a hand-edited or hostile file) is one EdlabError, not a traceback."""
+    try:
+        return _model_from_header(header)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise EdlabError(f"checkpoint header is malformed ({type(e).__name__}: {first})") from None
+
+
+def _model_from_header(header: dict) -> nn.Module:
     model = _build_base(header["arch"])
     current = _describe_modules(model)
     for name, desc in header.get("modules", {}).items():
@@ -199,8 +257,9 @@ def model_from_header(header: dict) -> nn.Module:
         cls, _ = _LEAF_TYPES[desc["type"]]
         try:
             _set_module(model, name, cls(**desc["kwargs"]))
-        except (AttributeError, TypeError, ValueError) as e:
-            raise EdlabError(f"checkpoint module '{name}' cannot be rebuilt: {e}") from None
+        except (AttributeError, TypeError, ValueError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise EdlabError(f"checkpoint module '{name}' cannot be rebuilt: {first}") from None
     if header.get("dense_reference"):
         model.edlab_dense_reference = header["dense_reference"]
     return model

@@ -13,7 +13,10 @@ repeated; a key with a dot, e.g. ``optim.lr: 0.05``, -> ``--set optim.lr=0.05``)
 checkpoint gets the last ``model.ckpt`` written by an earlier stage. Every stage writes into
 ``<pipeline dir>/<NN>-<stage>/``; commands without a run directory (score, eval, bench, info) have their
 ``--json`` output saved there as ``result.json``. Running the same recipe with the same ``--out`` again
-continues: finished stages are skipped, an interrupted train stage is resumed.
+continues: finished stages are skipped, an interrupted stage that left resume state (train; quantize
+binaryconnect/qat) is resumed from its last finished epoch, any other interrupted stage is moved aside
+(``NN-stage.interrupted-K``) and redone from the start; every stage is deterministic, so the pipeline ends
+with the same files as an uninterrupted one (docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .errors import EdlabError
 from .runs import write_json
 
 TAKES_CHECKPOINT = {"prune", "quantize", "export", "eval", "score", "bench", "info"}
+RESUMABLE = {"train", "quantize"}  # commands with --resume, used when the stage left a resume.pt
 WRITES_JSON = {"score", "eval", "bench"}  # their --json output is the stage's result
 NO_OUT = {"score", "eval", "bench", "info"}
 
@@ -51,6 +55,11 @@ def load_recipe(path: str, sets: list[str] | None = None) -> dict:
         if opts is not None and not isinstance(opts, dict):
             raise EdlabError(f"recipe {path}: options of stage {i} ({name}) must be a mapping")
         parsed.append([str(name), dict(opts or {})])
+    commands = _commands()
+    for i, (name, _) in enumerate(parsed):  # a typo in stage 3 must not surface after stages 0-2 ran
+        if name not in commands or name == "run":
+            raise EdlabError(f"recipe {path}: stage {i} '{name}' is not an edlab command "
+                             f"(choices: {', '.join(c for c in commands if c != 'run')})")
     for key, value in _flatten(parse_overrides(sets or [])):
         target, _, option = key.partition(".")
         idx = int(target) if target.isdigit() else next((i for i, (n, _) in enumerate(parsed) if n == target), None)
@@ -59,6 +68,14 @@ def load_recipe(path: str, sets: list[str] | None = None) -> dict:
                              f"{', '.join(f'{i}:{n}' for i, (n, _) in enumerate(parsed))})")
         parsed[idx][1][option] = value
     return {"name": recipe.get("name") or Path(path).stem, "out": recipe.get("out"), "stages": parsed}
+
+
+def _commands() -> list[str]:
+    import click
+
+    from .cli import cli
+
+    return cli.list_commands(click.Context(cli))
 
 
 def _flatten(tree: dict, prefix: str = ""):
@@ -107,6 +124,8 @@ def _scalar(v: Any) -> str:
 
 
 def _invoke(argv: list[str]) -> tuple[int, str]:
+    import click
+
     from .cli import cli
 
     buf = io.StringIO()
@@ -116,6 +135,9 @@ def _invoke(argv: list[str]) -> tuple[int, str]:
             cli.main(args=argv, prog_name="edlab", standalone_mode=False)
         except SystemExit as e:
             code = int(e.code or 0)
+        except click.ClickException as e:  # a bad option value of the stage: one line, like EdlabError
+            click.echo(f"edlab: error: {argv[0]}: {e.format_message()}", err=True)
+            code = e.exit_code
     return code, buf.getvalue()
 
 
@@ -148,10 +170,13 @@ def run_pipeline(recipe_path: str, sets: list[str] | None = None, out: str | Non
             continue
         argv = stage_argv(name, opts, checkpoint, stage_dir)
         if stage_dir.exists() and any(stage_dir.iterdir()):
-            if name == "train" and (stage_dir / "resume.pt").exists():
+            if name in RESUMABLE and (stage_dir / "resume.pt").exists():
                 argv.append("--resume")
             else:  # an interrupted stage without resume state: keep its files aside, start it again
-                stage_dir.rename(stage_dir.with_name(f"{stage_dir.name}.interrupted-{time.strftime('%H%M%S')}"))
+                k = 1
+                while stage_dir.with_name(f"{stage_dir.name}.interrupted-{k}").exists():
+                    k += 1
+                stage_dir.rename(stage_dir.with_name(f"{stage_dir.name}.interrupted-{k}"))
         echo(f"[{i}] edlab {' '.join(argv)}")
         t0 = time.perf_counter()
         code, output = _invoke(argv)

@@ -448,9 +448,12 @@ def _half(source: nn.Module, method: str, data, run, cfg, options: dict) -> dict
             "extra": {"reference_val_accuracy": ref_val, "eval_arithmetic": arithmetic}}
 
 
-def _train(source: nn.Module, method: str, data, run, cfg, options: dict, console, **how) -> dict:
+def _train(source: nn.Module, method: str, data, run, cfg, options: dict, console, resume: bool = False,
+           **how) -> dict:
     """binaryconnect/qat: convert a copy, fine-tune with fit(), evaluate the test split once in fp32 (the
-    fake-quantized arithmetic exactly as deployed; training used cfg.precision), save."""
+    fake-quantized arithmetic exactly as deployed; training used cfg.precision), save. ``resume``: the
+    conversion and calibration are deterministic, so redoing them and then loading the run's resume.pt
+    (fit's per-epoch state) continues a killed stage."""
     from .checkpoint import load_checkpoint, save_checkpoint
     from .train import evaluate, fit, resolve_precision
 
@@ -464,7 +467,7 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
                        first_last_bits=how["first_last_bits"])
         quantize_qat(model, how["bits_w"], how["bits_a"], how["keep_first_last"], how["first_last_bits"])
         calibrate(model, _plain_batch(data, min(how["calib_images"], 256)).to(device))
-    state = fit(model, data, cfg, run, console=console)
+    state = fit(model, data, cfg, run, console=console, resume=resume)
     if cfg.keep == "best" and run.file("best.ckpt").exists():
         model = load_checkpoint(run.file("best.ckpt")).to(device)
     clip_latent_(model)
@@ -500,11 +503,13 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
                         epochs: int | None = None, keep_first_last: bool = True, first_last_bits: int | None = None,
                         scale: bool = False, stochastic: bool = False, data_dir: str | None = None,
                         dataset: str | None = None, out: str | None = None, sets: list[str] | tuple = (),
-                        calib_images: int = 1024, console=None) -> dict:
+                        calib_images: int = 1024, console=None, resume: bool = False) -> dict:
     """Run one quantization stage on a float32 checkpoint; write its run directory; return the summary.
 
     ``bits_a`` None means the same as ``bits_w`` (32: float activations). The summary holds the test accuracy
-    of the result and of the float model on the same split, and the score counted on the result."""
+    of the result and of the float model on the same split, and the score counted on the result.
+    ``resume``: continue the stage killed in ``out`` (binaryconnect/qat from their last finished epoch; the
+    other methods, which do not train, are redone)."""
     from .checkpoint import load_checkpoint
     from .config import to_yaml
     from .runs import Run, command_line
@@ -521,6 +526,8 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
         _check_bits(first_last_bits, "--first-last-bits", allow_none=True)
     if calib_images < 1:
         raise EdlabError(f"--calib-images must be >= 1, got {calib_images}")
+    if resume and not out:
+        raise EdlabError("--resume needs --out RUN_DIR: the quantize run to continue")
     source = load_checkpoint(checkpoint)
     if any(isinstance(m, QUANT_TYPES) for m in source.modules()) or \
             any(p.dtype != torch.float32 for p in source.parameters()):
@@ -533,7 +540,13 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     data = data_from_config(cfg, device)
-    run = Run.create(cfg.name, cfg.out)
+    run = Run.open(cfg.out) if resume else Run.create(cfg.name, cfg.out)
+    if resume and run.file("config.yaml").exists():
+        from .train import _same_run_config
+
+        if not _same_run_config(run.file("config.yaml"), cfg):
+            raise EdlabError(f"--resume: the config differs from the one saved in {run.file('config.yaml')}; "
+                             f"resume with the same options")
     run.write_text("config.yaml", to_yaml(cfg))
     source = source.to(device)
     options: dict = {"method": method, "source_checkpoint": str(checkpoint)}
@@ -543,7 +556,7 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     elif method in ("fp16", "bf16"):
         r = _half(source, method, data, run, cfg, options)
     else:
-        r = _train(source, method, data, run, cfg, options, console, bits_w=bits_w,
+        r = _train(source, method, data, run, cfg, options, console, resume=resume, bits_w=bits_w,
                    bits_a=None if bits_a == 32 else bits_a, keep_first_last=keep_first_last,
                    first_last_bits=first_last_bits, scale=scale, stochastic=stochastic, calib_images=calib_images)
     seconds = time.perf_counter() - t0
@@ -580,9 +593,10 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
               help="Default: the checkpoint's.")
 @click.option("--data-dir")
 @click.option("--out", help="Run directory (default runs/<model>-<method>-<timestamp>).")
+@click.option("--resume", is_flag=True, help="Continue the stage killed in --out (same options).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any training config key.")
 def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, epochs, keep_first_last, scale,
-                     stochastic, calib_images, dataset, data_dir, out, sets):
+                     stochastic, calib_images, dataset, data_dir, out, resume, sets):
     """Quantize a trained (or pruned) checkpoint; write a run directory and the quantized model.
 
     Methods: fp16/bf16 (cast, evaluate, save half), binaryconnect (binary weights, fine-tuned), qat (k-bit
@@ -595,6 +609,7 @@ def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, epochs
       edlab quantize runs/r20/model.ckpt --method binaryconnect --epochs 10 --scale
       edlab quantize runs/r20/model.ckpt --method qat --bits-w 4 --bits-a 4 --set optim.lr=0.005
       edlab quantize runs/r20-pruned/model.ckpt --method int8 --calib-images 2048
+      edlab quantize m.ckpt --method qat --out runs/q4 --resume   # continue a killed qat run
     """
     from .cli import _console
 
@@ -602,7 +617,7 @@ def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, epochs
     s = quantize_checkpoint(checkpoint, method, bits_w=bits_w, bits_a=bits_a, epochs=epochs,
                             keep_first_last=keep_first_last, first_last_bits=first_last_bits, scale=scale,
                             stochastic=stochastic, data_dir=data_dir, dataset=dataset, out=out, sets=list(sets),
-                            calib_images=calib_images, console=console)
+                            calib_images=calib_images, console=console, resume=resume)
     console.print(f"{method}: test accuracy {100 * s['test_accuracy']:.2f}% (float "
                   f"{100 * s['reference_test_accuracy']:.2f}%, change {100 * s['accuracy_change']:+.2f} points)  "
                   f"bits w/a {s['bits_w']:.3g}/{s['bits_a']:.3g}  score {s['score']:.4f}  -> {s['checkpoint']}")

@@ -135,10 +135,15 @@ class Run:
     def create(cls, name: str, out: str | None = None, root: str = "runs") -> Run:
         if out:
             path = Path(out)
+            busy = EdlabError(f"run directory {path} exists and is not empty (use --resume to continue it, or "
+                              f"choose another --out)")
             if path.exists() and any(path.iterdir()):
-                raise EdlabError(f"run directory {path} exists and is not empty (use --resume to continue "
-                                 f"it, or choose another --out)")
+                raise busy
             path.mkdir(parents=True, exist_ok=True)
+            try:  # claim the folder: of two runs started together with the same --out, exactly one gets it
+                os.close(os.open(path / ".edlab-run", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                raise busy from None
             return cls(path)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         Path(root).mkdir(parents=True, exist_ok=True)
