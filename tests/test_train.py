@@ -67,7 +67,7 @@ def test_resume_with_a_different_config_is_refused(tiny_cfg):
     cfg = tiny_cfg(epochs=1)
     train(cfg)
     with pytest.raises(EdlabError, match="config differs"):
-        train(tiny_cfg(epochs=1, **{"optim.lr": 0.01}), resume=True)
+        train(tiny_cfg(epochs=1, **{"model.width": 0.25}), resume=True)
 
 
 def _nan_model(cfg):

@@ -302,6 +302,7 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
         t0 = time.perf_counter()
         model.train()
         data.train.set_epoch(epoch)
+        torch.manual_seed(cfg.seed * 7919 + epoch + 31)  # global RNG (stochastic binarization) from (seed, epoch)
         mix_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + epoch + 17)
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # metrics stay on the device: no sync
         correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -443,14 +444,18 @@ def model_summary(model: nn.Module) -> dict:
 
 
 def _same_run_config(saved, cfg: TrainConfig) -> bool:
-    """Resuming needs the same config, except what cannot change results (the thread count)."""
+    """Resuming needs the same config, except the thread count, the tracker, and what cures a diverged run
+    (a lower lr, gradient clipping, the NaN policy): the resumed epochs then use the new values."""
     import yaml
 
     old = yaml.safe_load(saved.read_text()) or {}
     new = cfg.model_dump(mode="json")
-    for d in (old, new):
+    for d in (old, new):  # what may change on resume: threads, tracker, and the cures of a diverged run
         d.pop("threads", None)
         d.pop("tracker", None)
+        d.pop("nan_policy", None)
+        d.pop("grad_clip", None)
+        d.get("optim", {}).pop("lr", None)
     return old == new
 
 
