@@ -97,3 +97,15 @@ def test_sigkill_then_resume(tmp_path):
     rows = [[{k: v for k, v in json.loads(line).items() if k not in strip}
              for line in Path(d, "metrics.jsonl").read_text().splitlines()] for d in (ref, out)]
     assert rows[0] == rows[1]
+
+
+def test_demo_runs_the_whole_workflow_offline(tmp_path):
+    """The README's main job: train -> prune -> quantize -> score -> report, falling back to synthetic data."""
+    r = edlab("demo", "--epochs", "1", "--train-subset", "256", "--data-dir", tmp_path / "none",
+              "--out", tmp_path / "demo")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "running the same pipeline on the synthetic dataset" in r.stdout
+    stages = json.loads((tmp_path / "demo" / "pipeline.json").read_text())["stages"]
+    assert [s["name"] for s in stages] == ["train", "prune", "quantize", "score"]
+    assert stages[-1]["summary"]["score"] < stages[1]["summary"]["score"] < stages[0]["summary"]["score"]
+    assert (tmp_path / "demo" / "report" / "index.html").exists()
