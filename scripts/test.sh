@@ -12,14 +12,14 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
   { $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
       --no-install-recommends chromium; } >/dev/null 2>&1 || echo "test.sh: could not install chromium (browser test skips)"
 fi
-MARK="not slow"
+MARK="not slow and not stress"
 SHARED=../shared/data
 if [ -z "${EDLAB_DATA_DIR:-}" ] && [ -f "$SHARED/prepare_cifar10.py" ]; then
   export EDLAB_DATA_DIR="$PWD/.cache/cifar10"
   .venv/bin/python "$SHARED/prepare_cifar10.py" "$EDLAB_DATA_DIR" >/dev/null
 fi
 if [ -n "${EDLAB_DATA_DIR:-}" ] && [ -d "$EDLAB_DATA_DIR/cifar-10-batches-py" ]; then
-  MARK="slow or not slow"
+  MARK="not stress"   # the stress kill tests run on demand: pytest -m stress -s
 fi
 .venv/bin/ruff check src tests benchmarks
 exec .venv/bin/python -m pytest -m "$MARK" "$@"

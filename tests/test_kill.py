@@ -60,7 +60,7 @@ def test_pipeline_killed_at_chosen_points_ends_as_if_never_killed(pipeline_ref, 
     assert fingerprint(out) == ref
 
 
-@pytest.mark.slow
+@pytest.mark.stress
 def test_pipeline_killed_at_many_random_points(pipeline_ref, tmp_path):
     """Chains of up to 4 seeded random kill points (inside a random write, or after a random delay) until
     at least 24 kills have landed; every chain must end with the uninterrupted pipeline's files."""
@@ -82,7 +82,7 @@ TRAIN = ["train", "--model", "resnet20", "--dataset", "synthetic", "--epochs", "
          "--set", "data.val_size=64", "--set", "ema=0.9"]
 
 
-@pytest.mark.slow
+@pytest.mark.stress
 def test_train_killed_at_many_random_points(tmp_path):
     """`edlab train --out D`, SIGKILLed at 16 seeded random points (inside a write: config, resume.pt of
     each epoch, model.ckpt, summary; or after a delay: mid-epoch), then `--resume` until done: the same
