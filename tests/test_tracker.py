@@ -137,7 +137,7 @@ def test_missing_package_or_failed_start_is_one_line(tmp_path, monkeypatch):
     mod.init = init
     monkeypatch.setitem(sys.modules, "wandb", mod)
     with pytest.raises(EdlabError, match=r"^tracker 'wandb' could not start: api_key not configured \(no-tty\)$"):
-        _run_with(tmp_path, "wandb")
+        _run_with(tmp_path / "second", "wandb")  # the first attempt's folder stays claimed (.edlab-run)
 
 
 def test_train_flag(tmp_path, fake_wandb, monkeypatch, one_thread):
