@@ -603,7 +603,7 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
     epochs_done = 0
 
     def val() -> float | None:
-        return evaluate(model, data.val, amp)["accuracy"] if data.val is not None else None
+        return evaluate(model, data.val, amp, cfg.tta)["accuracy"] if data.val is not None else None
 
     def log(row: dict) -> None:
         run.log_metrics({**row, "epoch": epochs_done})
@@ -673,7 +673,7 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
         after_val = finetune(step, sc)
         log(_row(model, step, "scratch", None, None, after_val, sc.epochs, time.perf_counter() - t0))
     fold_masks(model)
-    test = evaluate(model, data.test, amp)  # the only time the test split is read
+    test = evaluate(model, data.test, amp, cfg.tta)  # the only time the test split is read
     model = model.to("cpu").to(memory_format=torch.contiguous_format).float().eval()
     p = profile(model)
     last = run.metrics()[-1]

@@ -438,9 +438,9 @@ def _half(source: nn.Module, method: str, data, run, cfg, options: dict) -> dict
         # PyTorch's CPU fp16 convolutions are ~100x slower than fp32: evaluate the fp16-rounded weights with
         # fp32 arithmetic there (the rounding of the stored model), and say so
         runner, arithmetic = copy.deepcopy(model).float(), "fp32 on fp16-rounded weights (CPU)"
-    val = evaluate(runner, data.val)["accuracy"] if data.val is not None else None
-    ref_val = evaluate(source, data.val)["accuracy"] if data.val is not None else None
-    test = evaluate(runner, data.test)
+    val = evaluate(runner, data.val, tta=cfg.tta)["accuracy"] if data.val is not None else None
+    ref_val = evaluate(source, data.val, tta=cfg.tta)["accuracy"] if data.val is not None else None
+    test = evaluate(runner, data.test, tta=cfg.tta)  # the same views as validation (cfg.tta)
     model = model.cpu()
     save_checkpoint(model, run.file("model.ckpt"), test_accuracy=test["accuracy"], val_accuracy=val,
                     config=cfg.model_dump(mode="json"), quantization=options)
@@ -473,7 +473,7 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
     clip_latent_(model)
     model = model.to(memory_format=torch.contiguous_format).eval()
     val = state.history[-1]["val_accuracy"] if state.history else None
-    test = evaluate(model, data.test)
+    test = evaluate(model, data.test, tta=cfg.tta)  # the same views as fit's validation
     model = model.cpu()
     save_checkpoint(model, run.file("model.ckpt"), test_accuracy=test["accuracy"], val_accuracy=val,
                     config=cfg.model_dump(mode="json"), quantization=options)
