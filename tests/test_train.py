@@ -139,9 +139,9 @@ def test_ema_is_the_running_average_of_the_weights():
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update(model)  # warm-up decay min(0.5, 2/11): the average moves 9/11 of the way
+    ema.update()  # warm-up decay min(0.5, 2/11): the average moves 9/11 of the way
     assert torch.allclose(ema.model.weight, start + 9 / 11)
-    ema.update(model)  # warm-up decay min(0.5, 3/12): 3/4 of the remaining 2/11
+    ema.update()  # warm-up decay min(0.5, 3/12): 3/4 of the remaining 2/11
     assert torch.allclose(ema.model.weight, start + 1 - (2 / 11) * 0.25)
     assert not ema.model.weight.requires_grad
 

@@ -191,17 +191,20 @@ class EMA:
 
         self.decay, self.updates = decay, 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        # (average, source) tensor pairs, found once: the step loop only updates them in place
+        avg, cur = self.model.state_dict(), model.state_dict()
+        self._floats = ([avg[k] for k, v in avg.items() if v.dtype.is_floating_point],
+                        [cur[k].detach() for k, v in avg.items() if v.dtype.is_floating_point])
+        self._ints = [(avg[k], cur[k]) for k, v in avg.items() if not v.dtype.is_floating_point]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self) -> None:
+        """Move the average towards the weights of the model it was made from (call after each step)."""
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        avg, cur = self.model.state_dict(), model.state_dict()
-        floats = [k for k, v in avg.items() if v.dtype.is_floating_point]
-        torch._foreach_lerp_([avg[k] for k in floats], [cur[k].detach() for k in floats], 1 - d)
-        for k, v in avg.items():  # integer buffers (BN's num_batches_tracked): the current value
-            if not v.dtype.is_floating_point:
-                v.copy_(cur[k])
+        torch._foreach_lerp_(*self._floats, 1 - d)
+        for a, c in self._ints:  # integer buffers (BN's num_batches_tracked): the current value
+            a.copy_(c)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "updates": self.updates}
@@ -356,7 +359,7 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
             else:
                 opt.step()
             if ema is not None:  # step: weight averaging
-                ema.update(model)
+                ema.update()
             loss_sum += loss.detach().double() * len(y)
             correct += (out.argmax(1) == y).sum()
             seen += len(y)
