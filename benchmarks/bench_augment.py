@@ -99,12 +99,13 @@ class PILDataset(Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def baseline_loader(data: Data, policy: str, batch_size: int, workers: int) -> DataLoader:
-    """A plain training DataLoader over edlab's training split (persistent workers: no restart cost)."""
+def baseline_loader(data: Data, policy: str, batch_size: int, workers: int, pin: bool = False) -> DataLoader:
+    """A plain training DataLoader over edlab's training split (persistent workers: no restart cost;
+    ``pin``: page-locked batches, what a plain GPU script uses)."""
     split = data.train.split
     dataset = PILDataset(split.images, split.labels, baseline_transform(policy, data.mean, data.std))
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0, pin_memory=pin)
 
 
 def forever(loader: Iterable) -> Iterator:

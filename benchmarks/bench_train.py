@@ -54,6 +54,8 @@ class StampedLoader(Loader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in super().__iter__():
+            if self.device.type == "cuda":  # the GPU is asynchronous: a stamp counts once its queue is done
+                torch.cuda.synchronize()
             self.stamps.append(time.perf_counter())
             if len(self.stamps) > self.batches:
                 raise Enough
@@ -88,13 +90,20 @@ def plain_sgd(model: nn.Module, cfg: TrainConfig, steps_total: int):
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps_total))
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def plain_steps(model: nn.Module, data: Data, cfg: TrainConfig, workers: int, steps: int, warmup: int,
-                epochs: int | None = None) -> float:
+                epochs: int | None = None, device: torch.device = torch.device("cpu")) -> float:
     """The plain loop: PIL crop-flip DataLoader, fp32, NCHW. Returns images/s over the timed steps.
 
     With ``epochs`` it instead trains that many whole epochs and returns images/s over all of them.
+    On a GPU it does what a plain script does there: pinned host batches copied to the device each step.
     """
-    loader = baseline_loader(data, cfg.data.augment, cfg.data.batch_size, workers)
+    loader = baseline_loader(data, cfg.data.augment, cfg.data.batch_size, workers, pin=device.type == "cuda")
+    model.to(device)
     total = epochs * len(loader) if epochs else warmup + steps
     opt, sched = plain_sgd(model, cfg, total)
     first = 0 if epochs else warmup
@@ -102,14 +111,17 @@ def plain_steps(model: nn.Module, data: Data, cfg: TrainConfig, workers: int, st
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(forever(loader)):
         if i == first:
+            _sync(device)
             t0 = time.perf_counter()
         if i == total:
             break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+    _sync(device)
     return (total - first) * loader.batch_size / (time.perf_counter() - t0)
 
 
@@ -128,15 +140,19 @@ def edlab_steps(model: nn.Module, data: Data, cfg: TrainConfig, steps: int, warm
 def throughput(name: str, args: argparse.Namespace) -> dict:
     """images/s of both sides for one model, in the same run."""
     steps = args.steps or DEFAULT_STEPS.get(name, 10)
+    device = torch.device(args.device)
     cfg = edlab_config(name, args.data_dir, args.batch_size, 1, None)
     data, source = load_data(args.data_dir, batch_size=args.batch_size, augment=cfg.data.augment)
-    theirs = plain_steps(fresh_model(name, 0), data, cfg, args.workers, steps, args.warmup)
+    theirs = plain_steps(fresh_model(name, 0), data, cfg, args.workers, steps, args.warmup, device=device)
+    if device.type != "cpu":  # edlab's side holds the dataset on the device itself
+        data, _ = load_data(args.data_dir, batch_size=args.batch_size, augment=cfg.data.augment, device=device)
+    cfg.device = args.device
     ours = edlab_steps(fresh_model(name, 0), data, cfg, steps, args.warmup)
-    amp = resolve_precision(cfg.precision, torch.device("cpu"))
+    amp = resolve_precision(cfg.precision, device)
     path = str(amp).removeprefix("torch.") if amp else "fp32"
-    if resolve_channels_last(cfg.channels_last, torch.device("cpu"), amp):
+    if resolve_channels_last(cfg.channels_last, device, amp):
         path += " + channels_last"
-    return {"model": name, "steps": steps, "warmup": args.warmup, "edlab": ours, "plain": theirs,
+    return {"model": name, "device": str(device), "steps": steps, "warmup": args.warmup, "edlab": ours, "plain": theirs,
             "ratio": ours / theirs, "edlab_path": path, "data": source}
 
 
@@ -178,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-subset", type=int, default=5000, help="training images for --accuracy-epochs")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads of the main process "
                    "(default: torch's choice, the cores); 1 is steadier when other jobs share the CPU")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where both sides train")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     if args.threads:

@@ -58,3 +58,18 @@ def test_bad_model_options_are_one_clear_error(kwargs, msg):
 def test_unknown_model_lists_choices():
     with pytest.raises(EdlabError, match="resnet20"):
         create_model("resnet99")
+
+
+def test_airbench_net_shape_cost_and_factorization():
+    """The airbench-class net: widths 64/256/256 (1,972,792 params), ~0.12 GMACs, pools down to 1x1."""
+    from edlab import profile
+
+    m = create_model("airbench94").eval()
+    assert n_params(m) == 1_972_792
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert profile(m).macs == 118_147_360
+    half = create_model("airbench94", width=0.5, conv="grouped:2")
+    assert n_params(half) < n_params(m) / 4
+    assert any(getattr(c, "groups", 1) == 2 for c in half.modules() if isinstance(c, nn.Conv2d))
+    with pytest.raises(EdlabError, match="one per stage"):
+        create_model("airbench94", conv="standard,depthwise")

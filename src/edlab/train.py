@@ -377,7 +377,7 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
         row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(1, seen),
                "train_accuracy": float(correct) / max(1, seen), "val_loss": val["loss"],
                "val_accuracy": val["accuracy"], "lr": lr if steps else cfg.optim.lr, "seconds": seconds,
-               "images_per_s": seen / max(train_seconds, 1e-9)}
+               "train_seconds": train_seconds, "images_per_s": seen / max(train_seconds, 1e-9)}
         state.history.append(row)
         improved = val["accuracy"] is not None and val["accuracy"] > state.best_val
         if improved:

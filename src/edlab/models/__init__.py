@@ -37,4 +37,4 @@ def create_model(name: str, num_classes: int = 10, **options) -> nn.Module:
     return model
 
 
-from . import resnet  # noqa: E402,F401  (registers the family)
+from . import airbench, resnet  # noqa: E402,F401  (each registers its family)
