@@ -76,12 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=os.environ.get("EDLAB_DATA_DIR"))
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only for a --quick smoke run")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ",".join(PARTS))
+    p.add_argument("--run", action="append", default=[], metavar="CONFIG[:KEY=V,...]",
+                   help="also train this config of configs/ with these overrides (repeatable), e.g. "
+                   "resnet18-94-gpu.yaml:epochs=40,optim.lr=0.3")
     p.add_argument("--quick", action="store_true", help="1 epoch on 1,024 images per run (smoke run)")
     p.add_argument("--json", dest="json_out", default="bench_gpu.json")
     a = p.parse_args(argv)
-    parts = [x.strip() for x in a.parts.split(",") if x.strip()]
-    if set(parts) - set(PARTS):
-        p.error(f"unknown part(s) {sorted(set(parts) - set(PARTS))}; choose from {', '.join(PARTS)}")
+    parts = [x.strip() for x in a.parts.split(",") if x.strip()] + [f"run:{r}" for r in a.run]
+    unknown = {x for x in parts if x not in PARTS and not x.startswith("run:")}
+    if unknown:
+        p.error(f"unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
     import torch
 
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -102,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             if part in ("resnet18", "resnet18-compiled"):
                 sets = ["compile=true"] if part.endswith("compiled") else []
                 result["runs"][part] = train_run("resnet18-94-gpu.yaml", sets, a, Path(tmp) / part)
+            elif part.startswith("run:"):
+                config, _, sets = part[4:].partition(":")
+                result["runs"][part[4:]] = train_run(config, [x for x in sets.split(",") if x], a,
+                                                     Path(tmp) / f"run{len(result['runs'])}")
             elif part == "airbench":
                 grid = [train_run("airbench94-gpu.yaml", sets, a, Path(tmp) / f"air{i}")
                         for i, sets in enumerate(AIRBENCH_GRID[:2] if a.quick else AIRBENCH_GRID)]
