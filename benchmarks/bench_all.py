@@ -7,7 +7,7 @@ two sides are timed back to back by the sibling scripts (each also runs alone, w
     augmentation  bench_augment.py  edlab's batched on-device augmentation vs DataLoader + PIL transforms
     pruning       bench_prune.py    a physically pruned ResNet-18 (half the channels) vs the dense one
     int8          bench_int8.py     ONNX Runtime int8 vs PyTorch fp32 and ORT fp32 (resnet20)
-    GPU           here              resnet18 epoch seconds and time to 94 % test accuracy (CUDA only)
+    GPU           bench_gpu.py      resnet18 epoch seconds, time to accuracy, airbench94, GPU throughput (CUDA)
 
     python benchmarks/bench_all.py --data-dir ~/.cache/cifar10 [--quick] [--skip int8,prune] [--json all.json]
 
@@ -77,26 +77,23 @@ def int8_rows(a, tmp: Path) -> list[tuple]:
 
 
 def gpu_rows(a, tmp: Path) -> list[tuple]:
-    """resnet18 epoch time and time to 94 % on CUDA with configs/resnet18-94-gpu.yaml (the full recipe)."""
+    """On CUDA: bench_gpu.py's resnet18 and airbench runs and the GPU throughput vs the plain loop."""
     import torch
 
     if not torch.cuda.is_available():
         print("\nno CUDA device: the GPU rows are not measured on this machine", flush=True)
         return []
-    from edlab.config import load_train_config
-    from edlab.train import train
-
-    sets = ["epochs=2"] if a.quick else []
-    cfg = load_train_config(str(HERE.parent / "configs" / "resnet18-94-gpu.yaml"),
-                            {"data": {"data_dir": a.data_dir}, "out": str(tmp / "gpu-run")}, sets)
-    _, s = train(cfg)
-    rows = [json.loads(line) for line in (tmp / "gpu-run" / "metrics.jsonl").read_text().splitlines()]
-    epoch_s = min(r["seconds"] for r in rows[1:] or rows)  # the first epoch includes compilation
-    print(f"\nGPU {torch.cuda.get_device_name()}: fastest epoch {epoch_s:.2f} s, {s['epochs']} epochs in "
-          f"{s['seconds']:.1f} s, test accuracy {100 * s['test_accuracy']:.2f} %", flush=True)
-    return [("resnet18 epoch on GPU (1/s)", 1 / epoch_s, 1 / 2.0, "target: 2 s"),
-            (f"resnet18 to {100 * s['test_accuracy']:.2f} % test (1/s)", 1 / s["seconds"], 1 / 60.0,
-             "target: 94 % in 60 s")]
+    quick = ["--quick"] if a.quick else []
+    r = _script("bench_gpu.py", [*a.data, "--parts", "resnet18,airbench,throughput", *quick], tmp / "gpu.json",
+                a.threads)
+    r18, air = r["runs"]["resnet18"], r["runs"]["airbench-chosen"]
+    rows = [("resnet18 epoch on GPU (1/s)", 1 / r18["median_epoch_s"], 1 / 2.0, "target: 2 s"),
+            (f"resnet18 to {100 * r18['test_accuracy']:.2f} % test (1/s)", 1 / r18["seconds"], 1 / 60.0,
+             "target: 94 % in 60 s"),
+            (f"airbench94 to {100 * air['test_accuracy']:.2f} % test (1/s)", 1 / air["seconds"], 1 / 5.0,
+             "target: 94 % in 5 s")]
+    return rows + [(f"train {t['model']} on GPU (img/s, {t['edlab_path']})", t["edlab"], t["plain"],
+                    "plain DataLoader loop fp32") for t in r["throughput"]["throughput"]]
 
 
 def main(argv: list[str] | None = None) -> int:
