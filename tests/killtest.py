@@ -28,7 +28,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 # Keys that legitimately differ between an interrupted and an uninterrupted run: wall-clock figures, the
 # command line (a continued stage gets --resume) and a checkpoint's header digest (it covers the absolute
 # paths in the header; the header itself is compared, paths made relative, and so is the weights digest).
-VOLATILE = {"seconds", "wall_seconds_this_process", "images_per_s", "command", "argv", "header_sha256"}
+VOLATILE = {"seconds", "train_seconds", "wall_seconds_this_process", "images_per_s", "command", "argv", "header_sha256"}
 
 
 @dataclass(frozen=True)
