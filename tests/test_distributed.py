@@ -16,15 +16,32 @@ ARGS = ["--model", "resnet20", "--dataset", "synthetic", "--epochs", "2", "--bat
         "--set", "precision=fp32", "--set", "threads=1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd: list[str], tmp_path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+
+def _torchrun(args: list[str], tmp_path, name: str) -> tuple[subprocess.CompletedProcess, str]:
+    """2 CPU ranks under torchrun, and what to show if they fail.
+
+    --standalone: torchrun's agent binds a free port itself (port 0) for its store, where a port picked here
+    and released could be taken by another process before torchrun binds it. gloo stays on the loopback
+    interface, whatever the machine's hostname resolves to. Each rank writes its own stdout/stderr files
+    (--redirects), shown in full on failure with torchrun's own tail, and PYTHONFAULTHANDLER makes a rank
+    killed by a signal print its Python stacks: a crashed rank's message is not lost behind torchrun's report."""
+    logs = tmp_path / f"{name}-logs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    if "lo" in {n for _, n in socket.if_nameindex()}:
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--log-dir={logs}", "--redirects=3", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    shown = [f"torchrun exited {r.returncode}; its stderr ends:\n{r.stderr[-4000:]}"]
+    for f in sorted(logs.rglob("*.log")):  # <run id>/attempt_0/<local rank>/{stdout,stderr}.log
+        text = f.read_text(errors="replace")
+        if text.strip():
+            shown.append(f"--- {f.relative_to(logs)}:\n{text[-6000:]}")
+    return r, "\n".join(shown)
 
 
 needs_gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -36,9 +53,8 @@ needs_gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 def test_two_gloo_ranks_match_one_process(tmp_path):
     one = _run([sys.executable, "-m", "edlab", "train", *ARGS, "--out", str(tmp_path / "one")], tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-                "-m", "edlab", "train", *ARGS, "--out", str(tmp_path / "two")], tmp_path)
-    assert two.returncode == 0, two.stderr[-2000:]
+    two, shown = _torchrun(["-m", "edlab", "train", *ARGS, "--out", str(tmp_path / "two")], tmp_path, "two")
+    assert two.returncode == 0, shown
 
     s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
     s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -67,7 +83,7 @@ def _initial(tmp_path):
 
 
 SCRIPT = """
-import sys, torch, torch.nn as nn
+import json, os, sys, torch, torch.nn as nn
 from edlab import distributed
 from edlab.config import load_train_config
 from edlab.train import data_from_config, fit
@@ -83,6 +99,10 @@ fit(model, data, cfg, d=d)
 if d.main:
     torch.save(model.state_dict(), sys.argv[1])
 distributed.teardown(d)
+if os.path.isdir("/proc/self/task"):  # Linux: the threads still alive, by name
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    with open(f"threads-{d.rank}.json", "w") as f:
+        json.dump(sorted(n for n in names if "gloo" in n), f)
 """
 
 
@@ -92,9 +112,12 @@ def test_rank_slices_with_averaged_gradients_equal_the_full_batch(tmp_path):
     (tmp_path / "job.py").write_text(SCRIPT)
     one = _run([sys.executable, "job.py", "one.pt"], tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-                "job.py", "two.pt"], tmp_path)
-    assert two.returncode == 0, two.stderr[-2000:]
+    two, shown = _torchrun(["job.py", "two.pt"], tmp_path, "two")
+    assert two.returncode == 0, shown
+    # teardown ended the process group's gloo threads: none is left to free a collective's tensors while the
+    # interpreter shuts down, which aborted a rank (SIGABRT) after a successful run on a loaded machine
+    for f in sorted(tmp_path.glob("threads-*.json")):
+        assert json.loads(f.read_text()) == [], f"{f.name}: gloo threads outlived teardown"
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert not torch.equal(a["0.weight"], b["0.weight"] * 0)  # trained weights, not zeros
     for k in a:

@@ -112,6 +112,88 @@ def test_sigkill_then_same_command_finishes_only_the_rest(tmp_path):
     assert {n: (run_dirs[n] / "summary.json").stat().st_mtime_ns for n in finished} == stamps
 
 
+HOLD_A_TRIAL = """
+import sys, time
+from edlab.study import _claim, load_study, open_study, storage_url
+st = load_study(sys.argv[1], out=sys.argv[2])
+study = open_study(st, storage_url(st, None), worker=1, create=False)
+assert _claim(study) is not None
+print("claimed", flush=True)
+time.sleep(600)
+"""
+
+
+def _wait_for_state(pid: int, state: str, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != state:
+        assert time.time() < deadline, f"process {pid} never reached state {state}"
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="zombies are told apart through Linux /proc")
+def test_a_killed_worker_not_yet_reaped_does_not_hold_its_trial(tmp_path):
+    """A SIGKILLed worker is a zombie until its parent reaps it; once the sweep itself is killed too that
+    parent is init, which reaps when it gets to it (one container's init: every 2 s). A re-run in that window must
+    count the worker dead and re-run its trial, not leave it RUNNING forever and report the point missing."""
+    from edlab.study import enqueue_missing, open_study, storage_url
+
+    study = write(tmp_path, "name: z\nconfig: tiny.yaml\ngrid:\n  optim.lr: [0.05]\n")
+    out = tmp_path / "out"
+    st = load_study(str(study), out=str(out))
+    enqueue_missing(st, open_study(st, storage_url(st, None)))
+    worker = subprocess.Popen([sys.executable, "-c", HOLD_A_TRIAL, str(study), str(out)], stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        assert worker.stdout.readline().strip() == "claimed"
+        assert [s for _, s in trials(out / "study.db")] == ["RUNNING"]
+        worker.kill()
+        _wait_for_state(worker.pid, "Z")  # dead, and not reaped: this test is its parent and waits for it later
+        r = CliRunner().invoke(cli, ["sweep", str(study), "--out", str(out)])
+    finally:
+        worker.kill()
+        worker.wait()
+    assert r.exit_code == 0, r.output
+    rep = report(out)
+    assert complete_slots(rep) == [0]
+    assert [(t["state"], t["interrupted"]) for t in rep["trials"]] == [("FAIL", True), ("COMPLETE", False)]
+
+
+CLAIM_ALL = """
+import json, sys, time
+from edlab.study import _claim, load_study, open_study, storage_url
+st = load_study(sys.argv[1], out=sys.argv[2])
+study = open_study(st, storage_url(st, None), worker=1, create=False)
+start = float(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))
+got = []
+while (t := _claim(study)) is not None:
+    got.append(t.number)
+print(json.dumps(got))
+"""
+
+
+def test_workers_claiming_at_once_take_each_waiting_trial_once(tmp_path):
+    """Optuna checks WAITING and sets RUNNING in two statements, atomic through row locks on PostgreSQL but
+    not on SQLite: unguarded, two workers sometimes both took one trial and ran its point twice in the same
+    run directory (then one failed it for real, so no re-run redid it). Three workers race for 60 trials."""
+    from edlab.study import enqueue_missing, open_study, storage_url
+
+    lrs = ", ".join(str(round(0.01 + 0.001 * i, 3)) for i in range(60))
+    study = write(tmp_path, f"name: c\nconfig: tiny.yaml\ngrid:\n  optim.lr: [{lrs}]\n")
+    out = tmp_path / "out"
+    st = load_study(str(study), out=str(out))
+    assert enqueue_missing(st, open_study(st, storage_url(st, None))) == 60
+    start = time.time() + 6  # all three have imported Optuna by then and start claiming together
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIM_ALL, str(study), str(out), str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1")) for _ in range(3)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in results]
+    claimed = [n for o, _ in results for n in json.loads(o)]
+    assert sorted(claimed) == list(range(60))  # every trial claimed, none by two workers
+    assert [s for _, s in trials(out / "study.db")] == ["RUNNING"] * 60
+
+
 def test_search_reruns_an_interrupted_draw_with_its_params(tmp_path):
     import optuna
 

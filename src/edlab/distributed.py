@@ -11,6 +11,7 @@ Without torchrun nothing here does anything: ``world == 1``.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -46,6 +47,13 @@ def setup(device: str = "auto") -> Dist:
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(d.local_rank)
+    # torch._dynamo, imported for the first time once the process group exists (DistributedDataParallel's
+    # constructor imports it), keeps references to that group: destroy_process_group() in teardown then
+    # leaves it alive with its gloo worker threads. One of those still freeing a finished collective's
+    # tensors when the interpreter shuts down needs the GIL, is stopped by the shutdown, and the rank dies
+    # of SIGABRT ("terminate called without an active exception") after a successful run; more likely on
+    # a loaded machine, where that thread lags behind. Imported first, it holds none: teardown ends them.
+    importlib.import_module("torch._dynamo")
     try:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     except Exception as e:  # a missing peer or a port in use: one line, not a wall of C++ frames
@@ -119,5 +127,6 @@ def barrier(d: Dist) -> None:
 
 
 def teardown(d: Dist) -> None:
+    """Destroy the process group; its gloo threads end here, while the interpreter is still whole (see setup)."""
     if d.active and dist.is_initialized():
         dist.destroy_process_group()

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -396,12 +397,19 @@ def _redact(url: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ trial life cycle
-def _proc_start(pid: int) -> str | None:
-    """Start time of a process (Linux /proc), so a reused pid is not taken for the worker that died."""
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of a process from Linux /proc, or None where there is no /proc entry."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], fields[19]
     except (OSError, IndexError):
         return None
+
+
+def _proc_start(pid: int) -> str | None:
+    """Start time of a process (Linux /proc), so a reused pid is not taken for the worker that died."""
+    stat = _proc_stat(pid)
+    return stat[1] if stat else None
 
 
 def _owner() -> dict:
@@ -409,12 +417,21 @@ def _owner() -> dict:
 
 
 def _alive(owner: dict) -> bool:
+    """Whether the owner process still runs. A killed process stays in the process table as a zombie
+    until its parent reaps it, and the parent of a sweep's workers is init once the sweep itself was
+    killed, which reaps when it gets to it: signal 0 still reaches a zombie, so /proc's state decides."""
     pid = owner.get("pid")
     try:
         os.kill(int(pid), 0)
     except (OSError, TypeError, ValueError):
         return False
-    return owner.get("pid_start") is None or _proc_start(int(pid)) == owner.get("pid_start")
+    stat = _proc_stat(int(pid))
+    if stat is None:  # gone meanwhile, or no /proc (not Linux, no start time recorded): signal 0 decides
+        return owner.get("pid_start") is None
+    state, start = stat
+    if state in ("Z", "X", "x"):  # zombie or dead: it will never write to its trial again
+        return False
+    return owner.get("pid_start") is None or start == owner.get("pid_start")
 
 
 def _claim_key(owner: dict) -> str:
@@ -492,6 +509,38 @@ def enqueue_missing(st: Study, study, retry_failed: bool = False) -> int:
     return len(todo)
 
 
+def _sqlite_file(study) -> str | None:
+    """The database file of a SQLite storage, else None."""
+    storage = getattr(study._storage, "_backend", study._storage)  # Optuna wraps RDBStorage in a cache
+    url = getattr(getattr(storage, "engine", None), "url", None)
+    if url is None or url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return url.database
+
+
+@contextmanager
+def _waiting_lock(study):
+    """Held while a process turns a WAITING trial RUNNING. Optuna checks that a trial is WAITING and then
+    sets it RUNNING; its SELECT ... FOR UPDATE makes that one step on PostgreSQL or MySQL, but SQLite has
+    no row locks and reads outside the write transaction, so two workers could both take the same trial
+    and run its point at once in the same run directory (the second then fails it, or clobbers the
+    first's files). On SQLite an exclusive lock on a file beside the database makes the step atomic."""
+    db = _sqlite_file(study)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        db = None
+    if db is None:
+        yield
+        return
+    with open(f"{db}.claim-lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released by the kernel if this process dies holding it
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _claim(study):
     """Take one WAITING trial (RUNNING from now on), or None. Never creates a trial."""
     import optuna
@@ -505,7 +554,9 @@ def _claim(study):
         tid = _retry(storage.get_trial_id_from_study_id_trial_number, study_id, t.number)
         try:
             _retry(storage.set_trial_user_attr, tid, _claim_key(me), time.time())  # before: no unowned RUNNING
-            if _retry(storage.set_trial_state_values, tid, TrialState.RUNNING):
+            with _waiting_lock(study):  # exactly one process gets each WAITING trial
+                won = _retry(storage.set_trial_state_values, tid, TrialState.RUNNING)
+            if won:
                 _retry(storage.set_trial_user_attr, tid, "owner", me)
                 return _retry(optuna.trial.Trial, study, tid)
             _retry(storage.set_trial_user_attr, tid, _claim_key(me), None)
@@ -525,7 +576,8 @@ def _next_trial(st: Study, study):
     slots = {t.user_attrs.get("slot") for t in trials if not t.user_attrs.get("surplus")}
     if len(slots - {None}) >= st.trials:
         return None
-    trial = _retry(study.ask)
+    with _waiting_lock(study):  # ask() too may take a WAITING trial (one enqueued meanwhile)
+        trial = _retry(study.ask)
     if trial.user_attrs.get("owner") is None:
         _retry(trial.set_user_attr, "owner", _owner())
     if trial.user_attrs.get("slot") is None:
