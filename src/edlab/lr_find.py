@@ -40,7 +40,7 @@ def lr_range_test(model: nn.Module, data, cfg: TrainConfig, start: float = 1e-6,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        value = float(loss)
+        value = float(loss.detach())
         avg = smooth * avg + (1 - smooth) * value if math.isfinite(value) else math.inf
         corrected = avg / (1 - smooth ** (i + 1))
         lrs.append(lr)
