@@ -40,8 +40,6 @@ AIRBENCH_GRID = [["epochs=12"], [], ["optim.lr=0.3"], ["optim.lr=1.0"]]
 
 def train_run(config: str, sets: list[str], a, out: Path) -> dict:
     """One full training run of a committed config; its timing and accuracy figures."""
-    import torch
-
     from edlab.config import load_train_config
     from edlab.train import train
 
@@ -49,8 +47,6 @@ def train_run(config: str, sets: list[str], a, out: Path) -> dict:
              "compile=false"] if a.quick else []  # a smoke run of the script, not a measurement
     cfg = load_train_config(str(CONFIGS / config), {"data": {"data_dir": a.data_dir, "download": False},
                                                     "device": a.device, "out": str(out)}, [*sets, *quick])
-    if a.device == "cuda":
-        torch.cuda.synchronize()
     _, s = train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epoch_s = [r["seconds"] for r in rows]

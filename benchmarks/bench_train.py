@@ -54,8 +54,7 @@ class StampedLoader(Loader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in super().__iter__():
-            if self.device.type == "cuda":  # the GPU is asynchronous: a stamp counts once its queue is done
-                torch.cuda.synchronize()
+            _sync(self.device)  # the GPU is asynchronous: a stamp counts once its queue is done
             self.stamps.append(time.perf_counter())
             if len(self.stamps) > self.batches:
                 raise Enough

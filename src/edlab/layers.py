@@ -45,6 +45,19 @@ class DepthwiseSeparable(nn.Sequential):
         )
 
 
+def stage_plan(widths: list[int], width: float, conv) -> tuple[list[int], list[str]]:
+    """Channel counts scaled by the width multiplier, and one conv kind per stage (one kind given = all
+    stages): the two knobs every family shares, checked once here."""
+    if width <= 0:
+        raise EdlabError(f"width must be > 0, got {width}")
+    convs = [c.strip() for c in conv.split(",")] if isinstance(conv, str) else list(conv)
+    if len(convs) == 1:
+        convs = convs * len(widths)
+    if len(convs) != len(widths):
+        raise EdlabError(f"conv: give one kind or one per stage ({len(widths)} stages), got '{conv}'")
+    return [max(1, round(w * width)) for w in widths], convs
+
+
 def conv3x3(cin: int, cout: int, stride: int = 1, kind: str = "standard") -> nn.Module:
     """A 3x3 block convolution of the requested kind (no bias: a BN always follows)."""
     name, groups = parse_conv(kind)

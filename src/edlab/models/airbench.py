@@ -8,7 +8,7 @@ Layout (widths 64/256/256 at width 1.0):
 
     stem      2x2 conv, 3 -> 24 channels, no padding (32 -> 31), GELU
     stage xN  3x3 conv -> 2x2 max-pool -> BN -> GELU -> 3x3 conv -> BN -> GELU   (31 -> 15 -> 7 -> 3)
-    head      3x3 max-pool -> linear (no bias) -> x 1/9 (a fixed temperature: small logits early)
+    head      max-pool (3x3 -> 1x1) -> linear (no bias) -> x 1/9 (a fixed temperature: small logits early)
 
 What is left out of airbench's own script, by choice: the whitening initialisation of the stem from
 data patches, the lookahead optimizer and the scaled BN-bias learning rate. edlab trains this net with
@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..errors import EdlabError
-from ..layers import conv3x3
+from ..layers import conv3x3, stage_plan
 from . import register_model
 
 
@@ -46,14 +45,7 @@ class ConvGroup(nn.Module):
 class AirNet(nn.Module):
     def __init__(self, widths: list[int], num_classes: int = 10, width: float = 1.0, conv: str = "standard"):
         super().__init__()
-        if width <= 0:
-            raise EdlabError(f"width must be > 0, got {width}")
-        convs = [c.strip() for c in conv.split(",")]
-        if len(convs) == 1:
-            convs = convs * len(widths)
-        if len(convs) != len(widths):
-            raise EdlabError(f"conv: give one kind or one per stage ({len(widths)} stages), got '{conv}'")
-        widths = [max(1, round(w * width)) for w in widths]
+        widths, convs = stage_plan(widths, width, conv)
         self.stem = nn.Conv2d(3, 24, 2, bias=True)
         self.act = nn.GELU()
         cin, groups = 24, []
@@ -61,13 +53,12 @@ class AirNet(nn.Module):
             groups.append(ConvGroup(cin, w, kind))
             cin = w
         self.layers = nn.Sequential(*groups)
-        self.pool = nn.MaxPool2d(3)
         self.fc = nn.Linear(cin, num_classes, bias=False)
         self.scale = 1 / 9
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(self.act(self.stem(x)))
-        x = self.pool(x).amax((2, 3))  # 3x3 -> 1x1 after the pool; amax keeps any leftover pixel too
+        x = x.amax((2, 3))  # global max-pool: airbench's 3x3 max-pool over the last 3x3 map
         return self.fc(x) * self.scale
 
 

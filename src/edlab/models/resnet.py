@@ -16,8 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import EdlabError
-from ..layers import conv1x1, conv3x3
+from ..layers import conv1x1, conv3x3, stage_plan
 from . import register_model
 
 
@@ -101,15 +100,8 @@ class ResNet(nn.Module):
         conv: str = "standard",
     ):
         super().__init__()
-        if width <= 0:
-            raise EdlabError(f"width must be > 0, got {width}")
         block_cls = BLOCKS[block]
-        convs = [c.strip() for c in conv.split(",")] if isinstance(conv, str) else list(conv)
-        if len(convs) == 1:
-            convs = convs * len(depths)
-        if len(convs) != len(depths):
-            raise EdlabError(f"conv: give one kind or one per stage ({len(depths)} stages), got '{conv}'")
-        widths = [max(1, round(w * width)) for w in widths]
+        widths, convs = stage_plan(widths, width, conv)
         self.preact = block == "preact"
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0]) if not self.preact else nn.Identity()
