@@ -3,6 +3,7 @@ input, missing file, invalid config) into one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import warnings
@@ -20,6 +21,11 @@ TRAIN_FLAGS = {
     "scheduler": "sched.name", "augment": "data.augment", "seed": "seed", "out": "out", "device": "device",
     "precision": "precision", "threads": "threads", "tracker": "tracker",
 }
+
+
+# OSErrors that describe the machine, not a bug: reported in one line (every write is atomic, so the
+# files written before the failure are whole).
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def _console():
@@ -90,6 +96,12 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("edlab: interrupted", err=True)
             sys.exit(130)
+        except OSError as e:  # the machine's answer (disk full, read-only, no permission): one line, exit 2
+            if e.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            where = f" writing {e.filename}" if e.filename else ""
+            click.echo(f"edlab: error: {e.strerror or e}{where}; files written before are intact", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -106,7 +118,7 @@ def cli():
 
 
 @cli.command()
-@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.argument("config", required=False, type=click.Path())  # a folder: one line from the reader
 @click.option("--model", help="Registered model name (see `edlab models`).")
 @click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "synthetic"]))
 @click.option("--data-dir", help="Folder holding cifar-10-batches-py/ (else $EDLAB_DATA_DIR, else ./data).")
@@ -174,16 +186,16 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json)
     """
     import torch
 
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, trained_with
     from .data import get_data
     from .train import evaluate, resolve_device
 
     model = load_checkpoint(checkpoint)
-    cfg = getattr(model, "edlab_metadata", {}).get("config", {})
-    dataset = dataset or cfg.get("data", {}).get("dataset", "cifar10")
+    trained = trained_with(model)  # checked metadata: never a folder to create or a download to try
+    dataset = dataset or trained["dataset"] or "cifar10"
     dev = resolve_device(device)
-    data = get_data(dataset, data_dir or cfg.get("data", {}).get("data_dir"), batch_size=batch_size,
-                    val_size=0, eval_batch_size=batch_size, device=dev)
+    data = get_data(dataset, data_dir or trained["data_dir"], batch_size=batch_size, val_size=0,
+                    eval_batch_size=batch_size, device=dev, download=False)
     model.to(dev)
     precision = "fp32"
     if half:
@@ -191,7 +203,7 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json)
         model.to(dtype)
         precision = str(dtype).replace("torch.", "")
     if tta == "trained":
-        tta = cfg.get("tta", "none")
+        tta = trained["tta"]
     r = evaluate(model, data.test, tta=tta)
     out = {"checkpoint": checkpoint, "dataset": dataset, "precision": precision, "tta": tta,
            "test_accuracy": r["accuracy"], "test_loss": r["loss"], "images": len(data.test.split)}
@@ -316,7 +328,7 @@ def demo(model, epochs, train_subset, data_dir, out):
 
 
 @cli.command("run")
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe", type=click.Path())  # a folder: one line from the reader
 @click.option("--out", help="Pipeline directory (default: the recipe's out:, else runs/<name>-<timestamp>).")
 @click.option("--set", "sets", multiple=True, metavar="STAGE.KEY=VALUE",
               help="Edit a stage's option: prune.structured=0.5, 0.epochs=3, train.optim.lr=0.05.")
@@ -348,7 +360,7 @@ def models():
 
 
 @cli.command("lr-find")
-@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.argument("config", required=False, type=click.Path())  # a folder: one line from the reader
 @click.option("--model")
 @click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "synthetic"]))
 @click.option("--data-dir")

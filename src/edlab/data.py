@@ -73,7 +73,10 @@ def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             d = _SafeUnpickler(f, encoding="latin1").load()
         data = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(d[label_key], dtype=np.int64)
+        raw = np.asarray(d[label_key])
+        if raw.dtype.kind not in "iu":  # 3.7 must not silently become class 3
+            raise TypeError(f"labels must be integers, got {raw.dtype}")
+        labels = raw.astype(np.int64)
     except Exception as e:  # any malformed file: one clear line
         raise EdlabError(f"malformed dataset file {path}: {type(e).__name__}: {e}") from None
     if len(data) != len(labels):

@@ -576,7 +576,7 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
 
 
 @click.command("quantize")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())  # a folder: one line from read_checkpoint
 @click.option("--method", required=True, help=f"One of: {', '.join(METHODS)}.")
 @click.option("--bits-w", type=int, default=8, show_default=True, help="qat: weight bits (2-16).")
 @click.option("--bits-a", type=int, help="qat: activation bits (2-16, 32 = float); default: --bits-w.")

@@ -87,7 +87,7 @@ def _num(v: Any) -> float | None:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON (or not UTF-8), nested too deep
         return None
 
 
@@ -95,12 +95,12 @@ def _read_jsonl(path: Path) -> list[dict]:
     rows = []
     try:
         lines = path.read_text().splitlines()
-    except OSError:
+    except (OSError, ValueError):
         return rows
     for line in lines:
         try:
             row = json.loads(line)
-        except ValueError:  # a line cut by a crash
+        except (ValueError, RecursionError):  # a line cut by a crash
             continue
         if isinstance(row, dict):
             rows.append(row)
@@ -112,7 +112,7 @@ def _read_yaml(path: Path) -> dict:
 
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, RecursionError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -508,6 +508,8 @@ def report_command(paths, out, floor, title):
       edlab report runs/r20-compress studies/s1 --out cmp --floor 0.88
     """
     r = build_report(list(paths), out, floor, title)
+    for name in r["skipped"]:  # one broken run costs its row, not the page
+        click.echo(f"edlab: warning: left out {name}", err=True)
     best = f"; best: {r['best'].name} ({r['rule']})" if r["best"] else ""
     click.echo(f"report: {len(r['runs'])} runs, figures {', '.join(r['figures']) or 'none'}{best} "
                f"-> {Path(out) / 'index.html'}")

@@ -88,8 +88,9 @@ class LRSchedule:
     Closed forms are resumable by step number alone; plateau keeps (best, bad epochs, scale) as state.
     """
 
-    def __init__(self, cfg: SchedConfig, epochs: int, steps_per_epoch: int):
+    def __init__(self, cfg: SchedConfig, epochs: int, steps_per_epoch: int, lr: float | None = None):
         self.cfg, self.steps_per_epoch = cfg, max(1, steps_per_epoch)
+        self.floor = min(1.0, cfg.min_lr / lr) if lr else 0.0  # cosine ends at min_lr (a factor of lr)
         self.total = max(1, epochs * self.steps_per_epoch)
         self.warmup = cfg.warmup_epochs * self.steps_per_epoch
         self.scale, self.best, self.bad = 1.0, math.inf, 0
@@ -106,7 +107,7 @@ class LRSchedule:
             return 1 / 25 + (1 - 1 / 25) * step / self.warmup
         if c.name == "cosine":
             t = (step - self.warmup) / max(1, self.total - self.warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+            return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
         if c.name == "step":
             return c.gamma ** (step // self.steps_per_epoch // c.step_size)
         if c.name == "plateau":
@@ -235,29 +236,69 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, 
     return alpha * t * t * soft + (1 - alpha) * ce(student, y)
 
 
+RESUME_MAGIC = b"edlab-resume/1\n"  # then the sha256 of the rest (32 bytes), then torch.save's bytes
+
+
 def _save_resume(path, model, opt, sched: LRSchedule, state: FitState, scaler, ema: EMA | None = None) -> None:
+    """torch.save's bytes behind a sha256: a flipped byte must not resume silently with other weights."""
+    import hashlib
+
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "sched": sched.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "ema": ema.state_dict() if ema is not None else None,
                 "state": {k: v for k, v in state.__dict__.items()}}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    body = buf.getvalue()
+    atomic_write_bytes(path, RESUME_MAGIC + hashlib.sha256(body).digest() + body)
 
 
-def _load_resume(path, model, opt, sched: LRSchedule, scaler, ema: EMA | None = None) -> FitState:
+def _resume_bytes(path) -> bytes:
+    """The torch.save bytes of a resume file, verified. Files from before the checksum (a bare torch.save
+    zip, 'PK') still load; anything else must carry a matching sha256."""
+    import hashlib
+
+    raw = open(path, "rb").read()
+    if raw[:2] == b"PK":
+        return raw
+    n = len(RESUME_MAGIC)
+    if raw[:n] != RESUME_MAGIC or hashlib.sha256(raw[n + 32:]).digest() != raw[n:n + 32]:
+        raise EdlabError(f"resume state {path} is corrupt (checksum mismatch); start the run again without "
+                         f"--resume, or in another --out")
+    return raw[n + 32:]
+
+
+def _fit_state(s, epochs: int) -> FitState:
+    """FitState from a resume file, each field of the right type and range (no traceback on a bad one)."""
+    fields = FitState.__dataclass_fields__
+    if not isinstance(s, dict) or set(s) != set(fields):
+        raise ValueError("state fields")
+    state = FitState(**s)
+    ints = (state.epoch, state.best_epoch, state.bad_epochs, state.skipped_steps)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints) or not 0 <= state.epoch <= epochs \
+            or not isinstance(state.history, list) or len(state.history) != state.epoch \
+            or not all(isinstance(r, dict) for r in state.history) \
+            or not all(isinstance(v, int | float) for v in (state.best_val, state.seconds)):
+        raise ValueError("state values")
+    return state
+
+
+def _load_resume(path, model, opt, sched: LRSchedule, scaler, ema: EMA | None = None,
+                 epochs: int | None = None) -> FitState:
+    body = _resume_bytes(path)
     try:  # weights_only: plain tensors and containers, no code can run
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+        state = _fit_state(blob["state"], epochs if epochs is not None else 1 << 30)
         model.load_state_dict(blob["model"])
         opt.load_state_dict(blob["optimizer"])
         if ema is not None:
             ema.load_state_dict(blob["ema"])
+        sched.load_state_dict(blob["sched"])
+        if scaler is not None and blob.get("scaler"):
+            scaler.load_state_dict(blob["scaler"])
     except Exception as e:
-        raise EdlabError(f"resume state {path} is unreadable ({type(e).__name__}); "
+        raise EdlabError(f"resume state {path} is unreadable or malformed ({type(e).__name__}); "
                          f"start the run again without --resume") from None
-    sched.load_state_dict(blob["sched"])
-    if scaler is not None and blob.get("scaler"):
-        scaler.load_state_dict(blob["scaler"])
-    return FitState(**blob["state"])
+    return state
 
 
 def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
@@ -285,14 +326,16 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
     # step: compiled graph; mode reduce-overhead records CUDA graphs (no per-kernel launch cost)
     step_model = torch.compile(ddp, mode=cfg.compile_mode) if cfg.compile else ddp
     opt = build_optimizer(model, cfg.optim)
-    sched = LRSchedule(cfg.sched, cfg.epochs, len(data.train))
+    sched = LRSchedule(cfg.sched, cfg.epochs, len(data.train), cfg.optim.lr)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
     ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     ema = EMA(model, cfg.ema) if cfg.ema else None
     state = FitState()
     if resume and run is not None:
         if run.file("resume.pt").exists():
-            state = _load_resume(run.file("resume.pt"), model, opt, sched, scaler, ema)
+            state = _load_resume(run.file("resume.pt"), model, opt, sched, scaler, ema, cfg.epochs)
+            if console is not None:
+                console.print(f"resuming from epoch {state.epoch} of {cfg.epochs} ({run.file('resume.pt')})")
         if d.main:
             run.rewrite_metrics(state.history)  # the resume state is the truth: drop lines of unfinished epochs
     if teacher is not None:
@@ -488,6 +531,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     d = distributed.setup(cfg.device)
     device = distributed.rank_device(d, resolve_device(cfg.device))
     error, path = None, None
+    fresh = run is None and not resume  # a folder this call makes: undone if the run fails before training
     if d.main:
         try:
             run = _open_run(cfg, resume, run)
@@ -501,9 +545,14 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
         raise EdlabError(error)
     if not d.main:
         run, console = Run.open(path), None
-    data = data or data_from_config(cfg, device)
-    model = model_from_config(cfg, data.num_classes)
-    teacher = load_checkpoint(cfg.distill.teacher) if cfg.distill.teacher else None
+    try:
+        data = data or data_from_config(cfg, device)
+        model = model_from_config(cfg, data.num_classes)
+        teacher = load_checkpoint(cfg.distill.teacher) if cfg.distill.teacher else None
+    except EdlabError:
+        if d.main and fresh:  # nothing trained yet: the same command must work once the cause is fixed
+            run.discard()
+        raise
     t0 = time.perf_counter()
     state = fit(model, data, cfg, run, teacher=teacher, resume=resume, console=console, d=d)
     if not d.main:
