@@ -395,3 +395,119 @@ def test_one_bad_run_folder_does_not_abort_the_report(tmp_path):
     assert r.exit_code == 0, r.output
     assert "left out deep" in r.stderr and "left out binary" in r.stderr
     assert (tmp_path / "rep" / "index.html").is_file()
+
+
+def test_md5_warning_once_per_data_folder(tmp_path, recwarn):
+    import pickle
+
+    import numpy as np
+
+    from edlab import data
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 3]}, f)
+    said = []
+    for _ in range(3):  # three commands (processes): the in-process memo is cleared each time
+        data._MD5_CHECKED.clear()
+        recwarn.clear()
+        data.load_cifar("cifar10", str(tmp_path), download=False)
+        said.append(sum("md5" in str(w.message) for w in recwarn))
+    assert said == [1, 0, 0]
+    (folder / "data_batch_1").write_bytes((folder / "data_batch_1").read_bytes() + b"")  # same bytes, new mtime
+    os.utime(folder / "data_batch_1", ns=(1, 1))
+    data._MD5_CHECKED.clear()
+    data.load_cifar("cifar10", str(tmp_path), download=False)
+    assert sum("md5" in str(w.message) for w in recwarn) == 1  # a changed file is checked anew
+
+
+def test_runs_latest_points_at_the_newest_run(tmp_path):
+    from edlab.runs import Run
+
+    a = Run.create("m", root=str(tmp_path))
+    b = Run.create("m", root=str(tmp_path))
+    assert (tmp_path / "latest").resolve() == b.path.resolve() != a.path.resolve()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".latest")]
+
+
+def test_options_are_consistent_across_commands():
+    """--epochs where --finetune-epochs is; --train-subset and --threads on quantize and lr-find."""
+    from click import Context
+
+    def names(cmd):
+        return {o for p in cli.get_command(Context(cli), cmd).params for o in p.opts}
+
+    assert {"--epochs", "--finetune-epochs"} <= names("prune")
+    for cmd in ("train", "prune", "quantize", "lr-find"):
+        assert {"--train-subset", "--threads"} <= names(cmd), cmd
+
+
+def test_resume_says_which_key_differs(tmp_path):
+    out = tmp_path / "run"
+    assert invoke("train", *TINY, "--epochs", "1", "--out", out).exit_code == 0
+    one_line(invoke("train", *TINY, "--epochs", "1", "--out", out, "--resume", "--set", "optim.momentum=0.5"),
+             "optim.momentum: 0.9 saved, 0.5 now")
+
+
+def test_pyproject_gives_setuptools_nothing_to_warn_about():
+    """The licence as an SPDX string: a TOML table made setup print 15-line deprecation warnings."""
+    import warnings
+
+    from setuptools.config import pyprojecttoml
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pyprojecttoml.apply_configuration(Distribution(), str(ROOT / "pyproject.toml"))
+    assert [str(w.message).splitlines()[0] for w in caught] == []
+
+
+def test_report_stays_readable_with_many_runs_and_datasets(tmp_path, monkeypatch):
+    """15 runs, one with a diverged loss, two datasets, a pruned run with steps and odd bits."""
+    from matplotlib.colors import to_rgba
+
+    from edlab import report
+
+    runs = tmp_path / "runs"
+    for i in range(15):
+        d = runs / f"r{i:02d}"
+        d.mkdir(parents=True)
+        ds = "synthetic" if i < 5 else "cifar10"
+        (d / "config.yaml").write_text(f"data: {{dataset: {ds}}}\n")
+        (d / "summary.json").write_text(json.dumps({"val_accuracy": 0.5 + i / 100, "test_accuracy": 0.5,
+                                                    "score": 1.0 / (i + 1), "bits_w": 7.9999999, "bits_a": 4.03125}))
+        loss = 1e4 if i == 3 else 1.0
+        (d / "metrics.jsonl").write_text("".join(json.dumps(
+            {"epoch": e, "train_loss": loss / e, "val_loss": loss / e, "train_accuracy": 0.5, "val_accuracy": 0.5,
+             **({"step": 1 + e // 3} if i == 7 else {})}) + "\n" for e in range(1, 6)))
+    figs = []
+    real = report._figure
+    monkeypatch.setattr(report, "_figure", lambda *a: figs.append(real(*a)) or figs[-1])
+    r = report.build_report([runs], tmp_path / "rep")
+    curves, pareto = figs[0], figs[1]
+    acc, loss, _ = curves.axes[:3]
+    legend = curves.legends[0] if curves.legends else acc.get_legend()
+    assert legend is not None and len(legend.get_texts()) == 15
+    colors = {to_rgba(line.get_color()) for line in acc.get_lines() if line.get_label() and
+              not line.get_label().startswith("_")}
+    assert len(colors) == 15
+    assert loss.get_yscale() == "log"
+    assert all(float(t).is_integer() for t in acc.get_xticks())
+    assert any(line.get_linestyle() == ":" for line in acc.get_lines())  # r07's pruning steps
+    assert len(pareto.axes[0].texts) >= 1  # front points are named
+    assert r["best_per_dataset"] == {"cifar10": "r14", "synthetic": "r04"}
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Best on synthetic: **r04**" in md and "| dataset |" in md.replace("|dataset|", "| dataset |")
+    assert "8/4.03" in md and "7.9999" not in md
+
+
+def test_recipe_keys_take_either_spelling(tmp_path):
+    from edlab.pipeline import check_stages, load_recipe
+
+    p = tmp_path / "r.yaml"
+    p.write_text("stages:\n  - train: {dataset: synthetic, data.train_subset: 64, threads: 1}\n"
+                 "  - prune: {structured: 0.2, epochs: 1, train-subset: 64, threads: 1}\n"
+                 "  - quantize: {method: qat, data.train_subset: 64, train_subset: 64, threads: 1}\n")
+    check_stages(load_recipe(str(p)))

@@ -112,7 +112,7 @@ def cli():
     \b
     Quick start:
       edlab train --model resnet20 --epochs 30            # CIFAR-10 from $EDLAB_DATA_DIR or ./data
-      edlab score runs/resnet20-*/model.ckpt              # the course score, counted from the model
+      edlab score runs/latest/model.ckpt                  # the course score of the newest run
     """
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
 
@@ -188,7 +188,7 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json)
 
     from .checkpoint import load_checkpoint, trained_with
     from .data import get_data
-    from .train import evaluate, resolve_device
+    from .train import TTA_COST, evaluate, resolve_device
 
     model = load_checkpoint(checkpoint)
     trained = trained_with(model)  # checked metadata: never a folder to create or a download to try
@@ -204,6 +204,7 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json)
         precision = str(dtype).replace("torch.", "")
     if tta == "trained":
         tta = trained["tta"]
+    click.echo(f"evaluating {len(data.test.split):,} test images x {TTA_COST[tta]} view(s) on {dev}", err=True)
     r = evaluate(model, data.test, tta=tta)
     out = {"checkpoint": checkpoint, "dataset": dataset, "precision": precision, "tta": tta,
            "test_accuracy": r["accuracy"], "test_loss": r["loss"], "images": len(data.test.split)}
@@ -366,6 +367,8 @@ def models():
 @click.option("--data-dir")
 @click.option("--batch-size", type=int)
 @click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]))
+@click.option("--train-subset", type=int, help="Draw batches from only N training images.")
+@click.option("--threads", type=int, help="CPU threads (default: all cores; 1 on a busy shared machine).")
 @click.option("--steps", type=int, default=100, show_default=True)
 @click.option("--start", type=float, default=1e-6, show_default=True)
 @click.option("--end", type=float, default=10.0, show_default=True)
@@ -385,10 +388,14 @@ def lr_find(config, steps, start, end, plot_path, sets, **flags):
     if not 0 < start < end:
         raise EdlabError(f"--start must be > 0 and below --end (got {start}, {end})")
     cfg = load_train_config(config, _flags_to_tree(flags, TRAIN_FLAGS), list(sets))
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     data = data_from_config(cfg, device)
     model = model_from_config(cfg, data.num_classes)
-    r = lr_range_test(model, data, cfg, start, end, steps)
+    r = lr_range_test(model, data, cfg, start, end, steps, progress=lambda m: click.echo(m, err=True))
     plot(r, plot_path)
     click.echo(f"suggested lr {r['suggested_lr']:.3g} ({len(r['lrs'])} steps, plot: {plot_path})")
 

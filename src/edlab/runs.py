@@ -135,6 +135,23 @@ class MlflowTracker:
 TRACKERS = {"wandb": WandbTracker, "mlflow": MlflowTracker}  # tensorboard: always on, built in
 
 
+def _link_latest(path: Path) -> None:
+    """Point ``<root>/latest`` at the newest run folder, so examples can say runs/latest/model.ckpt
+    (a glob like runs/resnet20-*/model.ckpt breaks once two runs exist). Replaced atomically; where
+    links cannot be made, or a real folder is named latest, nothing happens."""
+    link, tmp = path.parent / "latest", path.parent / f".latest-{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(path.name, target_is_directory=True)
+        if link.is_symlink() or not link.exists():
+            os.replace(tmp, link)
+    except OSError:
+        pass
+    finally:
+        if tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
+
+
 class Run:
     """A run directory. ``Run.create`` makes a new unique one; ``Run.open`` an existing one (resume)."""
 
@@ -164,9 +181,10 @@ class Run:
             path = Path(root) / (f"{name}-{stamp}" + (f"-{i}" if i else ""))
             try:
                 path.mkdir()
-                return cls(path)
             except FileExistsError:
                 continue
+            _link_latest(path)
+            return cls(path)
         raise EdlabError(f"could not create a run directory under {root}")
 
     @classmethod

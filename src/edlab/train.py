@@ -134,6 +134,7 @@ class LRSchedule:
 
 # ------------------------------------------------------------------------------------------ evaluation
 TTA_VIEWS = ("none", "flip", "flip-shift")
+TTA_COST = {"none": 1, "flip": 2, "flip-shift": 6}  # forward passes per image
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -489,20 +490,29 @@ def model_summary(model: nn.Module) -> dict:
     return profile(model).to_dict()
 
 
-def _same_run_config(saved, cfg: TrainConfig) -> bool:
-    """Resuming needs the same config, except the thread count, the tracker, and what cures a diverged run
-    (a lower lr, gradient clipping, the NaN policy): the resumed epochs then use the new values."""
+def config_change(saved, cfg: TrainConfig) -> str | None:
+    """The first config key that differs from the saved config.yaml, in words ('optim.momentum: 0.9 saved,
+    0.5 now'), or None. What may change on resume: the thread count, the tracker, and what cures a diverged
+    run (a lower lr, gradient clipping, the NaN policy): the resumed epochs then use the new values."""
     import yaml
 
-    old = yaml.safe_load(saved.read_text()) or {}
-    new = cfg.model_dump(mode="json")
-    for d in (old, new):  # what may change on resume: threads, tracker, and the cures of a diverged run
-        d.pop("threads", None)
-        d.pop("tracker", None)
-        d.pop("nan_policy", None)
-        d.pop("grad_clip", None)
-        d.get("optim", {}).pop("lr", None)
-    return old == new
+    from .runs import _flatten
+
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return f"{saved} is unreadable"
+    old = _flatten(old) if isinstance(old, dict) else {}
+    new = _flatten(cfg.model_dump(mode="json"))
+    free = {"threads", "tracker", "nan_policy", "grad_clip", "optim.lr"}
+    for key in sorted((set(old) | set(new)) - free):
+        if old.get(key, "unset") != new.get(key, "unset"):
+            return f"{key}: {old.get(key, 'unset')!r} saved, {new.get(key, 'unset')!r} now"
+    return None
+
+
+def _same_run_config(saved, cfg: TrainConfig) -> bool:
+    return config_change(saved, cfg) is None
 
 
 def _open_run(cfg: TrainConfig, resume: bool, run: Run | None) -> Run:
@@ -510,9 +520,10 @@ def _open_run(cfg: TrainConfig, resume: bool, run: Run | None) -> Run:
         run = Run.open(cfg.out) if resume else Run.create(cfg.name or cfg.model.name, cfg.out)
     if resume:
         saved = run.file("config.yaml")
-        if saved.exists() and not _same_run_config(saved, cfg):
-            raise EdlabError(f"--resume: the config differs from the one saved in {saved}; resume with the "
-                             f"same config (edlab train {saved} --out {run.path} --resume)")
+        change = config_change(saved, cfg) if saved.exists() else None
+        if change:
+            raise EdlabError(f"--resume: the config differs from the one saved in {saved} ({change}); resume "
+                             f"with the same config (edlab train {saved} --out {run.path} --resume)")
     run.write_text("config.yaml", to_yaml(cfg))
     return run
 
@@ -562,6 +573,8 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     if cfg.keep == "best" and run.file("best.ckpt").exists():
         model = load_checkpoint(run.file("best.ckpt")).to(device)
     amp = resolve_precision(cfg.precision, device)
+    if console is not None:  # minutes on a CPU with 6 views: say what is happening
+        console.print(f"testing once: {len(data.test.split):,} images x {TTA_COST[cfg.tta]} view(s)")
     test = evaluate(model, data.test, amp, cfg.tta)  # the only time the test split is read
     model = model.to("cpu").to(memory_format=torch.contiguous_format).float().eval()
     save_checkpoint(model, run.file("model.ckpt"), test_accuracy=test["accuracy"],
