@@ -364,7 +364,8 @@ def plot_layers(rows: list[dict], title: str, path: Path) -> bool:
 
 # --- tables -----------------------------------------------------------------------------------------------
 
-COLUMNS = ["run", "group", "kind", "dataset", "model", "width", "conv", "optimizer", "lr", "batch", "wd", "augment", "epochs",
+COLUMNS = ["run", "group", "kind", "dataset", "model", "width", "conv", "optimizer", "lr", "batch", "wd", "augment",
+           "epochs",
            "val %", "test %", "params", "MACs", "bits w/a", "ps/pu", "score", "minutes"]
 
 
@@ -394,7 +395,8 @@ def run_cells(r: RunInfo) -> list[str]:
     bits = f"{_bits(s.get('bits_w'))}/{_bits(s.get('bits_a'))}" if s.get("bits_w") is not None else ""
     ps_pu = f"{s['ps']:.2f}/{s['pu']:.2f}" if _num(s.get("ps")) is not None and _num(s.get("pu")) is not None else ""
     seconds = _num(s.get("seconds"))
-    return [r.name, r.group, r.kind, _g(r.dataset), _g(r.get("model", "name") or s.get("model")), _g(r.get("model", "width")),
+    return [r.name, r.group, r.kind, _g(r.dataset), _g(r.get("model", "name") or s.get("model")),
+            _g(r.get("model", "width")),
             _g(r.get("model", "conv")), _g(r.get("optim", "name")), _g(r.get("optim", "lr")),
             _g(r.get("data", "batch_size")), _g(r.get("optim", "weight_decay")), _g(r.get("data", "augment")),
             _g(_first(s.get("epochs"), s.get("finetune_epochs_total"), r.get("epochs"))), _pct(_num(r.val)),
