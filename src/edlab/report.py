@@ -365,8 +365,7 @@ def plot_layers(rows: list[dict], title: str, path: Path) -> bool:
 # --- tables -----------------------------------------------------------------------------------------------
 
 COLUMNS = ["run", "group", "kind", "dataset", "model", "width", "conv", "optimizer", "lr", "batch", "wd", "augment",
-           "epochs",
-           "val %", "test %", "params", "MACs", "bits w/a", "ps/pu", "score", "minutes"]
+           "epochs", "val %", "test %", "params", "MACs", "bits w/a", "ps/pu", "score", "minutes"]
 
 
 def _pct(v: float | None) -> str:
