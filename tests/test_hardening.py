@@ -511,3 +511,10 @@ def test_recipe_keys_take_either_spelling(tmp_path):
                  "  - prune: {structured: 0.2, epochs: 1, train-subset: 64, threads: 1}\n"
                  "  - quantize: {method: qat, data.train_subset: 64, train_subset: 64, threads: 1}\n")
     check_stages(load_recipe(str(p)))
+
+
+def test_odd_config_sections_in_metadata_do_not_break_prune(tmp_path):
+    p = _ckpt_with(tmp_path, config={"model": 5, "data": 5, "optim": [1], "sched": "x"})
+    r = invoke("prune", p, "--structured", "0.2", "--epochs", "1", "--dataset", "synthetic", "--train-subset", "64",
+               "--threads", "1", "--precision", "fp32", "--set", "data.val_size=64", "--out", tmp_path / "p")
+    assert r.exit_code == 0, (r.output, r.exception)

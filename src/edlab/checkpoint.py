@@ -298,6 +298,10 @@ def _checked_metadata(meta: Any, path) -> dict:
         return meta
     if not isinstance(cfg, dict):
         return {k: v for k, v in meta.items() if k != "config"}
+    sections = ("model", "data", "optim", "sched", "distill")  # TrainConfig's sections: mappings or nothing
+    if any(k in cfg and not isinstance(cfg[k], dict) for k in sections):
+        cfg = {k: v for k, v in cfg.items() if k not in sections or isinstance(v, dict)}
+        meta = {**meta, "config": cfg}
     data = cfg.get("data")
     if isinstance(data, dict) and data.get("data_dir") is not None:
         meta = {**meta, "config": {**cfg, "data": {**data, "download": False}}}
