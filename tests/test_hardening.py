@@ -518,3 +518,13 @@ def test_odd_config_sections_in_metadata_do_not_break_prune(tmp_path):
     r = invoke("prune", p, "--structured", "0.2", "--epochs", "1", "--dataset", "synthetic", "--train-subset", "64",
                "--threads", "1", "--precision", "fp32", "--set", "data.val_size=64", "--out", tmp_path / "p")
     assert r.exit_code == 0, (r.output, r.exception)
+
+
+def test_a_pipeline_whose_first_stage_failed_can_be_run_again(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDLAB_DATA_DIR", raising=False)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"stages:\n  - train: {{dataset: cifar10, data-dir: {tmp_path / 'nodata'}, "
+                      f"data.download: false, epochs: 1}}\n")
+    for _ in range(2):  # the second attempt meets the same cause, not "not a pipeline's folder"
+        r = invoke("run", recipe, "--out", tmp_path / "p")
+        assert r.exit_code == 2 and "not found" in r.stderr and "not a pipeline" not in r.stderr, r.stderr

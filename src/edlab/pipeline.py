@@ -37,6 +37,7 @@ TAKES_CHECKPOINT = {"prune", "quantize", "export", "eval", "score", "bench", "in
 RESUMABLE = {"train", "quantize"}  # commands with --resume, used when the stage left a resume.pt
 WRITES_JSON = {"score", "eval", "bench"}  # their --json output is the stage's result
 NO_OUT = {"score", "eval", "bench", "info"}
+LOCK = ".edlab-pipeline.lock"
 
 
 def load_recipe(path: str, sets: list[str] | None = None) -> dict:
@@ -135,7 +136,7 @@ def _folder_lock(root: Path):
     except ImportError:  # not POSIX: no lock
         yield
         return
-    with open(root / ".edlab-pipeline.lock", "a+") as f:
+    with open(root / LOCK, "a+") as f:  # also marks the folder as a pipeline's, should stage 0 fail
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -227,14 +228,7 @@ def _invoke(argv: list[str]) -> tuple[int, str]:
 def _open_root(root: Path, recipe_path: str, recipe: dict) -> tuple[list, bool]:
     """Check that ``root`` can hold this pipeline; return the stages an earlier run of it finished, and
     whether its pipeline.json predates recorded recipes (then the stages' command lines are compared)."""
-    check_out_path(root, "--out")
     state_path = root / "pipeline.json"
-    if root.is_dir() and not state_path.exists():
-        own = {".edlab-pipeline.lock", Path(recipe_path).name if Path(recipe_path).parent.resolve() ==
-               root.resolve() else ""}
-        if any(p.name not in own for p in root.iterdir()):
-            raise EdlabError(f"{root} exists and is not a pipeline's folder (no pipeline.json); choose another --out")
-    root.mkdir(parents=True, exist_ok=True)
     if not state_path.exists():
         return [], False
     try:
@@ -255,6 +249,10 @@ def run_pipeline(recipe_path: str, sets: list[str] | None = None, out: str | Non
     check_stages(recipe)
     root = Path(out or recipe["out"] or f"runs/{recipe['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_out_path(root, "--out")
+    if root.is_dir() and not (root / "pipeline.json").exists() and not (root / LOCK).exists():
+        mine = Path(recipe_path).name if Path(recipe_path).parent.resolve() == root.resolve() else None
+        if any(p.name != mine for p in root.iterdir()):  # (the demo writes its recipe into the folder first)
+            raise EdlabError(f"{root} exists and is not a pipeline's folder (no pipeline.json); choose another --out")
     root.mkdir(parents=True, exist_ok=True)
     with _folder_lock(root):
         return _run_stages(recipe_path, recipe, root, echo)
@@ -271,8 +269,6 @@ def _run_stages(recipe_path: str, recipe: dict, root: Path, echo) -> dict:
         write_json(state_path, {"recipe": recipe_path, "name": recipe["name"], **extra, "spec": spec,
                                 "stages": results})
 
-    if not state_path.exists():  # from now on the folder is this pipeline's, even if stage 0 fails
-        save_state()
     for i, (name, opts) in enumerate(recipe["stages"]):
         stage_dir = root / f"{i:02d}-{name}"
         prev = done[i] if i < len(done) else None
