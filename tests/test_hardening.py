@@ -113,6 +113,9 @@ def test_a_bad_out_is_one_line(tmp_path, small_ckpt, kind):
     one_line(invoke("run", score_recipe(tmp_path, small_ckpt), "--out", out), str(out))
     if kind != "other-folder":
         one_line(invoke("train", *TINY, "--epochs", "1", "--out", out), str(out))
+        (tmp_path / "runs" / "a").mkdir(parents=True)
+        (tmp_path / "runs" / "a" / "summary.json").write_text('{"val_accuracy": 0.5}')
+        one_line(invoke("report", tmp_path / "runs", "--out", out), str(out))
     assert kind != "file" or out.read_text() == "mine"
 
 

@@ -449,6 +449,9 @@ img { max-width: 100%; border: 1px solid #eee; } .note { color: #666; } .wide { 
 
 def _prepare_out(out: Path) -> None:
     """Refuse to write into a folder that holds anything but an earlier report."""
+    from .runs import check_out_path
+
+    check_out_path(out, "--out")  # a dangling link, or a file on the way to it
     if out.exists() and not out.is_dir():
         raise EdlabError(f"--out {out} is a file, not a directory")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
