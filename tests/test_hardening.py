@@ -531,3 +531,15 @@ def test_a_pipeline_whose_first_stage_failed_can_be_run_again(tmp_path, monkeypa
     for _ in range(2):  # the second attempt meets the same cause, not "not a pipeline's folder"
         r = invoke("run", recipe, "--out", tmp_path / "p")
         assert r.exit_code == 2 and "not found" in r.stderr and "not a pipeline" not in r.stderr, r.stderr
+
+
+def test_the_failed_stage_of_a_pipeline_may_be_fixed_in_the_recipe(tmp_path, small_ckpt):
+    """Only finished stages are held to the recorded recipe: the stage that failed can be corrected."""
+    recipe, out = tmp_path / "r.yaml", tmp_path / "p"
+    recipe.write_text(f"stages:\n  - score: {{checkpoint: {small_ckpt}}}\n"
+                      f"  - score: {{checkpoint: {tmp_path / 'missing.ckpt'}}}\n")
+    r = invoke("run", recipe, "--out", out)
+    assert r.exit_code == 2 and "stage 1 (score) failed" in r.stderr, r.stderr
+    recipe.write_text(f"stages:\n  - score: {{checkpoint: {small_ckpt}}}\n  - score: {{checkpoint: {small_ckpt}}}\n")
+    r = invoke("run", recipe, "--out", out)
+    assert r.exit_code == 0 and "done earlier, skipped" in r.output, (r.output, r.stderr)

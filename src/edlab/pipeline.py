@@ -113,17 +113,18 @@ def _spec(recipe: dict) -> list:
     return json.loads(json.dumps(recipe["stages"], default=str))
 
 
-def _spec_change(old: list, new: list) -> str | None:
-    """How the recipe of a pipeline folder changed, in words (None: same, or only stages added at the end)."""
-    for i, ((o_name, o_opts), (n_name, n_opts)) in enumerate(zip(old, new)):
+def _spec_change(old: list, new: list, finished: int) -> str | None:
+    """How the recipe of a pipeline folder changed in its ``finished`` stages, in words, or None. Stages not
+    finished yet may change (a failed stage's option is fixed in the recipe), and stages may be added."""
+    for i, ((o_name, o_opts), (n_name, n_opts)) in enumerate(list(zip(old, new))[:finished]):
         if o_name != n_name:
             return f"stage {i} was {o_name}, now {n_name}"
         for key in sorted(set(o_opts) | set(n_opts)):
             if o_opts.get(key, "unset") != n_opts.get(key, "unset"):
                 return f"stage {i} ({n_name}) option '{key}' was {o_opts.get(key, 'unset')!r}, " \
                        f"now {n_opts.get(key, 'unset')!r}"
-    if len(new) < len(old):
-        return f"the recipe had {len(old)} stages, now {len(new)}"
+    if len(new) < min(finished, len(old)):
+        return f"{finished} stages ran, the recipe now has {len(new)}"
     return None
 
 
@@ -237,7 +238,8 @@ def _open_root(root: Path, recipe_path: str, recipe: dict) -> tuple[list, bool]:
         assert isinstance(done, list) and all(isinstance(d, dict) for d in done)
     except Exception:
         raise EdlabError(f"{state_path} is unreadable; choose another --out") from None
-    change = _spec_change(saved["spec"], _spec(recipe)) if isinstance(saved.get("spec"), list) else None
+    finished = sum(1 for d in done if d.get("status") == "done")
+    change = _spec_change(saved["spec"], _spec(recipe), finished) if isinstance(saved.get("spec"), list) else None
     if change:
         raise EdlabError(f"{root} holds a run of another recipe ({change}); run the same recipe and --set "
                          f"to continue it, or choose another --out")
