@@ -374,10 +374,10 @@ def test_sweeps_started_at_the_same_instant_share_a_new_storage(tmp_path):
             "while not pathlib.Path(sys.argv[3]).exists(): time.sleep(0.001)\nopen_study(st, url)\nprint('ok')\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     procs = [subprocess.Popen([sys.executable, "-c", code, str(study), str(out), str(go)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
-    go.touch()  # all three create the storage's tables at the same instant
+    go.touch()  # all four create the storage's tables at the same instant
     for p in procs:
         o, e = p.communicate(timeout=120)
         assert p.returncode == 0 and o.strip() == "ok", e[-500:]
@@ -400,8 +400,9 @@ def test_one_bad_run_folder_does_not_abort_the_report(tmp_path):
     assert (tmp_path / "rep" / "index.html").is_file()
 
 
-def test_md5_warning_once_per_data_folder(tmp_path, recwarn):
+def test_md5_warning_once_per_data_folder(tmp_path):
     import pickle
+    import warnings
 
     import numpy as np
 
@@ -412,18 +413,18 @@ def test_md5_warning_once_per_data_folder(tmp_path, recwarn):
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         with open(folder / name, "wb") as f:
             pickle.dump({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 3]}, f)
-    said = []
-    for _ in range(3):  # three commands (processes): the in-process memo is cleared each time
+
+    def command() -> int:
+        """One command, as a new process would run it: no memo in the process, every warning shown."""
         data._MD5_CHECKED.clear()
-        recwarn.clear()
-        data.load_cifar("cifar10", str(tmp_path), download=False)
-        said.append(sum("md5" in str(w.message) for w in recwarn))
-    assert said == [1, 0, 0]
-    (folder / "data_batch_1").write_bytes((folder / "data_batch_1").read_bytes() + b"")  # same bytes, new mtime
-    os.utime(folder / "data_batch_1", ns=(1, 1))
-    data._MD5_CHECKED.clear()
-    data.load_cifar("cifar10", str(tmp_path), download=False)
-    assert sum("md5" in str(w.message) for w in recwarn) == 1  # a changed file is checked anew
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data.load_cifar("cifar10", str(tmp_path), download=False)
+        return sum("md5" in str(w.message) for w in caught)
+
+    assert [command() for _ in range(3)] == [1, 0, 0]
+    os.utime(folder / "data_batch_1", ns=(1, 1))  # the file changed (its mtime): checked anew
+    assert command() == 1
 
 
 def test_runs_latest_points_at_the_newest_run(tmp_path):
