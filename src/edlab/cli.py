@@ -12,6 +12,8 @@ import click
 
 from .errors import EdlabError
 
+TTA_NAMES = ("none", "flip", "flip-shift")  # edlab.train.TTA_VIEWS (not imported here: the CLI starts fast)
+
 # CLI flag -> config key: the common options as flags (like timm's train.py), the rest via --set.
 TRAIN_FLAGS = {
     "model": "model.name", "dataset": "data.dataset", "data_dir": "data.data_dir",
@@ -161,7 +163,7 @@ def train(config, resume, sets, **flags):
 @click.option("--half", is_flag=True, help="Evaluate in half precision (fp16 on CUDA, bf16 on CPU).")
 @click.option("--batch-size", type=int, default=1000, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--tta", type=click.Choice(["none", "flip", "flip-shift", "trained"]), default="trained",
+@click.option("--tta", type=click.Choice([*TTA_NAMES, "trained"]), default="trained",
               show_default=True, help="Test-time views averaged; 'trained' = what the run that made it used.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json):
@@ -176,7 +178,7 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json)
 
     from .checkpoint import load_checkpoint
     from .data import get_data
-    from .train import evaluate, resolve_device
+    from .train import TTA_VIEWS, evaluate, resolve_device
 
     model = load_checkpoint(checkpoint)
     cfg = getattr(model, "edlab_metadata", {}).get("config", {})
@@ -191,9 +193,11 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json)
         model.to(dtype)
         precision = str(dtype).replace("torch.", "")
     if tta == "trained":
-        tta = cfg.get("tta", "none")
+        recorded = getattr(model, "edlab_metadata", {}).get("inference") or {}
+        tta = recorded.get("tta") or cfg.get("tta", "none")
     r = evaluate(model, data.test, tta=tta)
     out = {"checkpoint": checkpoint, "dataset": dataset, "precision": precision, "tta": tta,
+           "views": TTA_VIEWS[tta],
            "test_accuracy": r["accuracy"], "test_loss": r["loss"], "images": len(data.test.split)}
     if as_json:
         click.echo(json.dumps(out, indent=2))
@@ -208,21 +212,29 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json)
 @click.option("--input-size", default="3,32,32", show_default=True, help="C,H,W of one input image.")
 @click.option("--bits-w", type=int, help="What-if: pretend every layer's weights have this many bits.")
 @click.option("--bits-a", type=int, help="What-if: pretend activations have this many bits.")
+@click.option("--tta", type=click.Choice(["recorded", *TTA_NAMES]), default="recorded", show_default=True,
+              help="Test-time views charged (f = views x MACs); recorded = those the checkpoint's accuracy used.")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
-def score(target, rules, input_size, bits_w, bits_a, as_json):
+def score(target, rules, input_size, bits_w, bits_a, tta, as_json):
     """The course score of a checkpoint or zoo model, counted layer by layer from the model itself.
+
+    A score describes the inference that produced the accuracy printed beside it: a checkpoint evaluated
+    with test-time views (tta flip-shift: 6 forward passes per image) is charged 6x its MACs.
 
     \b
     Examples:
       edlab score resnet18                       # 3.9790 in fp32
       edlab score runs/r20/model.ckpt --json
+      edlab score runs/r20/model.ckpt --tta none  # the same weights run on one view per image
       edlab score resnet20 --bits-w 8 --bits-a 8  # what-if estimate
     """
     from .score import profile, render
+    from .train import TTA_VIEWS
 
     model = load_model_arg(target)
     size = _parse_size(input_size)
-    p = profile(model, input_size=size, rules=rules, bits_w=bits_w, bits_a=bits_a)
+    views = None if tta == "recorded" else TTA_VIEWS[tta]
+    p = profile(model, input_size=size, rules=rules, bits_w=bits_w, bits_a=bits_a, views=views)
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))
     else:

@@ -132,7 +132,8 @@ class LRSchedule:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-TTA_VIEWS = ("none", "flip", "flip-shift")
+# Test-time view sets -> forward passes per image; the score charges them (f = views x MACs of one pass).
+TTA_VIEWS = {"none": 1, "flip": 2, "flip-shift": 6}
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -436,7 +437,24 @@ def model_from_config(cfg: TrainConfig, num_classes: int) -> nn.Module:
 def data_from_config(cfg: TrainConfig, device: torch.device) -> Data:
     d = cfg.data
     return get_data(d.dataset, d.data_dir, d.batch_size, d.augment, d.val_size, d.train_subset, d.cutout,
-                    d.eval_batch_size, cfg.seed, device, download=d.download)
+                    d.eval_batch_size, cfg.seed, device, download=d.download, split_seed=d.split_seed)
+
+
+def with_split_seed(cfg: TrainConfig) -> TrainConfig:
+    """The config with its validation split's seed written out (the run's seed when unset), so that the
+    checkpoint records the split and every later stage inherits it."""
+    if cfg.data.split_seed is not None:
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.split_seed = cfg.seed
+    return cfg
+
+
+def inference_record(cfg: TrainConfig, amp: torch.dtype | None) -> dict:
+    """How the reported accuracy was measured, per image: test-time views (the score multiplies f by them)
+    and the arithmetic. Stored in checkpoints and summaries; ``edlab.score.views_of`` reads it back."""
+    return {"tta": cfg.tta, "views": TTA_VIEWS[cfg.tta],
+            "precision": str(amp).replace("torch.", "") if amp else "fp32"}
 
 
 def model_summary(model: nn.Module) -> dict:
@@ -453,6 +471,8 @@ def _same_run_config(saved, cfg: TrainConfig) -> bool:
 
     old = yaml.safe_load(saved.read_text()) or {}
     new = cfg.model_dump(mode="json")
+    if isinstance(old.get("data"), dict) and old["data"].get("split_seed") is None:  # saved before split_seed
+        old["data"]["split_seed"] = old.get("seed", 0)
     for d in (old, new):  # what may change on resume: threads, tracker, and the cures of a diverged run
         d.pop("threads", None)
         d.pop("tracker", None)
@@ -482,6 +502,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     Under torchrun, rank 0 makes the run directory and tests; other ranks return (model, None)."""
     from . import distributed
 
+    cfg = with_split_seed(cfg)
     torch.manual_seed(cfg.seed)
     if cfg.threads:  # on a shared machine, fewer threads than cores avoids OpenMP stalls
         torch.set_num_threads(cfg.threads)
@@ -515,8 +536,11 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     amp = resolve_precision(cfg.precision, device)
     test = evaluate(model, data.test, amp, cfg.tta)  # the only time the test split is read
     model = model.to("cpu").to(memory_format=torch.contiguous_format).float().eval()
-    save_checkpoint(model, run.file("model.ckpt"), test_accuracy=test["accuracy"],
-                    val_accuracy=state.best_val, config=cfg.model_dump(mode="json"))
+    inference = inference_record(cfg, amp)
+    meta = dict(test_accuracy=test["accuracy"], val_accuracy=state.best_val, config=cfg.model_dump(mode="json"),
+                inference=inference)
+    save_checkpoint(model, run.file("model.ckpt"), **meta)
+    model.edlab_metadata = meta
     last = state.history[-1] if state.history else {}
     summary = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
@@ -524,7 +548,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
         "best_epoch": state.best_epoch, "epochs": state.epoch, "seconds": state.seconds,
         "wall_seconds_this_process": time.perf_counter() - t0, "skipped_steps": state.skipped_steps,
         "tta": cfg.tta, "ema": cfg.ema, "device": str(device), "world_size": d.world,
-        "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "precision": inference["precision"], "inference": inference,
         "model": cfg.model.name, "dataset": cfg.data.dataset, **model_summary(model),
         "command": command_line(), "run_dir": str(run.path),
     }
