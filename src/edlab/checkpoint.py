@@ -266,7 +266,12 @@ def _model_from_header(header: dict) -> nn.Module:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model saved at ``path`` (in eval mode); never executes code from the file."""
+    """Rebuild the model saved at ``path`` (in eval mode); never executes code from the file. A packed
+    deployment file (``edlab pack``, edlab.pack) loads too."""
+    from .pack import is_packed, unpack_model
+
+    if Path(path).is_file() and is_packed(path):
+        return unpack_model(Path(path).read_bytes(), path).to(map_location)
     header, tensors = read_checkpoint(path)
     model = model_from_header(header)
     dtypes = {v.dtype for k, v in tensors.items() if v.is_floating_point()}
@@ -282,5 +287,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def checkpoint_info(path: str | Path) -> dict:
+    """The verified header of a checkpoint or packed file: arch, modules, metadata."""
+    from .pack import is_packed, read_pack_header
+
+    if Path(path).is_file() and is_packed(path):
+        return read_pack_header(path)
     header, _ = read_checkpoint(path)
     return header
