@@ -130,7 +130,7 @@ def _dt(t: torch.Tensor) -> str:
 def pack_model(model: nn.Module, metadata: dict | None = None) -> tuple[bytes, dict]:
     """The packed bytes of ``model`` (eval-mode inference form) and a breakdown of their sizes."""
     from .checkpoint import _describe_modules, arch_of
-    from .quantize import QUANT_TYPES, _Binary, _LSQ
+    from .quantize import _LSQ, QUANT_TYPES, _Binary
 
     model = model.eval()
     w = _Writer()
