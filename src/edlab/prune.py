@@ -588,7 +588,7 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
                source: str | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` by ``recipe``, fine-tuning with ``cfg`` (a TrainConfig) after every step; write one
     metrics line per step, finetune.jsonl (the epochs), model.ckpt and summary.json into ``run``."""
-    from .checkpoint import save_checkpoint
+    from .checkpoint import save_checkpoint, with_stage
     from .config import to_yaml
     from .runs import command_line
     from .train import evaluate, fit, inference_record, resolve_device, resolve_precision
@@ -688,7 +688,10 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
     stored["data"] = cfg.data.model_dump(mode="json")
     meta = {"config": stored, "prune": asdict(recipe), "finetune_config": cfg.model_dump(mode="json"),
             "test_accuracy": test["accuracy"], "val_accuracy": last["val_accuracy"], "source": source,
-            "inference": inference}
+            "inference": inference,
+            "stages": with_stage(model, {"stage": "prune", "structured": recipe.structured,
+                                         "unstructured": recipe.unstructured, "ps": p.ps, "pu": p.pu,
+                                         "test_accuracy": test["accuracy"], "views": inference["views"]})}
     save_checkpoint(model, run.file("model.ckpt"), **meta)
     model.edlab_metadata = meta
     summary = {

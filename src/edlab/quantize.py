@@ -456,10 +456,12 @@ def _half(source: nn.Module, method: str, data, run, cfg, options: dict) -> dict
 
 def _save(model: nn.Module, run, test: dict, val: float | None, cfg, options: dict, inference: dict) -> None:
     """model.ckpt of a stage, with how its accuracy was measured (the score charges its views)."""
-    from .checkpoint import save_checkpoint
+    from .checkpoint import save_checkpoint, with_stage
 
+    entry = {"stage": "quantize", **{k: v for k, v in options.items() if k != "source_checkpoint"},
+             "test_accuracy": test["accuracy"], "views": inference["views"]}
     meta = dict(test_accuracy=test["accuracy"], val_accuracy=val, config=cfg.model_dump(mode="json"),
-                quantization=options, inference=inference)
+                quantization=options, inference=inference, stages=with_stage(model, entry))
     save_checkpoint(model, run.file("model.ckpt"), **meta)
     model.edlab_metadata = meta
 

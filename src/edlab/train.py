@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import mixup
-from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint, with_stage
 from .config import OptimConfig, SchedConfig, TrainConfig, to_yaml
 from .data import Data, get_data
 from .distributed import Dist
@@ -167,7 +167,8 @@ def evaluate(model: nn.Module, loader, amp: torch.dtype | None = None, tta: str 
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     n = 0
-    dtype = next(model.parameters()).dtype  # a half model (edlab eval --half) takes half inputs
+    first = next(model.parameters(), None)  # a half model (edlab eval --half) takes half inputs
+    dtype = first.dtype if first is not None else torch.float32  # no parameters: an ONNX Runtime model
     for x, y in loader:
         x = x.to(dtype)
         with autocast(device, amp):
@@ -537,8 +538,10 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     test = evaluate(model, data.test, amp, cfg.tta)  # the only time the test split is read
     model = model.to("cpu").to(memory_format=torch.contiguous_format).float().eval()
     inference = inference_record(cfg, amp)
+    stages = with_stage(model, {"stage": "train", "model": cfg.model.name, "epochs": state.epoch,
+                                "test_accuracy": test["accuracy"], "views": inference["views"]})
     meta = dict(test_accuracy=test["accuracy"], val_accuracy=state.best_val, config=cfg.model_dump(mode="json"),
-                inference=inference)
+                inference=inference, stages=stages)
     save_checkpoint(model, run.file("model.ckpt"), **meta)
     model.edlab_metadata = meta
     last = state.history[-1] if state.history else {}
