@@ -365,7 +365,7 @@ def plot_layers(rows: list[dict], title: str, path: Path) -> bool:
 # --- tables -----------------------------------------------------------------------------------------------
 
 COLUMNS = ["run", "group", "kind", "dataset", "model", "width", "conv", "optimizer", "lr", "batch", "wd", "augment",
-           "epochs", "val %", "test %", "params", "MACs", "bits w/a", "ps/pu", "score", "minutes"]
+           "epochs", "val %", "test %", "views", "params", "MACs", "bits w/a", "ps/pu", "score", "minutes"]
 
 
 def _pct(v: float | None) -> str:
@@ -394,12 +394,14 @@ def run_cells(r: RunInfo) -> list[str]:
     bits = f"{_bits(s.get('bits_w'))}/{_bits(s.get('bits_a'))}" if s.get("bits_w") is not None else ""
     ps_pu = f"{s['ps']:.2f}/{s['pu']:.2f}" if _num(s.get("ps")) is not None and _num(s.get("pu")) is not None else ""
     seconds = _num(s.get("seconds"))
+    inference = s.get("inference") if isinstance(s.get("inference"), dict) else {}
+    views = _first(s.get("views"), inference.get("views"))
     return [r.name, r.group, r.kind, _g(r.dataset), _g(r.get("model", "name") or s.get("model")),
             _g(r.get("model", "width")),
             _g(r.get("model", "conv")), _g(r.get("optim", "name")), _g(r.get("optim", "lr")),
             _g(r.get("data", "batch_size")), _g(r.get("optim", "weight_decay")), _g(r.get("data", "augment")),
             _g(_first(s.get("epochs"), s.get("finetune_epochs_total"), r.get("epochs"))), _pct(_num(r.val)),
-            _pct(r.test), _int(s.get("params")), _int(s.get("macs")), bits, ps_pu,
+            _pct(r.test), _g(views), _int(s.get("params")), _int(s.get("macs")), bits, ps_pu,
             "" if r.score is None else f"{r.score:.4g}", "" if seconds is None else f"{seconds / 60:.3g}"]
 
 
