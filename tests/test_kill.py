@@ -13,6 +13,7 @@ from killtest import KillPoint, env, fingerprint, random_kill_points, run_edlab,
 from edlab import EdlabError, load_checkpoint, save_checkpoint
 from edlab.checkpoint import read_checkpoint
 from edlab.models import create_model
+from edlab.train import read_resume
 
 # Tiny stages, 1 thread: train 2 epochs (resume.pt after each) -> prune (fine-tune 1 epoch per step; redone
 # from the start when killed) -> qat 2 epochs (resume.pt after each). 17 atomic writes when uninterrupted:
@@ -114,7 +115,7 @@ def test_standalone_quantize_resume_after_a_kill(pipeline_ref, tmp_path):
     args = ["quantize", src, "--method", "qat", "--bits-w", "4", "--epochs", "2", "--out", tmp_path / "q"]
     r = run_edlab(args, kill=KillPoint(write=3))
     assert r.returncode == -9
-    blob = torch.load(tmp_path / "q" / "resume.pt", weights_only=True)
+    blob = read_resume(tmp_path / "q" / "resume.pt")
     assert blob["state"]["epoch"] == 1  # the epoch-1 state survived the torn epoch-2 write
     r = run_edlab(args + ["--resume"])
     assert r.returncode == 0, r.stderr

@@ -27,7 +27,7 @@ from edlab.checkpoint import _header_digest, _tensor_digest, read_checkpoint
 from edlab.cli import cli
 from edlab.models import create_model
 from edlab.runs import Run
-from edlab.train import data_from_config, fit, model_from_config, train
+from edlab.train import data_from_config, fit, model_from_config, read_resume, train
 
 TINY = ["--model", "resnet20", "--dataset", "synthetic", "--train-subset", "128", "--batch-size", "64",
         "--precision", "fp32", "--threads", "1", "--set", "model.width=0.25", "--set", "data.val_size=64"]
@@ -341,7 +341,7 @@ def test_nan_stops_the_run_keeping_the_last_good_epoch_and_resume_finishes_it(ti
     disarm()
     run = Run.open(cfg.out)
     assert [r["epoch"] for r in run.metrics()] == [1] and not run.file("summary.json").exists()
-    assert torch.load(run.file("resume.pt"), weights_only=True)["state"]["epoch"] == 1
+    assert read_resume(run.file("resume.pt"))["state"]["epoch"] == 1
     load_checkpoint(run.file("best.ckpt"))  # the best checkpoint so far is intact
     model, s = train(cfg, resume=True)
     assert s["test_accuracy"] == ref["test_accuracy"] and torch.equal(_weights(model), _weights(ref_model))

@@ -216,7 +216,8 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json)
     if tta == "trained":
         inference = meta.get("inference") if isinstance(meta.get("inference"), dict) else {}
         tta = inference.get("tta") if inference.get("tta") in TTA_VIEWS else trained["tta"]
-    click.echo(f"evaluating {len(data.test.split):,} test images x {TTA_VIEWS[tta]} view(s) on {dev}", err=True)
+    if not as_json:  # --json output is for scripts: no progress chatter
+        click.echo(f"evaluating {len(data.test.split):,} test images x {TTA_VIEWS[tta]} view(s) on {dev}", err=True)
     r = evaluate(model, data.test, tta=tta)
     if onnx:
         precision = (model.edlab_metadata.get("inference") or {}).get("precision", "fp32") + " (ONNX Runtime)"

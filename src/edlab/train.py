@@ -269,6 +269,11 @@ def _resume_bytes(path) -> bytes:
     return raw[n + 32:]
 
 
+def read_resume(path) -> dict:
+    """The contents of a resume file (checksum verified; weights_only: no code can run)."""
+    return torch.load(io.BytesIO(_resume_bytes(path)), map_location="cpu", weights_only=True)
+
+
 def _fit_state(s, epochs: int) -> FitState:
     """FitState from a resume file, each field of the right type and range (no traceback on a bad one)."""
     fields = FitState.__dataclass_fields__
@@ -286,7 +291,7 @@ def _fit_state(s, epochs: int) -> FitState:
 
 def _load_resume(path, model, opt, sched: LRSchedule, scaler, ema: EMA | None = None,
                  epochs: int | None = None) -> FitState:
-    body = _resume_bytes(path)
+    body = _resume_bytes(path)  # outside the try: a checksum mismatch has its own message
     try:  # weights_only: plain tensors and containers, no code can run
         blob = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
         state = _fit_state(blob["state"], epochs if epochs is not None else 1 << 30)
