@@ -12,6 +12,18 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
   { $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
       --no-install-recommends chromium; } >/dev/null 2>&1 || echo "test.sh: could not install chromium (browser test skips)"
 fi
+# tests/test_postgres.py starts its own PostgreSQL server: install the server quietly when missing (as Chromium)
+# and the driver (edlab[postgres]); without them that test skips, saying why.
+if ! command -v pg_ctl >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
+  { $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends postgresql; } >/dev/null 2>&1 || echo "test.sh: could not install postgresql (its test skips)"
+fi
+if ! .venv/bin/python -c "import psycopg" 2>/dev/null; then
+  .venv/bin/pip install --quiet "psycopg[binary]>=3.1" >/dev/null 2>&1 \
+    || echo "test.sh: could not install psycopg (the PostgreSQL test skips)"
+fi
 MARK="not slow and not stress"
 SHARED=../shared/data
 if [ -z "${EDLAB_DATA_DIR:-}" ] && [ -f "$SHARED/prepare_cifar10.py" ]; then

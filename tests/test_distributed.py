@@ -122,3 +122,39 @@ def test_rank_slices_with_averaged_gradients_equal_the_full_batch(tmp_path):
     assert not torch.equal(a["0.weight"], b["0.weight"] * 0)  # trained weights, not zeros
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_two_nodes_rendezvous_over_c10d_like_one_process(tmp_path):
+    """Two machines, as users start them: one torchrun agent per node (--nnodes 2, c10d rendezvous at the
+    first node's address), one rank each. Here both agents run on this machine, on the loopback address;
+    the result must equal the one-process run, like the one-node run above."""
+    (tmp_path / "job.py").write_text(SCRIPT)
+    one = _run([sys.executable, "job.py", "one.pt"], tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    if "lo" in {n for _, n in socket.if_nameindex()}:
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    for attempt in range(2):  # the free port picked here may be taken before the agent binds it: once more
+        port = _free_port()
+        agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                                    "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=edlab-test",
+                                    f"--node_rank={node}", "--max_restarts=0", "job.py", "two.pt"],
+                                   env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                  for node in (0, 1)]
+        outs = [a.communicate(timeout=300) for a in agents]
+        if all(a.returncode == 0 for a in agents) or attempt == 1:
+            break
+    assert all(a.returncode == 0 for a in agents), "\n".join(e[-3000:] for _, e in outs)
+    # one job of two ranks (rank 1 exists), not two jobs of one rank each
+    assert sorted(f.name for f in tmp_path.glob("threads-*.json")) == ["threads-0.json", "threads-1.json"]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k

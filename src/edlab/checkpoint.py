@@ -207,6 +207,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, arch: dict | None = None
 def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(header, tensors) of a checkpoint file, verified; one clear EdlabError if anything is off."""
     p = Path(path)
+    if p.is_dir():
+        raise EdlabError(f"{p} is a folder, not a checkpoint file (a run folder holds model.ckpt)")
     if not p.is_file():
         raise EdlabError(f"checkpoint not found: {p}")
     raw = p.read_bytes()
@@ -219,9 +221,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         tensors = st_load(raw)
         n = int.from_bytes(raw[:8], "little")  # safetensors: u64 header length, then JSON header
         header = json.loads(json.loads(raw[8:8 + n])["__metadata__"]["edlab"])
-    except (SafetensorError, KeyError, ValueError, OSError, json.JSONDecodeError) as e:
+    except (SafetensorError, KeyError, ValueError, OSError, TypeError, json.JSONDecodeError) as e:
         raise EdlabError(f"{p} is not a valid edlab checkpoint (corrupt or truncated?): "
                          f"{type(e).__name__}") from None
+    except RecursionError:
+        raise EdlabError(f"{p} is not a valid edlab checkpoint (its header is nested too deeply)") from None
     if not isinstance(header, dict):
         raise EdlabError(f"{p} is not a valid edlab checkpoint (its header is not a JSON object)")
     fmt = header.get("format")
@@ -282,8 +286,45 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         raise EdlabError(f"{path}: weights do not fit the architecture: {first[-1].strip()}") from None
-    model.edlab_metadata = header.get("metadata", {})
+    model.edlab_metadata = _checked_metadata(header.get("metadata"), path)
     return model.to(map_location).eval()
+
+
+def _checked_metadata(meta: Any, path) -> dict:
+    """Metadata is data from the file: a mapping, not too deep, its config a mapping; a data folder it
+    names is used but never downloaded into (a file must not make a command create folders or fetch)."""
+    from .config import check_tree
+
+    if not isinstance(meta, dict):
+        return {}
+    check_tree(meta, f"{path}: checkpoint metadata")
+    cfg = meta.get("config")
+    if cfg is None:
+        return meta
+    if not isinstance(cfg, dict):
+        return {k: v for k, v in meta.items() if k != "config"}
+    sections = ("model", "data", "optim", "sched", "distill")  # TrainConfig's sections: mappings or nothing
+    if any(k in cfg and not isinstance(cfg[k], dict) for k in sections):
+        cfg = {k: v for k, v in cfg.items() if k not in sections or isinstance(v, dict)}
+        meta = {**meta, "config": cfg}
+    data = cfg.get("data")
+    if isinstance(data, dict) and data.get("data_dir") is not None:
+        meta = {**meta, "config": {**cfg, "data": {**data, "download": False}}}
+    return meta
+
+
+def trained_with(model: nn.Module) -> dict:
+    """What a checkpoint's metadata says it was trained with (dataset, data folder, test-time views), each
+    checked: metadata is data from the file, so an odd value is dropped, never followed (it must not make
+    a command create folders or download elsewhere)."""
+    meta = getattr(model, "edlab_metadata", None)
+    cfg = meta.get("config") if isinstance(meta, dict) else None
+    cfg = cfg if isinstance(cfg, dict) else {}
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    dataset, data_dir, tta = data.get("dataset"), data.get("data_dir"), cfg.get("tta")
+    return {"dataset": dataset if dataset in ("cifar10", "cifar100", "synthetic") else None,
+            "data_dir": data_dir if isinstance(data_dir, str) and Path(data_dir).is_dir() else None,
+            "tta": tta if tta in ("none", "flip", "flip-shift") else "none"}
 
 
 def checkpoint_info(path: str | Path) -> dict:

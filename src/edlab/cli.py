@@ -3,6 +3,7 @@ input, missing file, invalid config) into one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import warnings
@@ -22,6 +23,11 @@ TRAIN_FLAGS = {
     "scheduler": "sched.name", "augment": "data.augment", "seed": "seed", "out": "out", "device": "device",
     "precision": "precision", "threads": "threads", "tracker": "tracker",
 }
+
+
+# OSErrors that describe the machine, not a bug: reported in one line (every write is atomic, so the
+# files written before the failure are whole).
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def _console():
@@ -96,6 +102,12 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("edlab: interrupted", err=True)
             sys.exit(130)
+        except OSError as e:  # the machine's answer (disk full, read-only, no permission): one line, exit 2
+            if e.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            where = f" writing {e.filename}" if e.filename else ""
+            click.echo(f"edlab: error: {e.strerror or e}{where}; files written before are intact", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -106,13 +118,13 @@ def cli():
     \b
     Quick start:
       edlab train --model resnet20 --epochs 30            # CIFAR-10 from $EDLAB_DATA_DIR or ./data
-      edlab score runs/resnet20-*/model.ckpt              # the course score, counted from the model
+      edlab score runs/latest/model.ckpt                  # the course score of the newest run
     """
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
 
 
 @cli.command()
-@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.argument("config", required=False, type=click.Path())  # a folder: one line from the reader
 @click.option("--model", help="Registered model name (see `edlab models`).")
 @click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "synthetic"]))
 @click.option("--data-dir", help="Folder holding cifar-10-batches-py/ (else $EDLAB_DATA_DIR, else ./data).")
@@ -180,19 +192,21 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json)
     """
     import torch
 
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, trained_with
     from .data import get_data
     from .train import TTA_VIEWS, evaluate, resolve_device
 
     onnx = checkpoint.endswith(".onnx")
     model = load_model_arg(checkpoint) if onnx else load_checkpoint(checkpoint)
-    cfg = getattr(model, "edlab_metadata", {}).get("config") or {}
-    dataset = dataset or model.edlab_metadata.get("dataset") or cfg.get("data", {}).get("dataset", "cifar10")
+    meta = model.edlab_metadata if isinstance(getattr(model, "edlab_metadata", None), dict) else {}
+    trained = trained_with(model)  # checked metadata: never a folder to create or a download to try
+    recorded = meta.get("dataset") if meta.get("dataset") in ("cifar10", "cifar100", "synthetic") else None
+    dataset = dataset or recorded or trained["dataset"] or "cifar10"
     dev = resolve_device("cpu" if onnx else device)  # ONNX Runtime runs here on the CPU
     if onnx and half:
         raise EdlabError("--half applies to checkpoints; an ONNX file runs in the precision it was exported in")
-    data = get_data(dataset, data_dir or cfg.get("data", {}).get("data_dir"), batch_size=batch_size,
-                    val_size=0, eval_batch_size=batch_size, device=dev)
+    data = get_data(dataset, data_dir or trained["data_dir"], batch_size=batch_size, val_size=0,
+                    eval_batch_size=batch_size, device=dev, download=False)
     model.to(dev)
     precision = "fp32"
     if half:
@@ -200,8 +214,9 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json)
         model.to(dtype)
         precision = str(dtype).replace("torch.", "")
     if tta == "trained":
-        recorded = getattr(model, "edlab_metadata", {}).get("inference") or {}
-        tta = recorded.get("tta") or cfg.get("tta", "none")
+        inference = meta.get("inference") if isinstance(meta.get("inference"), dict) else {}
+        tta = inference.get("tta") if inference.get("tta") in TTA_VIEWS else trained["tta"]
+    click.echo(f"evaluating {len(data.test.split):,} test images x {TTA_VIEWS[tta]} view(s) on {dev}", err=True)
     r = evaluate(model, data.test, tta=tta)
     if onnx:
         precision = (model.edlab_metadata.get("inference") or {}).get("precision", "fp32") + " (ONNX Runtime)"
@@ -440,7 +455,7 @@ def demo(model, epochs, train_subset, data_dir, out):
 
 
 @cli.command("run")
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe", type=click.Path())  # a folder: one line from the reader
 @click.option("--out", help="Pipeline directory (default: the recipe's out:, else runs/<name>-<timestamp>).")
 @click.option("--set", "sets", multiple=True, metavar="STAGE.KEY=VALUE",
               help="Edit a stage's option: prune.structured=0.5, 0.epochs=3, train.optim.lr=0.05.")
@@ -472,12 +487,14 @@ def models():
 
 
 @cli.command("lr-find")
-@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.argument("config", required=False, type=click.Path())  # a folder: one line from the reader
 @click.option("--model")
 @click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "synthetic"]))
 @click.option("--data-dir")
 @click.option("--batch-size", type=int)
 @click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]))
+@click.option("--train-subset", type=int, help="Draw batches from only N training images.")
+@click.option("--threads", type=int, help="CPU threads (default: all cores; 1 on a busy shared machine).")
 @click.option("--steps", type=int, default=100, show_default=True)
 @click.option("--start", type=float, default=1e-6, show_default=True)
 @click.option("--end", type=float, default=10.0, show_default=True)
@@ -497,10 +514,14 @@ def lr_find(config, steps, start, end, plot_path, sets, **flags):
     if not 0 < start < end:
         raise EdlabError(f"--start must be > 0 and below --end (got {start}, {end})")
     cfg = load_train_config(config, _flags_to_tree(flags, TRAIN_FLAGS), list(sets))
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     data = data_from_config(cfg, device)
     model = model_from_config(cfg, data.num_classes)
-    r = lr_range_test(model, data, cfg, start, end, steps)
+    r = lr_range_test(model, data, cfg, start, end, steps, progress=lambda m: click.echo(m, err=True))
     plot(r, plot_path)
     click.echo(f"suggested lr {r['suggested_lr']:.3g} ({len(r['lrs'])} steps, plot: {plot_path})")
 

@@ -11,13 +11,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import EdlabError
 
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-=@,")
+
+
+def safe_name(v: str) -> str:
+    """A run, recipe or study name becomes a folder name under runs/: one plain path component, so
+    that '../x' or '/etc' can never put a run outside runs/."""
+    if not v or v.startswith(".") or not set(v) <= NAME_CHARS or len(v) > 120:
+        raise ValueError("a name is one folder name of letters, digits and ._+-=@, (not starting with '.')")
+    return v
+
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no config value is ever meant to be inf or nan: refuse them (warmup_epochs=inf hung the schedule)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -36,7 +47,7 @@ class DataConfig(Section):
     train_subset: int | None = Field(None, ge=1)  # use only N training images (quick runs)
     augment: Literal["none", "crop-flip", "scale-rotate", "fancy"] = "crop-flip"
     cutout: int = Field(0, ge=0, le=32)  # side of the erased square, 0 = off
-    mixup: float = Field(0.0, ge=0)  # Beta(alpha, alpha) mixing, 0 = off
+    mixup: float = Field(0.0, ge=0, le=100)  # Beta(alpha, alpha) mixing, 0 = off (alpha 100 is already lam=0.5)
     batch_size: int = Field(128, ge=1, le=65536)
     eval_batch_size: int = Field(1000, ge=1, le=65536)
 
@@ -46,15 +57,22 @@ class OptimConfig(Section):
     lr: float = Field(0.1, gt=0, le=100)
     momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum (Adam uses betas)
     nesterov: bool = True
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decays, each in [0, 1)
     weight_decay: float = Field(5e-4, ge=0, le=1)
     no_decay_bn_bias: bool = True  # no weight decay on BN parameters and biases
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
 
 
 class SchedConfig(Section):
     name: Literal["none", "cosine", "onecycle", "step", "plateau"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)  # linear warm-up from lr/25 (cosine, step, plateau)
-    min_lr: float = Field(0.0, ge=0)  # floor of cosine
+    warmup_epochs: float = Field(0.0, ge=0, le=100000)  # linear warm-up from lr/25 (cosine, step, plateau)
+    min_lr: float = Field(0.0, ge=0, le=100)  # floor of cosine (at most optim.lr)
     step_size: int = Field(30, ge=1)  # step: epochs between decays
     gamma: float = Field(0.1, gt=0, le=1)  # step: decay factor
     factor: float = Field(0.1, gt=0, lt=1)  # plateau: decay factor
@@ -86,13 +104,24 @@ class TrainConfig(Section):
     sync_bn: bool = False  # under torchrun on GPUs: batch statistics over the whole global batch
     device: str = "auto"  # auto = cuda if present, else cpu
     threads: int | None = Field(None, ge=1, le=1024)  # CPU threads for torch (None = torch's default, the cores)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**31 - 1)  # every random stream derives from it (torch takes < 2**64)
     early_stop: int | None = Field(None, ge=1)  # stop after N epochs without val-accuracy gain
     keep: Literal["last", "best"] = "last"  # model.ckpt = last epoch or best validation epoch
     nan_policy: Literal["stop", "skip"] = "stop"  # a non-finite loss stops the run, or skips the step
     tracker: Literal["tensorboard", "wandb", "mlflow"] = "tensorboard"  # + W&B or MLflow (TensorBoard always)
     name: str | None = None  # run name (default: model name)
     out: str | None = None  # run directory (default: runs/<name>-<timestamp>)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return None if v is None else safe_name(v)
+
+    @model_validator(mode="after")
+    def _min_lr_below_lr(self):
+        if self.sched.min_lr > self.optim.lr:
+            raise ValueError(f"sched.min_lr ({self.sched.min_lr}) must not exceed optim.lr ({self.optim.lr})")
+        return self
 
     @field_validator("channels_last", mode="before")
     @classmethod
@@ -109,6 +138,8 @@ class TrainConfig(Section):
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
+    if len(parts) > MAX_DEPTH or not all(parts):
+        raise EdlabError(f"--set {key[:80]}: expected section.key=value")
     node = tree
     for p in parts[:-1]:
         node = node.setdefault(p, {})
@@ -128,6 +159,9 @@ def parse_overrides(pairs: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
+        except RecursionError:
+            raise EdlabError(f"--set {key.strip()}: the value is nested too deeply") from None
+        check_tree(value, f"--set {key.strip()}")
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -139,18 +173,65 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+MAX_YAML_BYTES = 1 << 20  # a config, recipe or study file is a few KB; a larger one is not one of them
+MAX_NODES = 100_000  # values after expanding YAML aliases: a "billion laughs" file expands past this at once
+MAX_DEPTH = 32  # nesting of mappings and lists: real files use 3 or 4 levels
+
+
+def check_tree(data: Any, what: str) -> None:
+    """Refuse a loaded document that is too deep or, with its aliases expanded, too large: a few lines
+    of YAML aliases can stand for billions of values, which a later walk (merge, validation) would expand
+    until memory runs out. Walks with a budget, so the check itself stays fast."""
+    stack = [(data, 1)]
+    nodes = 0
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise EdlabError(f"{what} is too large (more than {MAX_NODES:,} values once its aliases are expanded)")
+        if depth > MAX_DEPTH:
+            raise EdlabError(f"{what} is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+            stack.extend((k, depth + 1) for k in node if isinstance(k, tuple))
+        elif isinstance(node, list | tuple):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def read_text(path: str | Path, what: str = "file", limit: int = MAX_YAML_BYTES) -> str:
+    """A small UTF-8 text file, or one clear EdlabError (missing, a folder, too big, not UTF-8)."""
+    p = Path(path)
+    if p.is_dir():
+        raise EdlabError(f"{what} {p} is a folder, not a file")
+    if not p.is_file():
+        raise EdlabError(f"{what} not found: {p}")
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise EdlabError(f"cannot read {what} {p}: {e.strerror or e}") from None
+    if len(raw) > limit:
+        raise EdlabError(f"{what} {p} is larger than {limit // 1024} KiB; it is not a {what}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EdlabError(f"{what} {p} is not UTF-8 text (byte {e.start})") from None
+
+
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise EdlabError(f"config file not found: {p}")
+    text = read_text(p, "config file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise EdlabError(f"config {p} is not valid YAML{where}") from None
+    except RecursionError:
+        raise EdlabError(f"config {p} is nested too deeply") from None
     if not isinstance(data, dict):
         raise EdlabError(f"config {p} must be a mapping of keys, got {type(data).__name__}")
+    check_tree(data, f"config {p}")
     return data
 
 
@@ -165,11 +246,33 @@ def _describe(err: ValidationError, cls: type[BaseModel]) -> str:
             if section is None:
                 break
         valid = ", ".join(section.model_fields) if section else ""
-        return f"unknown config key '{key}'" + (f" (valid here: {valid})" if valid else "")
-    msg = e["msg"]
+        return f"unknown config key '{key}'" + (f" (valid here: {valid})" if valid else "") + \
+            _did_you_mean(e["loc"], section)
+    msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "literal_error":
         msg = msg.replace("Input should be", "choose")
-    return f"config key '{key}': {msg} (got {e.get('input')!r})"
+    if not key:  # a rule across keys (model validator): its message names them
+        return f"config: {msg}"
+    shown = repr(e.get("input"))
+    return f"config key '{key}': {msg} (got {shown[:80] + '...' if len(shown) > 80 else shown})"
+
+
+def _did_you_mean(loc: tuple, section: Any) -> str:
+    """'lr' at the top level -> did you mean optim.lr? (a key of a section), else the closest valid key."""
+    import difflib
+
+    leaf = str(loc[-1])
+    if len(loc) == 1:
+        homes = [f"{name}.{leaf}" for name, f in TrainConfig.model_fields.items()
+                 if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+                 and leaf in f.annotation.model_fields]
+        if homes:
+            return f"; did you mean {' or '.join(homes)}?"
+    if section is not None:
+        close = difflib.get_close_matches(leaf, list(section.model_fields), n=1)
+        if close:
+            return f"; did you mean {'.'.join(str(x) for x in loc[:-1]) + '.' if len(loc) > 1 else ''}{close[0]}?"
+    return ""
 
 
 def build(cls: type[BaseModel], *layers: dict) -> Any:

@@ -73,7 +73,10 @@ def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             d = _SafeUnpickler(f, encoding="latin1").load()
         data = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(d[label_key], dtype=np.int64)
+        raw = np.asarray(d[label_key])
+        if raw.dtype.kind not in "iu":  # 3.7 must not silently become class 3
+            raise TypeError(f"labels must be integers, got {raw.dtype}")
+        labels = raw.astype(np.int64)
     except Exception as e:  # any malformed file: one clear line
         raise EdlabError(f"malformed dataset file {path}: {type(e).__name__}: {e}") from None
     if len(data) != len(labels):
@@ -88,8 +91,21 @@ def resolve_data_dir(data_dir: str | None) -> Path:
 _MD5_CHECKED: set[Path] = set()
 
 
+def _md5_marker(path: Path) -> Path | None:
+    """Where the verdict on this exact file (folder, size, mtime) is remembered across processes, or None."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+    return cache / "edlab" / "md5-checked" / key
+
+
 def _check_md5(name: str, folder: Path) -> None:
-    """Warn (once per folder and process) when the files are not the official release."""
+    """Warn once per data folder when the files are not the official release: the verdict is remembered
+    in ~/.cache/edlab/md5-checked/ (keyed by the file's path, size and mtime), so later commands neither
+    repeat the warning nor hash the file again; a changed file is checked anew."""
     if folder in _MD5_CHECKED:
         return
     _MD5_CHECKED.add(folder)
@@ -100,8 +116,17 @@ def _check_md5(name: str, folder: Path) -> None:
     cls = CIFAR10 if name == "cifar10" else CIFAR100
     fname, md5 = cls.train_list[0]
     path = folder / fname
-    if path.is_file() and hashlib.md5(path.read_bytes()).hexdigest() != md5:
-        warnings.warn(f"{folder}: files differ from the official release (md5); using them anyway", stacklevel=3)
+    marker = _md5_marker(path)
+    if marker is None or marker.exists():
+        return
+    if hashlib.md5(path.read_bytes()).hexdigest() != md5:
+        warnings.warn(f"{folder}: files differ from the official release (md5); using them anyway (said once "
+                      f"per folder)", stacklevel=3)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{path}\n")
+    except OSError:  # a read-only home: the warning comes again next time, nothing worse
+        pass
 
 
 def _download(name: str, root: Path) -> None:

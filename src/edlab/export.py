@@ -240,7 +240,7 @@ def int8_stage(model: nn.Module, data, run, calib_images: int = 1024, quant_form
 
 
 @click.command("export")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())  # a folder: one line from read_checkpoint
 @click.option("--format", "fmt", default="onnx", show_default=True, help="Export format (onnx).")
 @click.option("--int8", is_flag=True, help="Post-training static int8 (ONNX Runtime), calibrated on training images.")
 @click.option("--calib-images", type=int, default=1024, show_default=True)

@@ -24,18 +24,20 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from .config import parse_overrides, read_yaml
+from .config import parse_overrides, read_yaml, safe_name
 from .errors import EdlabError
-from .runs import write_json
+from .runs import check_out_path, write_json
 
 TAKES_CHECKPOINT = {"prune", "quantize", "export", "eval", "score", "bench", "info"}
 RESUMABLE = {"train", "quantize"}  # commands with --resume, used when the stage left a resume.pt
 WRITES_JSON = {"score", "eval", "bench"}  # their --json output is the stage's result
 NO_OUT = {"score", "eval", "bench", "info"}
+LOCK = ".edlab-pipeline.lock"
 
 
 def load_recipe(path: str, sets: list[str] | None = None) -> dict:
@@ -67,7 +69,90 @@ def load_recipe(path: str, sets: list[str] | None = None) -> dict:
             raise EdlabError(f"--set {key}: name a stage by command or index (stages: "
                              f"{', '.join(f'{i}:{n}' for i, (n, _) in enumerate(parsed))})")
         parsed[idx][1][option] = value
-    return {"name": recipe.get("name") or Path(path).stem, "out": recipe.get("out"), "stages": parsed}
+    name = str(recipe.get("name") or Path(path).stem)
+    try:
+        safe_name(name)
+    except ValueError as e:
+        raise EdlabError(f"recipe {path}: name {name!r}: {e}") from None
+    return {"name": name, "out": recipe.get("out"), "stages": parsed}
+
+
+def check_stages(recipe: dict) -> None:
+    """Parse every stage's command line as the CLI would (unknown options, bad types, the train stage's
+    config, every stage's --set keys) before anything runs: a typo in stage 3 must not surface after
+    stages 0-2 ran for an hour."""
+    import click
+
+    from .cli import TRAIN_FLAGS, _flags_to_tree, cli
+    from .config import TrainConfig, build, load_train_config
+
+    ctx = click.Context(cli)
+    for i, (name, opts) in enumerate(recipe["stages"]):
+        cmd = cli.get_command(ctx, name)
+        made = any(n in ("train", "prune", "quantize") for n, _ in recipe["stages"][:i])
+        argv = stage_argv(name, opts, "model.ckpt" if made else None, Path("probe"))
+        try:
+            sub = cmd.make_context(name, argv[1:], parent=ctx)
+        except click.ClickException as e:
+            raise EdlabError(f"stage {i} ({name}): {e.format_message()}") from None
+        p = sub.params
+        try:
+            if name == "train":
+                load_train_config(p.get("config"), _flags_to_tree(p, TRAIN_FLAGS), list(p.get("sets") or ()))
+            elif p.get("sets"):  # keys and types of the stage's config edits (merged later with its checkpoint's)
+                try:
+                    build(TrainConfig, parse_overrides(list(p["sets"])))
+                except EdlabError as e:
+                    if not str(e).startswith("config: "):  # a rule across keys needs the merged config
+                        raise
+        except EdlabError as e:
+            raise EdlabError(f"stage {i} ({name}): {e}") from None
+
+
+def _spec(recipe: dict) -> list:
+    return json.loads(json.dumps(recipe["stages"], default=str))
+
+
+def _spec_change(old: list, new: list, finished: int) -> str | None:
+    """How the recipe of a pipeline folder changed in its ``finished`` stages, in words, or None. Stages not
+    finished yet may change (a failed stage's option is fixed in the recipe), and stages may be added."""
+    for i, ((o_name, o_opts), (n_name, n_opts)) in enumerate(list(zip(old, new))[:finished]):
+        if o_name != n_name:
+            return f"stage {i} was {o_name}, now {n_name}"
+        for key in sorted(set(o_opts) | set(n_opts)):
+            if o_opts.get(key, "unset") != n_opts.get(key, "unset"):
+                return f"stage {i} ({n_name}) option '{key}' was {o_opts.get(key, 'unset')!r}, " \
+                       f"now {n_opts.get(key, 'unset')!r}"
+    if len(new) < min(finished, len(old)):
+        return f"{finished} stages ran, the recipe now has {len(new)}"
+    return None
+
+
+@contextlib.contextmanager
+def _folder_lock(root: Path):
+    """Held while a pipeline runs in ``root``: a second ``edlab run`` with the same --out stops at once
+    instead of interleaving its stage files with the first's. The kernel drops the lock if the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(root / LOCK, "a+") as f:  # also marks the folder as a pipeline's, should stage 0 fail
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise EdlabError(f"another edlab run (pid {pid}) is working in {root}; wait for it to finish, "
+                             f"or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _commands() -> list[str]:
@@ -141,18 +226,60 @@ def _invoke(argv: list[str]) -> tuple[int, str]:
     return code, buf.getvalue()
 
 
+def _open_root(root: Path, recipe_path: str, recipe: dict) -> tuple[list, bool]:
+    """Check that ``root`` can hold this pipeline; return the stages an earlier run of it finished, and
+    whether its pipeline.json predates recorded recipes (then the stages' command lines are compared)."""
+    state_path = root / "pipeline.json"
+    if not state_path.exists():
+        return [], False
+    try:
+        saved = json.loads(state_path.read_text())
+        done = saved["stages"]
+        assert isinstance(done, list) and all(isinstance(d, dict) for d in done)
+    except Exception:
+        raise EdlabError(f"{state_path} is unreadable; choose another --out") from None
+    finished = sum(1 for d in done if d.get("status") == "done")
+    change = _spec_change(saved["spec"], _spec(recipe), finished) if isinstance(saved.get("spec"), list) else None
+    if change:
+        raise EdlabError(f"{root} holds a run of another recipe ({change}); run the same recipe and --set "
+                         f"to continue it, or choose another --out")
+    return done, "spec" not in saved
+
+
 def run_pipeline(recipe_path: str, sets: list[str] | None = None, out: str | None = None, echo=print) -> dict:
     recipe = load_recipe(recipe_path, sets)
+    check_stages(recipe)
     root = Path(out or recipe["out"] or f"runs/{recipe['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_out_path(root, "--out")
+    if root.is_dir() and not (root / "pipeline.json").exists() and not (root / LOCK).exists():
+        mine = Path(recipe_path).name if Path(recipe_path).parent.resolve() == root.resolve() else None
+        if any(p.name != mine for p in root.iterdir()):  # (the demo writes its recipe into the folder first)
+            raise EdlabError(f"{root} exists and is not a pipeline's folder (no pipeline.json); choose another --out")
     root.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(root):
+        return _run_stages(recipe_path, recipe, root, echo)
+
+
+def _run_stages(recipe_path: str, recipe: dict, root: Path, echo) -> dict:
+    done, legacy = _open_root(root, recipe_path, recipe)
     state_path = root / "pipeline.json"
-    done = json.loads(state_path.read_text())["stages"] if state_path.exists() else []
+    spec = _spec(recipe)
     checkpoint: str | None = None
-    results = []
+    results: list[dict] = []
+
+    def save_state(**extra) -> None:
+        write_json(state_path, {"recipe": recipe_path, "name": recipe["name"], **extra, "spec": spec,
+                                "stages": results})
+
     for i, (name, opts) in enumerate(recipe["stages"]):
         stage_dir = root / f"{i:02d}-{name}"
         prev = done[i] if i < len(done) else None
         if prev and prev.get("status") == "done" and prev.get("name") == name:
+            old = [a for a in prev.get("argv") or [] if a != "--resume"] if legacy else []
+            now = stage_argv(name, opts, checkpoint, stage_dir) if old else []
+            if old != now:  # a pipeline.json from before recipes were recorded: compare the command lines
+                raise EdlabError(f"{root} holds a run of another recipe (stage {i} ({name}) ran "
+                                 f"'{' '.join(old)}'); run the same recipe to continue it, or choose another --out")
             echo(f"[{i}] {name}: done earlier, skipped")
             checkpoint = prev.get("checkpoint") or checkpoint
             results.append(prev)
@@ -166,7 +293,7 @@ def run_pipeline(recipe_path: str, sets: list[str] | None = None, out: str | Non
             echo(f"[{i}] score: taken from stage {i - 1} ({results[-1]['name']}), which scored its own output")
             results.append({"index": i, "name": name, "argv": [], "dir": str(stage_dir), "status": "done",
                             "seconds": 0.0, "checkpoint": None, "summary": last})
-            write_json(state_path, {"recipe": recipe_path, "name": recipe["name"], "stages": results})
+            save_state()
             continue
         argv = stage_argv(name, opts, checkpoint, stage_dir)
         if stage_dir.exists() and any(stage_dir.iterdir()):
@@ -198,8 +325,7 @@ def run_pipeline(recipe_path: str, sets: list[str] | None = None, out: str | Non
                  "seconds": time.perf_counter() - t0, "checkpoint": checkpoint,
                  "summary": json.loads(summary.read_text()) if summary.exists() else None}
         results.append(entry)
-        write_json(state_path, {"recipe": recipe_path, "name": recipe["name"], "stages": results})
-    final = {"recipe": recipe_path, "name": recipe["name"], "dir": str(root), "stages": results,
-             "checkpoint": checkpoint}
-    write_json(state_path, final)
-    return final
+        save_state()
+    save_state(dir=str(root), checkpoint=checkpoint)
+    return {"recipe": recipe_path, "name": recipe["name"], "dir": str(root), "stages": results,
+            "checkpoint": checkpoint}

@@ -727,7 +727,8 @@ PRUNE_FLAGS = {"dataset": "data.dataset", "data_dir": "data.data_dir", "train_su
 @click.option("--unstructured", type=float, default=0.0, show_default=True,
               help="Total fraction of the dense params to set to zero (the score's pu).")
 @click.option("--steps", type=int, default=1, show_default=True, help="Pruning steps per kind, fine-tuning after each.")
-@click.option("--finetune-epochs", type=int, default=5, show_default=True, help="Fine-tuning epochs after each step.")
+@click.option("--finetune-epochs", "--epochs", "finetune_epochs", type=int, default=5, show_default=True,
+              help="Fine-tuning epochs after each step (--epochs: the same, as in train and quantize).")
 @click.option("--schedule", default="linear", show_default=True, help="Targets of the steps: linear | cubic (AGP).")
 @click.option("--importance", default="l1", show_default=True, help="Channel importance: l1 | l2 | bn | taylor.")
 @click.option("--global", "global_pruning", is_flag=True, help="Rank channels of all layers together.")

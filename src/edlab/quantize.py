@@ -560,15 +560,18 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
         flags["data"] = data_flags
     cfg = stage_config(source, checkpoint, method, flags, list(sets))
     torch.manual_seed(cfg.seed)
+    if cfg.threads:  # --threads / threads=N: as train and prune do
+        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     data = data_from_config(cfg, device)
     run = Run.open(cfg.out) if resume else Run.create(cfg.name, cfg.out)
     if resume and run.file("config.yaml").exists():
-        from .train import _same_run_config
+        from .train import config_change
 
-        if not _same_run_config(run.file("config.yaml"), cfg):
-            raise EdlabError(f"--resume: the config differs from the one saved in {run.file('config.yaml')}; "
-                             f"resume with the same options")
+        change = config_change(run.file("config.yaml"), cfg)
+        if change:
+            raise EdlabError(f"--resume: the config differs from the one saved in {run.file('config.yaml')} "
+                             f"({change}); resume with the same options")
     run.write_text("config.yaml", to_yaml(cfg))
     source = source.to(device)
     options: dict = {"method": method, "source_checkpoint": str(checkpoint)}
@@ -600,7 +603,7 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
 
 
 @click.command("quantize")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())  # a folder: one line from read_checkpoint
 @click.option("--method", required=True, help=f"One of: {', '.join(METHODS)}.")
 @click.option("--bits-w", type=int, default=8, show_default=True, help="qat: weight bits (2-16).")
 @click.option("--bits-a", type=int, help="qat: activation bits (2-16, 32 = float); default: --bits-w.")
@@ -618,9 +621,11 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
 @click.option("--data-dir")
 @click.option("--out", help="Run directory (default runs/<model>-<method>-<timestamp>).")
 @click.option("--resume", is_flag=True, help="Continue the stage killed in --out (same options).")
+@click.option("--train-subset", type=int, help="Fine-tune on only N training images (as train and prune).")
+@click.option("--threads", type=int, help="CPU threads (default: all cores; 1 on a busy shared machine).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any training config key.")
 def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, epochs, keep_first_last, scale,
-                     stochastic, calib_images, dataset, data_dir, out, resume, sets):
+                     stochastic, calib_images, dataset, data_dir, out, resume, train_subset, threads, sets):
     """Quantize a trained (or pruned) checkpoint; write a run directory and the quantized model.
 
     Methods: fp16/bf16 (cast, evaluate, save half), binaryconnect (binary weights, fine-tuned), qat (k-bit
@@ -638,6 +643,8 @@ def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, epochs
     from .cli import _console
 
     console = _console()
+    sets = (*([f"data.train_subset={train_subset}"] if train_subset is not None else []),
+            *([f"threads={threads}"] if threads is not None else []), *sets)  # --set given later wins
     s = quantize_checkpoint(checkpoint, method, bits_w=bits_w, bits_a=bits_a, epochs=epochs,
                             keep_first_last=keep_first_last, first_last_bits=first_last_bits, scale=scale,
                             stochastic=stochastic, data_dir=data_dir, dataset=dataset, out=out, sets=list(sets),

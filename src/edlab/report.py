@@ -75,6 +75,11 @@ class RunInfo:
         return _num(self.summary.get("score"))
 
     @property
+    def dataset(self) -> str | None:
+        d = self.get("data", "dataset") or self.summary.get("dataset")
+        return d if isinstance(d, str) else None
+
+    @property
     def checkpoint(self) -> Path | None:
         p = self.path / "model.ckpt"
         return p if p.is_file() else None
@@ -87,7 +92,7 @@ def _num(v: Any) -> float | None:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON (or not UTF-8), nested too deep
         return None
 
 
@@ -95,12 +100,12 @@ def _read_jsonl(path: Path) -> list[dict]:
     rows = []
     try:
         lines = path.read_text().splitlines()
-    except OSError:
+    except (OSError, ValueError):
         return rows
     for line in lines:
         try:
             row = json.loads(line)
-        except ValueError:  # a line cut by a crash
+        except (ValueError, RecursionError):  # a line cut by a crash
             continue
         if isinstance(row, dict):
             rows.append(row)
@@ -112,7 +117,7 @@ def _read_yaml(path: Path) -> dict:
 
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, RecursionError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -228,14 +233,43 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def run_colors(n: int) -> list:
+    """n distinct colours: matplotlib's 10 (up to 10 runs), tab20 (up to 20), else evenly spaced hues."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    if n <= 20:
+        return [colormaps["tab20"](i) for i in range(n)]
+    return [colormaps["turbo"](0.05 + 0.9 * i / (n - 1)) for i in range(n)]
+
+
+def _step_starts(curves: list[dict]) -> list[float]:
+    """Epochs (x positions) where a pruning step began: its fine-tuning rows carry the step number."""
+    starts, last = [], None
+    for row in curves:
+        if "step" in row and row["step"] != last:
+            starts.append(float(row["epoch"]) - 0.5)
+            last = row["step"]
+    return starts
+
+
 def plot_curves(runs: list[RunInfo], path: Path) -> bool:
-    """Accuracy, loss and generalization gap (train - val accuracy) per epoch, one colour per run."""
+    """Accuracy, loss and generalization gap (train - val accuracy) per epoch, one colour per run.
+
+    Readable with many runs: distinct colours for each, the legend beside the plots (not over them), the
+    loss on a log axis (one diverged run must not flatten the others), whole-number epoch ticks, and a
+    dotted line where each pruning step began."""
+    from matplotlib.ticker import MaxNLocator
+
     shown = [r for r in runs if r.curves]
     if not shown:
         return False
-    fig = _figure(14, 4.2)
+    fig = _figure(14 + (3 if len(shown) > 12 else 0), 4.2 + 0.12 * max(0, len(shown) - 24))
     ax_acc, ax_loss, ax_gap = fig.subplots(1, 3)
-    colors = [f"C{i % 10}" for i in range(len(shown))]
+    colors = run_colors(len(shown))
+    losses: list[float] = []
+    marked = False
     for r, c in zip(shown, colors):
         ep = [r_["epoch"] for r_ in r.curves]
         for ax, key, style in ((ax_acc, "train_accuracy", "--"), (ax_acc, "val_accuracy", "-"),
@@ -245,24 +279,39 @@ def plot_curves(runs: list[RunInfo], path: Path) -> bool:
             if pts:
                 ax.plot(*zip(*pts), style, color=c, marker="." if len(pts) < 30 else None,
                         label=r.name if key == "val_accuracy" else None)
+                if ax is ax_loss:
+                    losses += [v for _, v in pts]
         gap = [(e, row["train_accuracy"] - row["val_accuracy"]) for e, row in zip(ep, r.curves)
                if _num(row.get("train_accuracy")) is not None and _num(row.get("val_accuracy")) is not None]
         if gap:
             ax_gap.plot(*zip(*gap), color=c, marker="." if len(gap) < 30 else None)
+        for x in _step_starts(r.curves):
+            for ax in (ax_acc, ax_loss, ax_gap):
+                ax.axvline(x, color=c, linestyle=":", linewidth=1)
+            marked = True
     ax_acc.set(title="accuracy (solid: val, dashed: train)", xlabel="epoch", ylabel="accuracy")
-    ax_loss.set(title="loss (solid: val, dashed: train)", xlabel="epoch", ylabel="loss")
+    ax_loss.set(title="loss (solid: val, dashed: train; log scale)", xlabel="epoch", ylabel="loss")
+    if losses and min(losses) > 0:
+        ax_loss.set_yscale("log")
     ax_gap.set(title="generalization gap: train - val accuracy", xlabel="epoch", ylabel="gap")
     ax_gap.axhline(0, color="0.6", linewidth=0.8)
     for ax in (ax_acc, ax_loss, ax_gap):
         ax.grid(alpha=0.3)
-    if len(shown) <= 12:  # beyond that a legend hides the curves; the table names the runs
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if marked:
+        ax_gap.set_title(ax_gap.get_title() + "\ndotted: a pruning step began", fontsize=9)
+    if len(shown) <= 12:
         ax_acc.legend(fontsize=7, loc="lower right")
+    else:  # beside the plots, in columns, so that no curve is hidden
+        fig.legend(*ax_acc.get_legend_handles_labels(), loc="outside right upper", fontsize=6,
+                   ncols=1 + len(shown) // 40)
     fig.savefig(path, dpi=90)
     return True
 
 
 def plot_pareto(runs: list[RunInfo], front: list[int], best: RunInfo | None, path: Path) -> bool:
-    """Score (log x) vs accuracy: val filled, test hollow, the Pareto front of val, the 90 % line."""
+    """Score (log x) vs accuracy: val filled, test hollow, the Pareto front of val (each point named), the
+    90 % line."""
     pts = [(i, r) for i, r in enumerate(runs) if r.score is not None and r.score > 0]
     if not pts:
         return False
@@ -274,9 +323,13 @@ def plot_pareto(runs: list[RunInfo], front: list[int], best: RunInfo | None, pat
         ax.scatter(*zip(*vals), color="C0", label="validation accuracy", zorder=3)
     if tests:
         ax.scatter(*zip(*tests), facecolors="none", edgecolors="C1", label="test accuracy", zorder=3)
-    line = [(runs[i].score, runs[i].val) for i in front if runs[i].score and runs[i].score > 0]
-    if line:
-        ax.step(*zip(*line), where="post", color="C2", label="Pareto front (val): lowest score per accuracy")
+    on_front = [runs[i] for i in front if runs[i].score and runs[i].score > 0 and _num(runs[i].val) is not None]
+    if on_front:
+        ax.step([r.score for r in on_front], [r.val for r in on_front], where="post", color="C2",
+                label="Pareto front (val): lowest score per accuracy")
+        for k, r in enumerate(on_front):  # which run each front point is
+            ax.annotate(r.name, (r.score, r.val), xytext=(4, 4 + 8 * (k % 2)), textcoords="offset points",
+                        fontsize=7, color="C2")
     if best is not None and best.score and _num(best.val) is not None:
         ax.scatter([best.score], [best.val], marker="*", s=220, color="C3", label=f"best: {best.name}", zorder=4)
     ax.axhline(0.9, color="C3", linestyle=":", label="90 % accuracy")
@@ -311,8 +364,8 @@ def plot_layers(rows: list[dict], title: str, path: Path) -> bool:
 
 # --- tables -----------------------------------------------------------------------------------------------
 
-COLUMNS = ["run", "group", "kind", "model", "width", "conv", "optimizer", "lr", "batch", "wd", "augment", "epochs",
-           "val %", "test %", "views", "params", "MACs", "bits w/a", "ps/pu", "score", "minutes"]
+COLUMNS = ["run", "group", "kind", "dataset", "model", "width", "conv", "optimizer", "lr", "batch", "wd", "augment",
+           "epochs", "val %", "test %", "views", "params", "MACs", "bits w/a", "ps/pu", "score", "minutes"]
 
 
 def _pct(v: float | None) -> str:
@@ -321,6 +374,11 @@ def _pct(v: float | None) -> str:
 
 def _g(v: Any) -> str:
     return "" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
+
+
+def _bits(v: Any) -> str:
+    """Average bits, rounded: 7.999999 -> 8, 4.03125 -> 4.03."""
+    return f"{v:.3g}" if _num(v) is not None else _g(v)
 
 
 def _int(v: Any) -> str:
@@ -333,11 +391,13 @@ def _first(*values: Any) -> Any:
 
 def run_cells(r: RunInfo) -> list[str]:
     s = r.summary
-    bits = f"{_g(s.get('bits_w'))}/{_g(s.get('bits_a'))}" if s.get("bits_w") is not None else ""
+    bits = f"{_bits(s.get('bits_w'))}/{_bits(s.get('bits_a'))}" if s.get("bits_w") is not None else ""
     ps_pu = f"{s['ps']:.2f}/{s['pu']:.2f}" if _num(s.get("ps")) is not None and _num(s.get("pu")) is not None else ""
     seconds = _num(s.get("seconds"))
-    views = _first(s.get("views"), (s.get("inference") or {}).get("views"))
-    return [r.name, r.group, r.kind, _g(r.get("model", "name") or s.get("model")), _g(r.get("model", "width")),
+    inference = s.get("inference") if isinstance(s.get("inference"), dict) else {}
+    views = _first(s.get("views"), inference.get("views"))
+    return [r.name, r.group, r.kind, _g(r.dataset), _g(r.get("model", "name") or s.get("model")),
+            _g(r.get("model", "width")),
             _g(r.get("model", "conv")), _g(r.get("optim", "name")), _g(r.get("optim", "lr")),
             _g(r.get("data", "batch_size")), _g(r.get("optim", "weight_decay")), _g(r.get("data", "augment")),
             _g(_first(s.get("epochs"), s.get("finetune_epochs_total"), r.get("epochs"))), _pct(_num(r.val)),
@@ -351,11 +411,11 @@ LAYER_COLUMNS = ["layer", "type", "params", "nonzero", "MACs", "bits w/a", "para
 def layer_cells(row: dict, total: float) -> list[str]:
     share = (row["params_term"] + row["ops_term"]) / total if total else 0.0
     return [row["name"], row["type"], _int(row["params"]), _int(row["nonzero"]), _int(row["macs"]),
-            f"{_g(row['bits_w']) or '-'}/{_g(row['bits_a']) or '-'}", f"{row['params_term']:.3g}",
+            f"{_bits(row['bits_w']) or '-'}/{_bits(row['bits_a']) or '-'}", f"{row['params_term']:.3g}",
             f"{row['ops_term']:.3g}", f"{100 * share:.1f}"]
 
 
-TEXT_COLUMNS = {"run", "group", "kind", "model", "conv", "optimizer", "augment", "layer", "type", "stage"}
+TEXT_COLUMNS = {"run", "group", "kind", "dataset", "model", "conv", "optimizer", "augment", "layer", "type", "stage"}
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -391,6 +451,9 @@ img { max-width: 100%; border: 1px solid #eee; } .note { color: #666; } .wide { 
 
 def _prepare_out(out: Path) -> None:
     """Refuse to write into a folder that holds anything but an earlier report."""
+    from .runs import check_out_path
+
+    check_out_path(out, "--out")  # a dangling link, or a file on the way to it
     if out.exists() and not out.is_dir():
         raise EdlabError(f"--out {out} is a file, not a directory")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
@@ -416,6 +479,9 @@ def build_report(paths: list[str | Path], out: str | Path, floor: float = 0.9, t
     runs.sort(key=lambda r: (r.group, r.name))
     front = pareto_front([(r.score, _num(r.val)) for r in runs])
     best, rule = choose_best(runs, floor)
+    datasets = sorted({r.dataset or "unknown" for r in runs})
+    per_dataset = {d: choose_best([r for r in runs if (r.dataset or "unknown") == d], floor) for d in datasets} \
+        if len(datasets) > 1 else {}  # synthetic and CIFAR runs are not compared with each other
     figures = {"curves": plot_curves(runs, out / "curves.png"), "pareto": plot_pareto(runs, front, best,
                                                                                         out / "pareto.png")}
     layer_rows: list[dict] = []
@@ -449,7 +515,10 @@ def build_report(paths: list[str | Path], out: str | Path, floor: float = 0.9, t
     groups = sorted({r.group for r in runs if r.group})
 
     in_groups = f" in {', '.join(groups)}" if groups else ""
-    md = [f"# {title}\n", f"{len(runs)} runs{in_groups}.\n", best_line + "\n", markdown_table(COLUMNS, table_rows)]
+    dataset_lines = [f"Best on {d}: **{b.name}** — {rl}." if b else f"Best on {d}: none ({rl})."
+                     for d, (b, rl) in per_dataset.items()]
+    md = [f"# {title}\n", f"{len(runs)} runs{in_groups}.\n", best_line + "\n",
+          *(line + "\n" for line in dataset_lines), markdown_table(COLUMNS, table_rows)]
     md += [f"\n![{n}]({n}.png)\n" for n in ("curves", "pareto", "layers") if figures[n]]
     (out / "report.md").write_text("\n".join(md))
 
@@ -459,6 +528,8 @@ def build_report(paths: list[str | Path], out: str | Path, floor: float = 0.9, t
             f"<p>{len(runs)} runs" + (f" in {e(', '.join(groups))}" if groups else "") +
             f" from {e(', '.join(str(p) for p in paths))}; generated {e(time.strftime('%Y-%m-%d %H:%M'))}.</p>",
             f"<p>Best model: <b>{e(best.name)}</b> — rule: {e(rule)}.</p>" if best else f"<p>{e(rule)}</p>",
+            *(f"<p>Best on {e(d)}: <b>{e(b.name)}</b> — {e(rl)}.</p>" if b else f"<p>Best on {e(d)}: none.</p>"
+              for d, (b, rl) in per_dataset.items()),
             "<h2>Runs</h2><p class='note'>val: validation accuracy of the kept model; test: read once at the "
             "end of each run. Red row: best model; &#9733;: on the Pareto front (validation).</p>",
             f"<div class='wide'>{html_table(COLUMNS, table_rows, marks)}</div>"]
@@ -487,6 +558,7 @@ def build_report(paths: list[str | Path], out: str | Path, floor: float = 0.9, t
     page.append("</body></html>\n")
     (out / "index.html").write_text("\n".join(page))
     return {"runs": runs, "results": results, "skipped": skipped, "best": best, "rule": rule, "front": front,
+            "best_per_dataset": {d: b.name if b else None for d, (b, _) in per_dataset.items()},
             "figures": [n for n, ok in figures.items() if ok], "out": out}
 
 
@@ -509,6 +581,8 @@ def report_command(paths, out, floor, title):
       edlab report runs/r20-compress studies/s1 --out cmp --floor 0.88
     """
     r = build_report(list(paths), out, floor, title)
+    for name in r["skipped"]:  # one broken run costs its row, not the page
+        click.echo(f"edlab: warning: left out {name}", err=True)
     best = f"; best: {r['best'].name} ({r['rule']})" if r["best"] else ""
     click.echo(f"report: {len(r['runs'])} runs, figures {', '.join(r['figures']) or 'none'}{best} "
                f"-> {Path(out) / 'index.html'}")

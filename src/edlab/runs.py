@@ -48,6 +48,18 @@ def write_json(path: str | Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(_clean(data), indent=2) + "\n").encode())
 
 
+def check_out_path(path: Path, what: str = "--out") -> None:
+    """An output folder must be a folder or not exist yet: a file, a dangling link, or a file on the way
+    to it is one clear line (before anything runs), not an OSError traceback at mkdir."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise EdlabError(f"{what} {path} is a link to {os.readlink(path)}, which does not exist")
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise EdlabError(f"{what} {path}: {p} is a file, not a folder" if p != path else
+                             f"{what} {path} is a file, not a folder")
+
+
 def command_line() -> str:
     return shlex.join(["edlab", *sys.argv[1:]]) if sys.argv and "edlab" in sys.argv[0] else shlex.join(sys.argv)
 
@@ -123,6 +135,23 @@ class MlflowTracker:
 TRACKERS = {"wandb": WandbTracker, "mlflow": MlflowTracker}  # tensorboard: always on, built in
 
 
+def _link_latest(path: Path) -> None:
+    """Point ``<root>/latest`` at the newest run folder, so examples can say runs/latest/model.ckpt
+    (a glob like runs/resnet20-*/model.ckpt breaks once two runs exist). Replaced atomically; where
+    links cannot be made, or a real folder is named latest, nothing happens."""
+    link, tmp = path.parent / "latest", path.parent / f".latest-{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(path.name, target_is_directory=True)
+        if link.is_symlink() or not link.exists():
+            os.replace(tmp, link)
+    except OSError:
+        pass
+    finally:
+        if tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
+
+
 class Run:
     """A run directory. ``Run.create`` makes a new unique one; ``Run.open`` an existing one (resume)."""
 
@@ -135,6 +164,7 @@ class Run:
     def create(cls, name: str, out: str | None = None, root: str = "runs") -> Run:
         if out:
             path = Path(out)
+            check_out_path(path)
             busy = EdlabError(f"run directory {path} exists and is not empty (use --resume to continue it, or "
                               f"choose another --out)")
             if path.exists() and any(path.iterdir()):
@@ -151,9 +181,10 @@ class Run:
             path = Path(root) / (f"{name}-{stamp}" + (f"-{i}" if i else ""))
             try:
                 path.mkdir()
-                return cls(path)
             except FileExistsError:
                 continue
+            _link_latest(path)
+            return cls(path)
         raise EdlabError(f"could not create a run directory under {root}")
 
     @classmethod
@@ -162,6 +193,17 @@ class Run:
         if not p.is_dir():
             raise EdlabError(f"run directory not found: {p}")
         return cls(p)
+
+    def discard(self) -> None:
+        """Undo a run that failed before its first epoch (no data, bad checkpoint): remove the files it
+        wrote so far and the folder if that leaves it empty, so --out is free for the same command again."""
+        self.close()
+        for name in ("config.yaml", "tracker.json", ".edlab-run"):
+            self.file(name).unlink(missing_ok=True)
+        try:
+            self.path.rmdir()
+        except OSError:  # something else is in it (a tracker's files): leave it
+            pass
 
     def file(self, name: str) -> Path:
         return self.path / name

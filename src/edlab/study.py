@@ -36,9 +36,9 @@ from typing import Any
 
 import click
 
-from .config import TrainConfig, _set_dotted, build, read_yaml
+from .config import TrainConfig, _set_dotted, build, read_yaml, safe_name
 from .errors import EdlabError
-from .runs import write_json
+from .runs import check_out_path, write_json
 
 STUDY_KEYS = ("name", "description", "out", "config", "recipe", "set", "quick", "grid", "list", "search",
               "objective", "seed")
@@ -134,8 +134,15 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
     fixed.update(_flat(parse_overrides(list(sets)), path, "--set"))
     if out is None:
         out = str(raw["out"]) + ("-quick" if quick else "") if raw.get("out") else f"runs/study-{name}"
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+        raise _fail(path, f"seed must be an integer in 0..2147483647, got {seed!r}")
+    try:
+        safe_name(name)
+    except ValueError as e:
+        raise _fail(path, f"name {name!r}: {e}") from None
     st = Study(name=name, file=path, out=Path(out), kind=kind, base=base, fixed=fixed, mode=modes[0],
-               objective=raw.get("objective", "val_accuracy"), seed=int(raw.get("seed", 0)), inline_recipe=inline)
+               objective=raw.get("objective", "val_accuracy"), seed=seed, inline_recipe=inline)
     if st.mode == "grid":
         grid = raw["grid"]
         if not isinstance(grid, dict) or not grid:
@@ -188,13 +195,22 @@ def _parse_search(st: Study, search: Any, path: str, extra_trials: Any) -> None:
                 raise _fail(path, f"search param '{k}' needs numbers low <= high, got {lo!r}, {hi!r}")
             if spec.get("log") and lo <= 0:
                 raise _fail(path, f"search param '{k}': log scale needs low > 0")
+            step = spec.get("step")
+            if step is not None and (not isinstance(step, int | float) or isinstance(step, bool) or not step > 0
+                                     or (spec["type"] == "int" and not isinstance(step, int))):
+                raise _fail(path, f"search param '{k}': step must be a positive {spec['type']}, got {step!r}")
+            if step is not None and spec.get("log"):
+                raise _fail(path, f"search param '{k}': give step or log, not both")
         if k in st.fixed:
             raise _fail(path, f"'{k}' is both searched and fixed (set:/quick:/--set)")
     st.params = params
     trials = extra_trials if extra_trials is not None else search.get("trials")
-    if not isinstance(trials, int) or trials < 1:
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise _fail(path, f"search.trials must be a positive integer, got {trials!r}")
-    st.trials, st.startup_trials = trials, int(search.get("startup_trials", 10))
+    startup = search.get("startup_trials", 10)
+    if not isinstance(startup, int) or isinstance(startup, bool) or startup < 0:
+        raise _fail(path, f"search.startup_trials must be an integer >= 0, got {startup!r}")
+    st.trials, st.startup_trials = trials, startup
 
 
 def _check_objective(st: Study) -> None:
@@ -284,9 +300,7 @@ def _recipe_path(st: Study) -> str:
 
 def _check_recipe(st: Study, point: dict[str, Any]) -> None:
     """Parse every stage's command line as the CLI would (unknown options, bad types), without running it."""
-    from .cli import TRAIN_FLAGS, _flags_to_tree, cli
-    from .config import load_train_config
-    from .pipeline import load_recipe, stage_argv
+    from .pipeline import check_stages, load_recipe
 
     if st.inline_recipe is not None:
         import tempfile
@@ -301,19 +315,7 @@ def _check_recipe(st: Study, point: dict[str, Any]) -> None:
             os.unlink(f.name)
     else:
         recipe = load_recipe(st.base, _sets({**st.fixed, **point}))
-    ctx = click.Context(cli)
-    for i, (name, opts) in enumerate(recipe["stages"]):
-        cmd = cli.get_command(ctx, name)
-        if cmd is None:
-            raise EdlabError(f"stage {i}: unknown command '{name}'")
-        argv = stage_argv(name, opts, "model.ckpt", Path("probe"))
-        try:
-            sub = cmd.make_context(name, argv[1:], parent=ctx)
-        except click.ClickException as e:
-            raise EdlabError(f"stage {i} ({name}): {e.format_message()}") from None
-        if name == "train":
-            p = sub.params
-            load_train_config(p.get("config"), _flags_to_tree(p, TRAIN_FLAGS), list(p.get("sets") or ()))
+    check_stages(recipe)
 
 
 # ------------------------------------------------------------------------------------------- storage
@@ -356,16 +358,51 @@ def _floor(st: Study) -> float | None:
     return st.objective["min_score_with_val_at_least"] if isinstance(st.objective, dict) else None
 
 
+INIT_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key", "Duplicate entry")
+
+
+@contextmanager
+def _init_lock(url: str):
+    """Two sweeps started at the same instant on a new storage both create its tables: the loser failed
+    with 'table studies already exists'. On SQLite a lock file beside the database orders them; other
+    databases retry (see _open_storage)."""
+    try:
+        import fcntl
+
+        from sqlalchemy.engine import make_url
+
+        db = make_url(url).database if url.startswith("sqlite") else None
+    except Exception:
+        db = None
+    if not db or db == ":memory:":
+        yield
+        return
+    Path(db).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.init-lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _open_storage(optuna, url: str):
+    kwargs = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite") else {}
+    for attempt in range(5):
+        try:
+            with _init_lock(url):
+                return _retry(optuna.storages.RDBStorage, url, **kwargs)
+        except Exception as e:
+            if attempt < 4 and any(m in f"{e} {e.__cause__}" for m in INIT_RACE):
+                time.sleep(0.2 * (attempt + 1))  # another process was creating the tables: they exist now
+                continue
+            raise EdlabError(f"cannot open study storage {_redact(url)}: {str(e).splitlines()[0]}") from None
+
+
 def open_study(st: Study, url: str, worker: int = 0, create: bool = True):
     """Create or load the Optuna study; refuse one that was started from a different study definition."""
     optuna = _optuna()
-    kwargs = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite") else {}
-    try:
-        storage = _retry(optuna.storages.RDBStorage, url, **kwargs)
-    except EdlabError:
-        raise
-    except Exception as e:
-        raise EdlabError(f"cannot open study storage {_redact(url)}: {str(e).splitlines()[0]}") from None
+    storage = _open_storage(optuna, url)
     if st.mode == "search":
         sampler = optuna.samplers.TPESampler(seed=st.seed + worker, n_startup_trials=st.startup_trials)
     else:
@@ -848,7 +885,7 @@ def render(report: dict, console) -> None:
 
 # ----------------------------------------------------------------------------------------------- CLI
 @click.command("sweep")
-@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.argument("study_file", type=click.Path())  # a folder: one line from the reader
 @click.option("--out", help="Study directory (default: the file's out:, else runs/study-<name>).")
 @click.option("--storage", help="Optuna storage URL, e.g. postgresql://user@host/db (default: SQLite in --out).")
 @click.option("--workers", type=int, default=1, show_default=True,
@@ -889,6 +926,8 @@ def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, 
             console.print(f"  {k}: " + ", ".join(f"{f}={v}" for f, v in spec.items()))
         return
     _optuna()
+    if worker_index is None:
+        _claim_out(st.out)
     url = storage_url(st, storage)
     if st.kind == "recipe":
         _recipe_path(st)
@@ -909,6 +948,21 @@ def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, 
     report = write_report(st, study, url)
     render(report, console)
     console.print(f"-> {st.out / 'study.json'}")
+
+
+STUDY_MARK = ".edlab-study"
+
+
+def _claim_out(out: Path) -> None:
+    """The study folder is the sweep's: it writes study.json, recipe.yaml, logs/ and trials/ there, so a
+    folder with other files (a user's own study.json or recipe.yaml) is refused, never overwritten."""
+    check_out_path(out, "--out")
+    if out.is_dir() and any(out.iterdir()) and not (out / STUDY_MARK).exists():
+        legacy = (out / "study.db").exists() or (out / "trials").is_dir()  # made before the mark existed
+        if not legacy:
+            raise EdlabError(f"{out} exists and is not a sweep's folder (no {STUDY_MARK}); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STUDY_MARK).touch()
 
 
 def _spawn(study_file: str, st: Study, url: str, workers: int, quick: bool, sets, stale_after: float) -> None:

@@ -88,8 +88,9 @@ class LRSchedule:
     Closed forms are resumable by step number alone; plateau keeps (best, bad epochs, scale) as state.
     """
 
-    def __init__(self, cfg: SchedConfig, epochs: int, steps_per_epoch: int):
+    def __init__(self, cfg: SchedConfig, epochs: int, steps_per_epoch: int, lr: float | None = None):
         self.cfg, self.steps_per_epoch = cfg, max(1, steps_per_epoch)
+        self.floor = min(1.0, cfg.min_lr / lr) if lr else 0.0  # cosine ends at min_lr (a factor of lr)
         self.total = max(1, epochs * self.steps_per_epoch)
         self.warmup = cfg.warmup_epochs * self.steps_per_epoch
         self.scale, self.best, self.bad = 1.0, math.inf, 0
@@ -106,7 +107,7 @@ class LRSchedule:
             return 1 / 25 + (1 - 1 / 25) * step / self.warmup
         if c.name == "cosine":
             t = (step - self.warmup) / max(1, self.total - self.warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+            return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
         if c.name == "step":
             return c.gamma ** (step // self.steps_per_epoch // c.step_size)
         if c.name == "plateau":
@@ -237,29 +238,69 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, 
     return alpha * t * t * soft + (1 - alpha) * ce(student, y)
 
 
+RESUME_MAGIC = b"edlab-resume/1\n"  # then the sha256 of the rest (32 bytes), then torch.save's bytes
+
+
 def _save_resume(path, model, opt, sched: LRSchedule, state: FitState, scaler, ema: EMA | None = None) -> None:
+    """torch.save's bytes behind a sha256: a flipped byte must not resume silently with other weights."""
+    import hashlib
+
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "sched": sched.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "ema": ema.state_dict() if ema is not None else None,
                 "state": {k: v for k, v in state.__dict__.items()}}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    body = buf.getvalue()
+    atomic_write_bytes(path, RESUME_MAGIC + hashlib.sha256(body).digest() + body)
 
 
-def _load_resume(path, model, opt, sched: LRSchedule, scaler, ema: EMA | None = None) -> FitState:
+def _resume_bytes(path) -> bytes:
+    """The torch.save bytes of a resume file, verified. Files from before the checksum (a bare torch.save
+    zip, 'PK') still load; anything else must carry a matching sha256."""
+    import hashlib
+
+    raw = open(path, "rb").read()
+    if raw[:2] == b"PK":
+        return raw
+    n = len(RESUME_MAGIC)
+    if raw[:n] != RESUME_MAGIC or hashlib.sha256(raw[n + 32:]).digest() != raw[n:n + 32]:
+        raise EdlabError(f"resume state {path} is corrupt (checksum mismatch); start the run again without "
+                         f"--resume, or in another --out")
+    return raw[n + 32:]
+
+
+def _fit_state(s, epochs: int) -> FitState:
+    """FitState from a resume file, each field of the right type and range (no traceback on a bad one)."""
+    fields = FitState.__dataclass_fields__
+    if not isinstance(s, dict) or set(s) != set(fields):
+        raise ValueError("state fields")
+    state = FitState(**s)
+    ints = (state.epoch, state.best_epoch, state.bad_epochs, state.skipped_steps)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints) or not 0 <= state.epoch <= epochs \
+            or not isinstance(state.history, list) or len(state.history) != state.epoch \
+            or not all(isinstance(r, dict) for r in state.history) \
+            or not all(isinstance(v, int | float) for v in (state.best_val, state.seconds)):
+        raise ValueError("state values")
+    return state
+
+
+def _load_resume(path, model, opt, sched: LRSchedule, scaler, ema: EMA | None = None,
+                 epochs: int | None = None) -> FitState:
+    body = _resume_bytes(path)
     try:  # weights_only: plain tensors and containers, no code can run
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+        state = _fit_state(blob["state"], epochs if epochs is not None else 1 << 30)
         model.load_state_dict(blob["model"])
         opt.load_state_dict(blob["optimizer"])
         if ema is not None:
             ema.load_state_dict(blob["ema"])
+        sched.load_state_dict(blob["sched"])
+        if scaler is not None and blob.get("scaler"):
+            scaler.load_state_dict(blob["scaler"])
     except Exception as e:
-        raise EdlabError(f"resume state {path} is unreadable ({type(e).__name__}); "
+        raise EdlabError(f"resume state {path} is unreadable or malformed ({type(e).__name__}); "
                          f"start the run again without --resume") from None
-    sched.load_state_dict(blob["sched"])
-    if scaler is not None and blob.get("scaler"):
-        scaler.load_state_dict(blob["scaler"])
-    return FitState(**blob["state"])
+    return state
 
 
 def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
@@ -287,14 +328,16 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
     # step: compiled graph; mode reduce-overhead records CUDA graphs (no per-kernel launch cost)
     step_model = torch.compile(ddp, mode=cfg.compile_mode) if cfg.compile else ddp
     opt = build_optimizer(model, cfg.optim)
-    sched = LRSchedule(cfg.sched, cfg.epochs, len(data.train))
+    sched = LRSchedule(cfg.sched, cfg.epochs, len(data.train), cfg.optim.lr)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
     ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     ema = EMA(model, cfg.ema) if cfg.ema else None
     state = FitState()
     if resume and run is not None:
         if run.file("resume.pt").exists():
-            state = _load_resume(run.file("resume.pt"), model, opt, sched, scaler, ema)
+            state = _load_resume(run.file("resume.pt"), model, opt, sched, scaler, ema, cfg.epochs)
+            if console is not None:
+                console.print(f"resuming from epoch {state.epoch} of {cfg.epochs} ({run.file('resume.pt')})")
         if d.main:
             run.rewrite_metrics(state.history)  # the resume state is the truth: drop lines of unfinished epochs
     if teacher is not None:
@@ -465,22 +508,33 @@ def model_summary(model: nn.Module) -> dict:
     return profile(model).to_dict()
 
 
-def _same_run_config(saved, cfg: TrainConfig) -> bool:
-    """Resuming needs the same config, except the thread count, the tracker, and what cures a diverged run
-    (a lower lr, gradient clipping, the NaN policy): the resumed epochs then use the new values."""
+def config_change(saved, cfg: TrainConfig) -> str | None:
+    """The first config key that differs from the saved config.yaml, in words ('optim.momentum: 0.9 saved,
+    0.5 now'), or None. What may change on resume: the thread count, the tracker, and what cures a diverged
+    run (a lower lr, gradient clipping, the NaN policy): the resumed epochs then use the new values."""
     import yaml
 
-    old = yaml.safe_load(saved.read_text()) or {}
-    new = cfg.model_dump(mode="json")
+    from .runs import _flatten
+
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return f"{saved} is unreadable"
+    if not isinstance(old, dict):
+        return f"{saved} is not a config"
     if isinstance(old.get("data"), dict) and old["data"].get("split_seed") is None:  # saved before split_seed
         old["data"]["split_seed"] = old.get("seed", 0)
-    for d in (old, new):  # what may change on resume: threads, tracker, and the cures of a diverged run
-        d.pop("threads", None)
-        d.pop("tracker", None)
-        d.pop("nan_policy", None)
-        d.pop("grad_clip", None)
-        d.get("optim", {}).pop("lr", None)
-    return old == new
+    old = _flatten(old)
+    new = _flatten(cfg.model_dump(mode="json"))
+    free = {"threads", "tracker", "nan_policy", "grad_clip", "optim.lr"}
+    for key in sorted((set(old) | set(new)) - free):
+        if old.get(key, "unset") != new.get(key, "unset"):
+            return f"{key}: {old.get(key, 'unset')!r} saved, {new.get(key, 'unset')!r} now"
+    return None
+
+
+def _same_run_config(saved, cfg: TrainConfig) -> bool:
+    return config_change(saved, cfg) is None
 
 
 def _open_run(cfg: TrainConfig, resume: bool, run: Run | None) -> Run:
@@ -488,9 +542,10 @@ def _open_run(cfg: TrainConfig, resume: bool, run: Run | None) -> Run:
         run = Run.open(cfg.out) if resume else Run.create(cfg.name or cfg.model.name, cfg.out)
     if resume:
         saved = run.file("config.yaml")
-        if saved.exists() and not _same_run_config(saved, cfg):
-            raise EdlabError(f"--resume: the config differs from the one saved in {saved}; resume with the "
-                             f"same config (edlab train {saved} --out {run.path} --resume)")
+        change = config_change(saved, cfg) if saved.exists() else None
+        if change:
+            raise EdlabError(f"--resume: the config differs from the one saved in {saved} ({change}); resume "
+                             f"with the same config (edlab train {saved} --out {run.path} --resume)")
     run.write_text("config.yaml", to_yaml(cfg))
     return run
 
@@ -510,6 +565,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     d = distributed.setup(cfg.device)
     device = distributed.rank_device(d, resolve_device(cfg.device))
     error, path = None, None
+    fresh = run is None and not resume  # a folder this call makes: undone if the run fails before training
     if d.main:
         try:
             run = _open_run(cfg, resume, run)
@@ -523,9 +579,14 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
         raise EdlabError(error)
     if not d.main:
         run, console = Run.open(path), None
-    data = data or data_from_config(cfg, device)
-    model = model_from_config(cfg, data.num_classes)
-    teacher = load_checkpoint(cfg.distill.teacher) if cfg.distill.teacher else None
+    try:
+        data = data or data_from_config(cfg, device)
+        model = model_from_config(cfg, data.num_classes)
+        teacher = load_checkpoint(cfg.distill.teacher) if cfg.distill.teacher else None
+    except EdlabError:
+        if d.main and fresh:  # nothing trained yet: the same command must work once the cause is fixed
+            run.discard()
+        raise
     t0 = time.perf_counter()
     state = fit(model, data, cfg, run, teacher=teacher, resume=resume, console=console, d=d)
     if not d.main:
@@ -535,6 +596,8 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     if cfg.keep == "best" and run.file("best.ckpt").exists():
         model = load_checkpoint(run.file("best.ckpt")).to(device)
     amp = resolve_precision(cfg.precision, device)
+    if console is not None:  # minutes on a CPU with 6 views: say what is happening
+        console.print(f"testing once: {len(data.test.split):,} images x {TTA_VIEWS[cfg.tta]} view(s)")
     test = evaluate(model, data.test, amp, cfg.tta)  # the only time the test split is read
     model = model.to("cpu").to(memory_format=torch.contiguous_format).float().eval()
     inference = inference_record(cfg, amp)
