@@ -430,7 +430,8 @@ def model_from_config(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if cfg.model.checkpoint:
         return load_checkpoint(cfg.model.checkpoint)
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
-    return create_model(cfg.model.name, num_classes, width=cfg.model.width, conv=cfg.model.conv)
+    blocks = {"blocks": cfg.model.blocks} if cfg.model.blocks is not None else {}  # only the ResNets take it
+    return create_model(cfg.model.name, num_classes, width=cfg.model.width, conv=cfg.model.conv, **blocks)
 
 
 def data_from_config(cfg: TrainConfig, device: torch.device) -> Data:
