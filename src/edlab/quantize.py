@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import conv_kwargs, register_leaf
+from .cli import DISTILL_FLAGS, distill_options
 from .errors import EdlabError
 
 METHODS = ("fp16", "bf16", "binaryconnect", "qat", "int8")
@@ -413,6 +414,7 @@ def stage_config(model: nn.Module, checkpoint: str | Path, method: str, flags: d
     saved = dict(getattr(model, "edlab_metadata", {}).get("config") or {})
     saved.pop("out", None)
     saved.pop("name", None)
+    saved["distill"] = {**saved.get("distill", {}), "teacher": None}  # the student's own teacher: not implied
     spec = getattr(model, "edlab_spec", {}) or {}
     name = f"{spec.get('name', 'model')}-{method}"
     base = {"name": name, "model": {"checkpoint": str(checkpoint)}}
@@ -455,10 +457,15 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
     conversion and calibration are deterministic, so redoing them and then loading the run's resume.pt
     (fit's per-epoch state) continues a killed stage."""
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .train import evaluate, fit, resolve_precision
+    from .train import evaluate, fit, load_teacher, resolve_precision
 
     device = data.train.device
     model = copy.deepcopy(source)
+    teacher = copy.deepcopy(source).eval() if how["distill"] else \
+        load_teacher(cfg.distill.teacher, data.num_classes) if cfg.distill.teacher else None
+    if teacher is not None:
+        options.update(teacher="source" if how["distill"] else cfg.distill.teacher,
+                       temperature=cfg.distill.temperature, alpha=cfg.distill.alpha)
     if method == "binaryconnect":
         options.update(keep_first_last=how["keep_first_last"], scale=how["scale"], stochastic=how["stochastic"])
         binarize(model, how["keep_first_last"], how["scale"], how["stochastic"])
@@ -467,7 +474,7 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
                        first_last_bits=how["first_last_bits"])
         quantize_qat(model, how["bits_w"], how["bits_a"], how["keep_first_last"], how["first_last_bits"])
         calibrate(model, _plain_batch(data, min(how["calib_images"], 256)).to(device))
-    state = fit(model, data, cfg, run, console=console, resume=resume)
+    state = fit(model, data, cfg, run, teacher=teacher, console=console, resume=resume)
     if cfg.keep == "best" and run.file("best.ckpt").exists():
         model = load_checkpoint(run.file("best.ckpt")).to(device)
     clip_latent_(model)
@@ -503,13 +510,16 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
                         epochs: int | None = None, keep_first_last: bool = True, first_last_bits: int | None = None,
                         scale: bool = False, stochastic: bool = False, data_dir: str | None = None,
                         dataset: str | None = None, out: str | None = None, sets: list[str] | tuple = (),
-                        calib_images: int = 1024, console=None, resume: bool = False) -> dict:
+                        calib_images: int = 1024, console=None, resume: bool = False, distill: bool = False,
+                        teacher: str | None = None, temperature: float | None = None,
+                        alpha: float | None = None) -> dict:
     """Run one quantization stage on a float32 checkpoint; write its run directory; return the summary.
 
     ``bits_a`` None means the same as ``bits_w`` (32: float activations). The summary holds the test accuracy
     of the result and of the float model on the same split, and the score counted on the result.
     ``resume``: continue the stage killed in ``out`` (binaryconnect/qat from their last finished epoch; the
-    other methods, which do not train, are redone)."""
+    other methods, which do not train, are redone). ``distill`` (the float source teaches) or ``teacher`` (a
+    checkpoint), with ``temperature`` and ``alpha``: binaryconnect/qat fine-tune with distillation."""
     from .checkpoint import load_checkpoint
     from .config import to_yaml
     from .runs import Run, command_line
@@ -536,7 +546,15 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     data_flags = {k: v for k, v in {"dataset": dataset, "data_dir": data_dir}.items() if v is not None}
     if data_flags:
         flags["data"] = data_flags
+    distill_flags = {k: v for k, v in {"teacher": teacher, "temperature": temperature, "alpha": alpha}.items()
+                     if v is not None}
+    if distill_flags:
+        flags["distill"] = distill_flags
     cfg = stage_config(source, checkpoint, method, flags, list(sets))
+    if distill and cfg.distill.teacher:
+        raise EdlabError("give --distill (the float source teaches) or --teacher CKPT, not both")
+    if (distill or cfg.distill.teacher) and method not in STAGE_DEFAULTS:
+        raise EdlabError(f"--distill/--teacher: method {method} does not train (use binaryconnect or qat)")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     data = data_from_config(cfg, device)
@@ -558,7 +576,8 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     else:
         r = _train(source, method, data, run, cfg, options, console, resume=resume, bits_w=bits_w,
                    bits_a=None if bits_a == 32 else bits_a, keep_first_last=keep_first_last,
-                   first_last_bits=first_last_bits, scale=scale, stochastic=stochastic, calib_images=calib_images)
+                   first_last_bits=first_last_bits, scale=scale, stochastic=stochastic, calib_images=calib_images,
+                   distill=distill)
     seconds = time.perf_counter() - t0
     reference = evaluate(source, data.test)  # the float model on the same test split, for the change
     summary = {
@@ -594,9 +613,12 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
 @click.option("--data-dir")
 @click.option("--out", help="Run directory (default runs/<model>-<method>-<timestamp>).")
 @click.option("--resume", is_flag=True, help="Continue the stage killed in --out (same options).")
+@click.option("--distill", is_flag=True, help="binaryconnect/qat: fine-tune with distillation from the float "
+              "source model (or give --teacher CKPT).")
+@distill_options
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any training config key.")
 def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, epochs, keep_first_last, scale,
-                     stochastic, calib_images, dataset, data_dir, out, resume, sets):
+                     stochastic, calib_images, dataset, data_dir, out, resume, distill, sets, **flags):
     """Quantize a trained (or pruned) checkpoint; write a run directory and the quantized model.
 
     Methods: fp16/bf16 (cast, evaluate, save half), binaryconnect (binary weights, fine-tuned), qat (k-bit
@@ -610,6 +632,8 @@ def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, epochs
       edlab quantize runs/r20/model.ckpt --method qat --bits-w 4 --bits-a 4 --set optim.lr=0.005
       edlab quantize runs/r20-pruned/model.ckpt --method int8 --calib-images 2048
       edlab quantize m.ckpt --method qat --out runs/q4 --resume   # continue a killed qat run
+      edlab quantize m.ckpt --method qat --bits-w 4 --distill     # the float model teaches its 4-bit copy
+      edlab quantize m.ckpt --method qat --teacher runs/r56/model.ckpt --temperature 4 --alpha 0.9
     """
     from .cli import _console
 
@@ -617,7 +641,8 @@ def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, epochs
     s = quantize_checkpoint(checkpoint, method, bits_w=bits_w, bits_a=bits_a, epochs=epochs,
                             keep_first_last=keep_first_last, first_last_bits=first_last_bits, scale=scale,
                             stochastic=stochastic, data_dir=data_dir, dataset=dataset, out=out, sets=list(sets),
-                            calib_images=calib_images, console=console, resume=resume)
+                            calib_images=calib_images, console=console, resume=resume, distill=distill,
+                            **{k: flags.get(k) for k in DISTILL_FLAGS})
     console.print(f"{method}: test accuracy {100 * s['test_accuracy']:.2f}% (float "
                   f"{100 * s['reference_test_accuracy']:.2f}%, change {100 * s['accuracy_change']:+.2f} points)  "
                   f"bits w/a {s['bits_w']:.3g}/{s['bits_a']:.3g}  score {s['score']:.4f}  -> {s['checkpoint']}")
