@@ -578,7 +578,7 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
                         dataset: str | None = None, out: str | None = None, sets: list[str] | tuple = (),
                         calib_images: int = 1024, console=None, resume: bool = False, distill: bool = False,
                         teacher: str | None = None, temperature: float | None = None,
-                        alpha: float | None = None, layer_bits: str | None = None) -> dict:
+                        alpha: float | None = None, layer_bits: str | None = None, fold: bool = False) -> dict:
     """Run one quantization stage on a float32 checkpoint; write its run directory; return the summary.
 
     ``bits_a`` None means the same as ``bits_w`` (32: float activations). The summary holds the test accuracy
@@ -586,7 +586,9 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     ``resume``: continue the stage killed in ``out`` (binaryconnect/qat from their last finished epoch; the
     other methods, which do not train, are redone). ``distill`` (the float source teaches) or ``teacher`` (a
     checkpoint), with ``temperature`` and ``alpha``: binaryconnect/qat fine-tune with distillation.
-    ``layer_bits`` (qat): per-layer bits by name pattern, see :func:`parse_layer_bits`."""
+    ``layer_bits`` (qat): per-layer bits by name pattern, see :func:`parse_layer_bits`. ``fold``: merge the BN
+    layers into the convs before them first (``edlab.fold``), so the method quantizes (and the score and
+    the checkpoint hold) the deployment form."""
     from .checkpoint import load_checkpoint
     from .config import to_yaml
     from .runs import Run, command_line
@@ -637,8 +639,13 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
             raise EdlabError(f"--resume: the config differs from the one saved in {run.file('config.yaml')}; "
                              f"resume with the same options")
     run.write_text("config.yaml", to_yaml(cfg))
-    source = source.to(device)
     options: dict = {"method": method, "source_checkpoint": str(checkpoint)}
+    if fold:  # step: BN folded into the float convs, then quantized: no quantized layer ever meets a BN
+        from .fold import fold_bn
+
+        source, report = fold_bn(source)
+        options["fold_bn"] = {"folded": len(report.folded), "kept": report.kept}
+    source = source.to(device)
     t0 = time.perf_counter()
     if method == "int8":
         r = _int8(source, data, run, options, console, calib_images)
@@ -675,6 +682,8 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
 @click.option("--layer-bits", metavar="RULES", help="qat: per-layer bits, first matching rule wins: "
               "'first=8,last=8,layers.2.*=3/4' (PATTERN=N: weights and activations; W/A apart; A=32: float "
               "activations; 32: float layer). Patterns are globs over the layer names of `edlab score`.")
+@click.option("--fold-bn", "fold", is_flag=True, help="Fold every BN into the conv before it first (the "
+              "deployment form: the quantized, scored and saved model has no BN layer that folds).")
 @click.option("--epochs", type=int, help="Fine-tuning epochs (binaryconnect, qat; default 5).")
 @click.option("--keep-first-last/--no-keep-first-last", default=True, show_default=True,
               help="Leave the first and last layers in full precision.")
@@ -691,8 +700,8 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
               "source model (or give --teacher CKPT).")
 @distill_options
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any training config key.")
-def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, layer_bits, epochs, keep_first_last, scale,
-                     stochastic, calib_images, dataset, data_dir, out, resume, distill, sets, **flags):
+def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, layer_bits, fold, epochs, keep_first_last,
+                     scale, stochastic, calib_images, dataset, data_dir, out, resume, distill, sets, **flags):
     """Quantize a trained (or pruned) checkpoint; write a run directory and the quantized model.
 
     Methods: fp16/bf16 (cast, evaluate, save half), binaryconnect (binary weights, fine-tuned), qat (k-bit
@@ -708,6 +717,7 @@ def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, layer_
       edlab quantize m.ckpt --method qat --out runs/q4 --resume   # continue a killed qat run
       edlab quantize m.ckpt --method qat --bits-w 4 --distill     # the float model teaches its 4-bit copy
       edlab quantize m.ckpt --method qat --bits-w 3 --bits-a 4 --layer-bits 'first=8,last=8,layers.0.*=4'
+      edlab quantize m.ckpt --method qat --bits-w 4 --first-last-bits 8 --fold-bn   # the deployment form
       edlab quantize m.ckpt --method qat --teacher runs/r56/model.ckpt --temperature 4 --alpha 0.9
     """
     from .cli import _console
@@ -717,7 +727,7 @@ def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, layer_
                             keep_first_last=keep_first_last, first_last_bits=first_last_bits, scale=scale,
                             stochastic=stochastic, data_dir=data_dir, dataset=dataset, out=out, sets=list(sets),
                             calib_images=calib_images, console=console, resume=resume, distill=distill,
-                            layer_bits=layer_bits,
+                            layer_bits=layer_bits, fold=fold,
                             **{k: flags.get(k) for k in DISTILL_FLAGS})
     console.print(f"{method}: test accuracy {100 * s['test_accuracy']:.2f}% (float "
                   f"{100 * s['reference_test_accuracy']:.2f}%, change {100 * s['accuracy_change']:+.2f} points)  "
