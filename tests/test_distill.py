@@ -210,3 +210,28 @@ def test_distilled_small_student_beats_the_student_alone(tmp_path):
               f"seconds {s['seconds']:.0f}")
     assert results["distilled"]["val_accuracy"] > results["alone"]["val_accuracy"]
     assert results["distilled"]["params"] == results["alone"]["params"]
+
+
+def test_a_recipe_distils_in_every_stage(tiny_ckpt, tmp_path, monkeypatch):
+    """The options of a recipe stage are its command's flags: teacher/temperature/alpha reach train, prune
+    and quantize; a small student with blocks per stage is a `model.blocks` key."""
+    import yaml
+
+    from edlab.pipeline import run_pipeline
+
+    teachers = _fits(monkeypatch)
+    small = {"dataset": "synthetic", "train-subset": 64, "precision": "fp32"}
+    recipe = {"name": "distil", "stages": [
+        {"train": {"model": "resnet20", "epochs": 1, "model.width": 0.25, "model.blocks": [1, 1, 1],
+                   "teacher": str(tiny_ckpt), "temperature": 2, **small}},
+        {"prune": {"unstructured": 0.3, "finetune-epochs": 1, "teacher": str(tiny_ckpt), "alpha": 0.5, **small}},
+        {"quantize": {"method": "qat", "bits-w": 4, "epochs": 1, "teacher": str(tiny_ckpt), "fold-bn": True,
+                      "layer-bits": "first=8,last=8", "data.train_subset": 64}},
+    ]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    r = run_pipeline(str(tmp_path / "r.yaml"), out=str(tmp_path / "run"))
+    assert [st["name"] for st in r["stages"]] == ["train", "prune", "quantize"]
+    assert len(teachers) == 3 and all(t is not None for t in teachers)
+    final = load_checkpoint(tmp_path / "run" / "02-quantize" / "model.ckpt")
+    assert [len(s) for s in final.layers] == [1, 1, 1] and final.conv1.weight_bits == 8
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in final.modules())
