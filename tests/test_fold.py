@@ -119,3 +119,18 @@ def test_quantize_fold_bn_cli(tiny_ckpt, tmp_path):
     assert s["options"]["fold_bn"]["folded"] > 0 and s["options"]["fold_bn"]["kept"] == {}
     assert profile(back).score == pytest.approx(s["score"])
     assert not [row for row in s["rows"] if row["type"].startswith("BatchNorm")]
+
+
+@pytest.mark.filterwarnings("ignore:structured pruning")
+def test_folding_a_pruned_model_does_not_pass_for_structured_pruning():
+    from edlab.prune import prune_structured
+    from edlab.score import dense_reference
+
+    m = trained_like(create_model("resnet20", blocks=[1, 1, 1], width=0.5))
+    m.edlab_dense_reference = dense_reference(m)
+    folded, _ = fold_bn(m)
+    assert profile(folded).ps == 0 and profile(folded).params < profile(m).params
+    prune_structured(m, 0.3, X[:1])
+    ps = profile(m).ps
+    assert ps > 0.1
+    assert profile(fold_bn(m)[0]).ps == pytest.approx(ps, abs=0.02)  # the folded dense net is the new basis

@@ -180,7 +180,32 @@ def fold_bn(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32)) -> tupl
             report.kept[bn_name] = why
             continue
         report.folded.append((layer_name, bn_name))
+    ref = _folded_reference(model, report.folded)
+    if ref is not None:
+        folded.edlab_dense_reference = ref
     return folded.eval(), report
+
+
+def _folded_reference(model: nn.Module, pairs: list[tuple[str, str]]) -> dict | None:
+    """The dense reference of a pruned model (``edlab_dense_reference``, the basis of ps) folded like the
+    model: the same BNs folded in the dense architecture (rebuilt from the spec), so that folding does not
+    pass for structured pruning. None when the model has no reference to adjust."""
+    ref = getattr(model, "edlab_dense_reference", None)
+    spec = getattr(model, "edlab_spec", None)
+    if not ref or not spec or not pairs:
+        return None
+    from .checkpoint import _build_base
+
+    dense = dict(_build_base(spec).named_modules())
+    removed = 0
+    for layer_name, bn_name in pairs:
+        layer, bn = dense.get(layer_name), dense.get(bn_name)
+        if layer is None or not isinstance(bn, _BN):
+            raise EdlabError(f"fold_bn: {layer_name}/{bn_name} are not in the dense architecture; cannot "
+                             f"adjust the dense reference of this pruned model")
+        removed += sum(p.numel() for p in bn.parameters()) - (layer.out_channels if isinstance(layer, nn.Conv2d)
+                                                             else layer.out_features) * (layer.bias is None)
+    return {**ref, "params": ref["params"] - removed}
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> bool:
