@@ -100,3 +100,42 @@ def test_int8_stage_writes_onnx_summary_and_latency(tiny_ckpt, tmp_path):
     lat = s["latency"]
     assert lat["batch"] == 64 and lat["ort_int8_ms"] > 0 and lat["speedup_vs_torch_fp32"] > 0
     assert abs(s["accuracy_change"]) <= 0.05
+
+
+def test_onnx_files_are_first_class_for_eval_score_bench_and_info(tiny_ckpt, tmp_path):
+    """The .onnx files edlab writes carry their dataset and normalisation: eval, score, bench and info read them."""
+    from edlab.onnx_model import onnx_metadata, onnx_profile
+    from edlab.score import profile
+
+    fp32, int8 = tmp_path / "m.onnx", tmp_path / "m.int8.onnx"
+    assert CliRunner().invoke(cli, ["export", str(tiny_ckpt), "--no-eval", "--out", str(fp32)]).exit_code == 0
+    r = CliRunner().invoke(cli, ["export", str(tiny_ckpt), "--int8", "--calib-images", "128", "--out", str(int8)])
+    assert r.exit_code == 0, r.output
+    meta = onnx_metadata(int8)
+    assert meta["dataset"] == "synthetic" and len(meta["mean"]) == 3 and meta["inference"]["views"] == 1
+    accs = {}
+    for path in (tiny_ckpt, fp32, int8):
+        r = CliRunner().invoke(cli, ["eval", str(path), "--json", "--tta", "none"])
+        assert r.exit_code == 0, r.output
+        accs[path.name] = json.loads(r.output)["test_accuracy"]
+    assert accs["m.onnx"] == pytest.approx(accs[tiny_ckpt.name], abs=0.004)  # the same function, exported
+    assert accs["m.int8.onnx"] == pytest.approx(accs[tiny_ckpt.name], abs=0.05)
+    # the score counted from the graphs: the fp32 export has the checkpoint's MACs, the int8 one 8-bit everything
+    ref = profile(load_checkpoint(tiny_ckpt), views=1)
+    p32, p8 = onnx_profile(fp32), onnx_profile(int8)
+    assert p32.macs == ref.macs == p8.macs
+    assert (p32.bits_w, p32.bits_a) == (32, 32) and p8.bits_a == 8 and 8 <= p8.bits_w < 9  # int32 biases
+    assert p8.score_ops_term == pytest.approx(ref.score_ops_term / 4)
+    assert p32.score_params_term < ref.score_params_term  # BN folded: one bias vector instead of scale + shift
+    r = CliRunner().invoke(cli, ["score", str(int8), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["score"] == pytest.approx(p8.score)
+    r = CliRunner().invoke(cli, ["score", str(int8), "--json", "--tta", "flip"])
+    assert json.loads(r.output)["score_ops_term"] == pytest.approx(2 * p8.score_ops_term)
+    r = CliRunner().invoke(cli, ["bench", str(int8), "--batch-sizes", "1", "--repeats", "2"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["info", str(int8)])
+    assert r.exit_code == 0 and "ONNX file" in r.output, r.output
+    (tmp_path / "bad.onnx").write_bytes(b"not a graph")
+    r = CliRunner().invoke(cli, ["score", str(tmp_path / "bad.onnx")])
+    assert r.exit_code == 2 and "not a valid ONNX file" in r.output

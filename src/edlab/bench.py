@@ -76,7 +76,7 @@ def compare(models: dict[str, nn.Module], batch_sizes: Sequence[int] = (1, 32), 
                 timers, numbers, times = {}, {}, {}
                 for name, m in models.items():
                     m.eval().to(dev)
-                    dtype = next(m.parameters()).dtype
+                    dtype = next(m.parameters(), torch.empty(0)).dtype  # ONNX Runtime: fp32 in
                     x = torch.randn(bs, *input_size, generator=torch.Generator().manual_seed(0)).to(dev, dtype)
                     timers[name] = _timer(m, x, dev)
                     for _ in range(warmup):
@@ -161,10 +161,14 @@ def bench_command(target, parent, no_parent, batch_sizes, threads, repeats, devi
 
     sizes, shape = _sizes(batch_sizes), _parse_size(input_size)
     model = load_model_arg(target)
+    onnx = getattr(model, "edlab_onnx", False)
+    if onnx and device not in ("auto", "cpu"):
+        raise EdlabError("an ONNX file is benchmarked with ONNX Runtime on the CPU (--device cpu)")
+    device = "cpu" if onnx else device
     models = {}
     if parent and not no_parent:
         models["parent"] = load_model_arg(parent)
-    elif not no_parent and Path(target).is_file():
+    elif not no_parent and Path(target).is_file() and not onnx:
         dense = dense_parent(target, model)
         if dense is not None:
             models["parent"] = dense.to(next(model.parameters()).dtype)
@@ -184,9 +188,11 @@ def _render(rows: list[dict], models: dict[str, nn.Module], input_size: tuple[in
     from rich.console import Console
     from rich.table import Table
 
+    from .onnx_model import onnx_profile
     from .score import profile
 
-    macs = {n: profile(m.to("cpu"), input_size).macs for n, m in models.items()}
+    macs = {n: onnx_profile(m.path).macs if getattr(m, "edlab_onnx", False) else profile(m.to("cpu"), input_size).macs
+            for n, m in models.items()}
     r0 = rows[0]
     where = f"{r0['device']}, threads {r0['threads']}" if r0["threads"] else r0["device"]
     table = Table(title=f"inference latency ({where}, median of {r0['repeats']}, input "

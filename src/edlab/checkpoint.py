@@ -266,7 +266,12 @@ def _model_from_header(header: dict) -> nn.Module:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model saved at ``path`` (in eval mode); never executes code from the file."""
+    """Rebuild the model saved at ``path`` (in eval mode); never executes code from the file. A packed
+    deployment file (``edlab pack``, edlab.pack) loads too."""
+    from .pack import is_packed, unpack_model
+
+    if Path(path).is_file() and is_packed(path):
+        return unpack_model(Path(path).read_bytes(), path).to(map_location)
     header, tensors = read_checkpoint(path)
     model = model_from_header(header)
     dtypes = {v.dtype for k, v in tensors.items() if v.is_floating_point()}
@@ -282,5 +287,35 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def checkpoint_info(path: str | Path) -> dict:
+    """The verified header of a checkpoint or packed file: arch, modules, metadata."""
+    from .pack import is_packed, read_pack_header
+
+    if Path(path).is_file() and is_packed(path):
+        return read_pack_header(path)
     header, _ = read_checkpoint(path)
     return header
+
+
+def stage_history(metadata: dict) -> list[dict]:
+    """The stages a model went through, oldest first: the ``stages`` its checkpoint records, or, for a
+    checkpoint written before edlab recorded them, what its metadata shows (a prune recipe, a quantization)."""
+    stages = metadata.get("stages") if isinstance(metadata, dict) else None
+    if isinstance(stages, list) and all(isinstance(s, dict) for s in stages):
+        return stages
+    out: list[dict] = []
+    if not isinstance(metadata, dict):
+        return out
+    if isinstance(metadata.get("config"), dict):
+        out.append({"stage": "train", "model": (metadata["config"].get("model") or {}).get("name")})
+    if isinstance(metadata.get("prune"), dict):
+        p = metadata["prune"]
+        out.append({"stage": "prune", "structured": p.get("structured"), "unstructured": p.get("unstructured")})
+    if isinstance(metadata.get("quantization"), dict):
+        out.append({"stage": "quantize", **{k: v for k, v in metadata["quantization"].items()
+                                            if k in ("method", "bits_w", "bits_a", "first_last_bits")}})
+    return out
+
+
+def with_stage(model: nn.Module, entry: dict) -> list[dict]:
+    """The model's stage history (from the checkpoint it was loaded from) plus ``entry``: what a stage saves."""
+    return [*stage_history(getattr(model, "edlab_metadata", None) or {}), entry]

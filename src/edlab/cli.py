@@ -24,6 +24,7 @@ def distill_options(f):
     return click.option("--teacher", metavar="CKPT", help="Distil from this checkpoint's logits "
                         "(distill.teacher), computed on the student's augmented batches.")(f)
 
+TTA_NAMES = ("none", "flip", "flip-shift")  # edlab.train.TTA_VIEWS (not imported here: the CLI starts fast)
 
 # CLI flag -> config key: the common options as flags (like timm's train.py), the rest via --set.
 TRAIN_FLAGS = {
@@ -52,10 +53,14 @@ def _flags_to_tree(values: dict, mapping: dict) -> dict:
 
 
 def load_model_arg(target: str):
-    """A checkpoint path or a registered model name -> nn.Module."""
+    """A checkpoint, packed file or .onnx path, or a registered model name -> nn.Module."""
     from .checkpoint import load_checkpoint
     from .models import create_model, list_models
 
+    if target.endswith(".onnx"):
+        from .onnx_model import OrtModule
+
+        return OrtModule(target)
     if Path(target).exists() or target.endswith(".ckpt"):
         return load_checkpoint(target)
     if target in list_models():
@@ -176,7 +181,7 @@ def train(config, resume, sets, **flags):
 @click.option("--half", is_flag=True, help="Evaluate in half precision (fp16 on CUDA, bf16 on CPU).")
 @click.option("--batch-size", type=int, default=1000, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--tta", type=click.Choice(["none", "flip", "flip-shift", "trained"]), default="trained",
+@click.option("--tta", type=click.Choice([*TTA_NAMES, "trained"]), default="trained",
               show_default=True, help="Test-time views averaged; 'trained' = what the run that made it used.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json):
@@ -191,12 +196,15 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json)
 
     from .checkpoint import load_checkpoint
     from .data import get_data
-    from .train import evaluate, resolve_device
+    from .train import TTA_VIEWS, evaluate, resolve_device
 
-    model = load_checkpoint(checkpoint)
-    cfg = getattr(model, "edlab_metadata", {}).get("config", {})
-    dataset = dataset or cfg.get("data", {}).get("dataset", "cifar10")
-    dev = resolve_device(device)
+    onnx = checkpoint.endswith(".onnx")
+    model = load_model_arg(checkpoint) if onnx else load_checkpoint(checkpoint)
+    cfg = getattr(model, "edlab_metadata", {}).get("config") or {}
+    dataset = dataset or model.edlab_metadata.get("dataset") or cfg.get("data", {}).get("dataset", "cifar10")
+    dev = resolve_device("cpu" if onnx else device)  # ONNX Runtime runs here on the CPU
+    if onnx and half:
+        raise EdlabError("--half applies to checkpoints; an ONNX file runs in the precision it was exported in")
     data = get_data(dataset, data_dir or cfg.get("data", {}).get("data_dir"), batch_size=batch_size,
                     val_size=0, eval_batch_size=batch_size, device=dev)
     model.to(dev)
@@ -206,9 +214,13 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json)
         model.to(dtype)
         precision = str(dtype).replace("torch.", "")
     if tta == "trained":
-        tta = cfg.get("tta", "none")
+        recorded = getattr(model, "edlab_metadata", {}).get("inference") or {}
+        tta = recorded.get("tta") or cfg.get("tta", "none")
     r = evaluate(model, data.test, tta=tta)
+    if onnx:
+        precision = (model.edlab_metadata.get("inference") or {}).get("precision", "fp32") + " (ONNX Runtime)"
     out = {"checkpoint": checkpoint, "dataset": dataset, "precision": precision, "tta": tta,
+           "views": TTA_VIEWS[tta],
            "test_accuracy": r["accuracy"], "test_loss": r["loss"], "images": len(data.test.split)}
     if as_json:
         click.echo(json.dumps(out, indent=2))
@@ -223,21 +235,35 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json)
 @click.option("--input-size", default="3,32,32", show_default=True, help="C,H,W of one input image.")
 @click.option("--bits-w", type=int, help="What-if: pretend every layer's weights have this many bits.")
 @click.option("--bits-a", type=int, help="What-if: pretend activations have this many bits.")
+@click.option("--tta", type=click.Choice(["recorded", *TTA_NAMES]), default="recorded", show_default=True,
+              help="Test-time views charged (f = views x MACs); recorded = those the checkpoint's accuracy used.")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
-def score(target, rules, input_size, bits_w, bits_a, as_json):
+def score(target, rules, input_size, bits_w, bits_a, tta, as_json):
     """The course score of a checkpoint or zoo model, counted layer by layer from the model itself.
+
+    A score describes the inference that produced the accuracy printed beside it: a checkpoint evaluated
+    with test-time views (tta flip-shift: 6 forward passes per image) is charged 6x its MACs.
 
     \b
     Examples:
       edlab score resnet18                       # 3.9790 in fp32
       edlab score runs/r20/model.ckpt --json
+      edlab score runs/r20/model.ckpt --tta none  # the same weights run on one view per image
       edlab score resnet20 --bits-w 8 --bits-a 8  # what-if estimate
     """
     from .score import profile, render
+    from .train import TTA_VIEWS
 
-    model = load_model_arg(target)
     size = _parse_size(input_size)
-    p = profile(model, input_size=size, rules=rules, bits_w=bits_w, bits_a=bits_a)
+    views = None if tta == "recorded" else TTA_VIEWS[tta]
+    if target.endswith(".onnx"):
+        if rules != "course" or bits_w or bits_a:
+            raise EdlabError("an ONNX file is scored as it is, under the course rules (no --rules/--bits-*)")
+        from .onnx_model import onnx_profile
+
+        p = onnx_profile(target, views=views)
+    else:
+        p = profile(load_model_arg(target), input_size=size, rules=rules, bits_w=bits_w, bits_a=bits_a, views=views)
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))
     else:
@@ -257,17 +283,114 @@ def _parse_size(text: str) -> tuple[int, ...]:
 @cli.command()
 @click.argument("target")
 @click.option("--input-size", default="3,32,32", show_default=True)
-def info(target, input_size):
-    """Parameters and MACs per layer of a zoo model or checkpoint.
+@click.option("--layers", is_flag=True, help="Also print the per-layer score table (edlab score).")
+def info(target, input_size, layers):
+    """The story of a checkpoint, packed or ONNX file: architecture, data and split, accuracy and the views
+    it was measured with, the stages it went through, its score and training config. For a zoo model name:
+    its size.
 
     \b
     Examples:
-      edlab info resnet20
       edlab info runs/r20/model.ckpt
+      edlab info r20-qat4.pack --layers
+      edlab info resnet20
     """
     from .score import profile, render
 
-    render(profile(load_model_arg(target), input_size=_parse_size(input_size)), _console())
+    size = _parse_size(input_size)
+    console = _console()
+    if target.endswith(".onnx"):
+        from .onnx_model import onnx_profile
+
+        p = onnx_profile(target)
+        meta = load_model_arg(target).edlab_metadata
+        kind = "ONNX file (ONNX Runtime)"
+    else:
+        model = load_model_arg(target)
+        p = profile(model, input_size=size)
+        meta = getattr(model, "edlab_metadata", None) or {"config": {"model": {"name": target}}}
+        kind = "packed file" if getattr(model, "edlab_packed", False) else \
+            "checkpoint" if Path(target).exists() else "zoo model (fresh weights)"
+    for line in story_lines(target, kind, meta, p):
+        console.print(line)
+    if layers:
+        render(p, console)
+
+
+def story_lines(target: str, kind: str, meta: dict, p) -> list[str]:
+    """What `edlab info` prints: the file's history in a few lines, from its recorded metadata."""
+    from .checkpoint import stage_history
+
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    size = f", {Path(target).stat().st_size:,} bytes" if Path(target).is_file() else ""
+    m, d = cfg.get("model") or {}, cfg.get("data") or {}
+    lines = [f"[bold]{target}[/bold]: {kind}{size}"]
+    arch = m.get("name") or "-"
+    if m:
+        arch += f" (width {m.get('width', 1)}, conv {m.get('conv', 'standard')})"
+    lines.append(f"architecture: {arch}; {p.params:,} parameters counted ({p.nonzero_params:,} nonzero), "
+                 f"{p.macs:,} MACs per forward pass")
+    if d:
+        split = d.get("split_seed", cfg.get("seed"))
+        lines.append(f"data: {d.get('dataset', '-')}, validation split {d.get('val_size', '-')} training images "
+                     f"(split_seed {split})" + (f", trained on {d['train_subset']:,} images" if d.get("train_subset")
+                                                else ""))
+    inference = meta.get("inference") or {}
+    acc = [f"{k} {100 * meta[k + '_accuracy']:.2f} %" for k in ("test", "val")
+           if isinstance(meta.get(k + "_accuracy"), (int, float))]
+    if acc or inference:
+        how = f"tta {inference.get('tta', cfg.get('tta', 'none'))} ({p.views} view{'s' * (p.views > 1)} per image)"
+        how += f", {inference['precision']}" if inference.get("precision") else ""
+        lines.append(f"accuracy: {', '.join(acc) or 'not recorded'}; measured with {how}")
+    stages = stage_history(meta)
+    if stages:
+        def one(s: dict) -> str:
+            extra = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()
+                              if k not in ("stage", "test_accuracy", "views") and v not in (None, 0, False))
+            return s.get("stage", "?") + (f" ({extra})" if extra else "")
+        lines.append("stages: " + " -> ".join(one(s) for s in stages))
+    lines.append(f"score {p.score:.4f} = params term {p.score_params_term:.4f} + ops term {p.score_ops_term:.4f} "
+                 f"({p.rules} rules; bits w/a {p.bits_w:.3g}/{p.bits_a:.3g}; ps {p.ps:.3f}, pu {p.pu:.3f}"
+                 + (f"; f charged {p.views}x: {p.views} views per image" if p.views > 1 else "") + ")")
+    if cfg.get("epochs") is not None:
+        o, sch = cfg.get("optim") or {}, cfg.get("sched") or {}
+        lines.append(f"training config: {cfg.get('epochs')} epochs, {o.get('name')} lr {o.get('lr')} wd "
+                     f"{o.get('weight_decay')}, {sch.get('name')} schedule, batch {d.get('batch_size')}, augment "
+                     f"{d.get('augment')}, seed {cfg.get('seed')}" + (f", ema {cfg['ema']}" if cfg.get("ema") else ""))
+    return lines
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The packed file to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sizes as JSON.")
+def pack(checkpoint, out, as_json):
+    """Write a deployment file that holds what the score counts, and nothing else.
+
+    k-bit weights as packed integers with their steps, binary weights as bits, pruned weights as a bitmask
+    plus the nonzeros, BN folded to its scale and shift, the rest in the dtype the score charges. edlab
+    eval, score, bench and info (and edlab.load_checkpoint) read it and give the outputs of the checkpoint.
+
+    \b
+    Example:
+      edlab pack runs/r20-qat4/model.ckpt --out r20-qat4.pack
+      edlab score r20-qat4.pack && edlab eval r20-qat4.pack
+    """
+    from .pack import pack as pack_file
+
+    r = pack_file(checkpoint, out)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    parts = " + ".join(f"{k} {r[k]:,}" for k in ("header", "weights", "values", "other") if r.get(k))
+    counted = r["counted"]
+    click.echo(f"packed {checkpoint} -> {r['out']}: {r['file']:,} bytes = {parts}" +
+               (f" + mask {r['mask']:,}" if r.get("mask") else ""))
+    body = r["file"] - r["header"] - r.get("mask", 0)
+    click.echo(f"the score's parameter term counts {counted:,.0f} bytes (nonzero entries x bits / 8); the file "
+               f"holds {body:,} bytes of tensors ({100 * (body / counted - 1):+.1f} %) besides its header" +
+               (" and the bitmask of pruned positions, which the course rules do not charge" if r.get("mask")
+                else ""))
 
 
 @cli.command()

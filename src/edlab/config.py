@@ -33,6 +33,7 @@ class DataConfig(Section):
     data_dir: str | None = None  # else $EDLAB_DATA_DIR, else ./data
     download: bool = True  # try torchvision's download when the data is not found
     val_size: int = Field(5000, ge=0)  # held out of the training set; drives every choice
+    split_seed: int | None = None  # seed of the validation split; None = the run's seed. Stages inherit their source's
     train_subset: int | None = Field(None, ge=1)  # use only N training images (quick runs)
     augment: Literal["none", "crop-flip", "scale-rotate", "fancy"] = "crop-flip"
     cutout: int = Field(0, ge=0, le=32)  # side of the erased square, 0 = off

@@ -170,6 +170,46 @@ def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Spl
     return train.subset(perm[val_size:]), train.subset(perm[:val_size])
 
 
+TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "synthetic": 2000}  # before the validation split
+
+
+def source_split(config: dict) -> dict:
+    """The validation split a checkpoint's saved config was trained beside (older configs, without
+    ``data.split_seed``, drew it from ``seed``)."""
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    seed = data.get("split_seed")
+    return {"dataset": data.get("dataset", "cifar10"), "val_size": data.get("val_size", 5000),
+            "split_seed": config.get("seed", 0) if seed is None else seed}
+
+
+def check_split(source: dict, dataset: str, val_size: int, split_seed: int) -> int:
+    """Warn when a stage validates on another split than its source's: the images of the new validation split
+    that the source was trained on make validation (and every choice it drives) optimistic. Returns them."""
+    if dataset != source["dataset"] or (val_size, split_seed) == (source["val_size"], source["split_seed"]):
+        return 0
+    n = TRAIN_IMAGES.get(dataset)
+    if n is None:
+        return 0
+    clip = (lambda v: min(v, n // 5)) if dataset == "synthetic" else (lambda v: v)
+    leak = split_leak(n, clip(val_size), split_seed, clip(source["val_size"]), source["split_seed"])
+    if leak:
+        warnings.warn(f"the validation split (val_size {val_size}, split_seed {split_seed}) differs from the "
+                      f"source's (val_size {source['val_size']}, split_seed {source['split_seed']}): {leak:,} of its "
+                      f"images were training images of the source model; drop the data.split_seed/val_size "
+                      f"change to validate on held-out images", stacklevel=2)
+    return leak
+
+
+def split_leak(n_train: int, val_size: int, split_seed: int, source_val_size: int, source_split_seed: int) -> int:
+    """How many images of the validation split (val_size, split_seed) were training images of a source model
+    trained beside the split (source_val_size, source_split_seed): those validate nothing."""
+    if val_size == 0:
+        return 0
+    new = set(torch.randperm(n_train, generator=torch.Generator().manual_seed(split_seed))[:val_size].tolist())
+    old = torch.randperm(n_train, generator=torch.Generator().manual_seed(source_split_seed))[:source_val_size]
+    return len(new - set(old.tolist()))
+
+
 class Loader:
     """Batches of a device-resident Split, shuffled and augmented per epoch from (seed, epoch).
 
@@ -233,12 +273,15 @@ def load_splits(dataset: str, data_dir: str | None = None, download: bool = True
 def get_data(dataset: str = "cifar10", data_dir: str | None = None, batch_size: int = 128,
              augment: str = "crop-flip", val_size: int = 5000, train_subset: int | None = None,
              cutout: int = 0, eval_batch_size: int = 1000, seed: int = 0, device: str | torch.device = "cpu",
-             channels_last: bool = False, download: bool = True) -> Data:
-    """The train/val/test loaders of a dataset, all resident on ``device``."""
+             channels_last: bool = False, download: bool = True, split_seed: int | None = None) -> Data:
+    """The train/val/test loaders of a dataset, all resident on ``device``. ``split_seed`` draws the
+    validation split (default ``seed``): a stage keeps its source's, so that validation never holds images the
+    source model was trained on."""
     train, test = load_splits(dataset, data_dir, download)
     if dataset == "synthetic":
         val_size = min(val_size, len(train) // 5)
-    train, val = split_validation(train, val_size, seed) if val_size else (train, None)
+    split_seed = seed if split_seed is None else split_seed
+    train, val = split_validation(train, val_size, split_seed) if val_size else (train, None)
     if train_subset:
         train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))
                              [:train_subset])

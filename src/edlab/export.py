@@ -80,13 +80,18 @@ def _export_fp32(model: nn.Module, path: Path, input_size: tuple[int, ...]) -> N
 def export_onnx(model: nn.Module, path: str | Path, int8: bool = False, calib_loader: Iterable | None = None,
                 calib_images: int = 1024, input_size: tuple[int, ...] = (3, 32, 32),
                 quant_format: str = "qoperator", per_channel: bool = True, reduce_range: bool = False,
-                activations: str = "uint8") -> Path:
+                activations: str = "uint8", dataset: str | None = None) -> Path:
     """Write ``model`` as ONNX (input "input": N x C x H x W float32 normalised images, output "logits").
 
     ``int8``: post-training static quantization with ONNX Runtime, calibrated (min/max) on up to
     ``calib_images`` images of ``calib_loader`` (training images: tensors or (images, labels) batches), uint8
     activations and int8 weights (see the module docstring for why those choices; ``activations="int8"`` is
-    quantize_static's default, fast on ARM with I8MM and on x86 with AVX-VNNI-INT8 only)."""
+    quantize_static's default, fast on ARM with I8MM and on x86 with AVX-VNNI-INT8 only). The file is stamped
+    with its dataset, input normalisation and source config (edlab.onnx_model), so that edlab eval, score and
+    bench read it like a checkpoint."""
+    from .onnx_model import export_stamp, stamp
+
+    info = export_stamp(model, dataset, input_size, "int8" if int8 else "fp32")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if quant_format not in QUANT_FORMATS:
@@ -100,6 +105,7 @@ def export_onnx(model: nn.Module, path: str | Path, int8: bool = False, calib_lo
     if not int8:
         _require_ort()
         _export_fp32(model, path, input_size)
+        stamp(path, info)
         return path
     _require_ort()
     if calib_loader is None:
@@ -132,6 +138,7 @@ def export_onnx(model: nn.Module, path: str | Path, int8: bool = False, calib_lo
         quantize_static(str(pre), str(path), Reader(), quant_format=fmt, per_channel=per_channel,
                         reduce_range=reduce_range, activation_type=act, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
+    stamp(path, info)
     return path
 
 
@@ -212,10 +219,11 @@ def int8_stage(model: nn.Module, data, run, calib_images: int = 1024, quant_form
     """The ``edlab quantize --method int8`` stage: export fp32 and int8 ONNX into the run directory, measure
     ORT accuracy (validation, then test once per model) and latency against fp32. Returns summary fields."""
     fp32_path, int8_path = run.file("model.fp32.onnx"), run.file("model.int8.onnx")
-    export_onnx(model, fp32_path)
+    dataset = getattr(data, "dataset", None)
+    export_onnx(model, fp32_path, dataset=dataset)
     export_onnx(model, int8_path, int8=True, calib_loader=_plain_batches(data, calib_images),
                 calib_images=calib_images, quant_format=quant_format, per_channel=per_channel,
-                reduce_range=reduce_range)
+                reduce_range=reduce_range, dataset=dataset)
     s32, s8 = ort_session(fp32_path, threads), ort_session(int8_path, threads)
     val = ort_evaluate(s8, data.val) if data.val is not None else {"accuracy": None}
     test8, test32 = ort_evaluate(s8, data.test), ort_evaluate(s32, data.test)
@@ -279,7 +287,7 @@ def export_command(checkpoint, fmt, int8, calib_images, quant_format, per_channe
         path = path / ("model.int8.onnx" if int8 else "model.onnx")
     export_onnx(model, path, int8=int8, calib_loader=_plain_batches(data, calib_images) if int8 else None,
                 calib_images=calib_images, quant_format=quant_format, per_channel=per_channel,
-                reduce_range=reduce_range)
+                reduce_range=reduce_range, dataset=dataset or (cfg.get("data") or {}).get("dataset"))
     line = f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)"
     if do_eval:
         r = ort_evaluate(ort_session(path, threads), data.test)

@@ -555,18 +555,23 @@ def finetune_config(model: nn.Module, flags: dict | None = None, sets: Sequence[
     its learning rate (0.01 after the default SGD 0.1), then the flags and ``--set`` overrides. For
     training from scratch the original schedule and learning rate are kept."""
     from .config import TrainConfig, build, parse_overrides
+    from .data import check_split, source_split
 
     saved = copy.deepcopy(getattr(model, "edlab_metadata", {}).get("config") or {})
     for key in ("out", "name"):
         saved.pop(key, None)
     saved.setdefault("model", {}).update({"checkpoint": None})
     saved.setdefault("distill", {}).update({"teacher": None})
+    source = source_split(saved)
+    saved.setdefault("data", {})["split_seed"] = source["split_seed"]  # validate on the source's held-out split
     base = build(TrainConfig, saved)
     over: dict = {"epochs": epochs, "keep": "last", "early_stop": None}
     if not scratch:
         over["optim"] = {"lr": base.optim.lr / 10}
         over["sched"] = {"name": "cosine", "warmup_epochs": 0}
-    return build(TrainConfig, base.model_dump(), over, flags or {}, parse_overrides(list(sets)))
+    cfg = build(TrainConfig, base.model_dump(), over, flags or {}, parse_overrides(list(sets)))
+    check_split(source, cfg.data.dataset, cfg.data.val_size, cfg.data.split_seed)
+    return cfg
 
 
 def _row(model: nn.Module, step: int, kind: str, target: float | None, val_before: float | None,
@@ -584,10 +589,10 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
                source: str | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` by ``recipe``, fine-tuning with ``cfg`` (a TrainConfig) after every step; write one
     metrics line per step, finetune.jsonl (the epochs), model.ckpt and summary.json into ``run``."""
-    from .checkpoint import save_checkpoint
+    from .checkpoint import save_checkpoint, with_stage
     from .config import to_yaml
     from .runs import command_line
-    from .train import evaluate, fit, load_teacher, resolve_device, resolve_precision
+    from .train import evaluate, fit, inference_record, load_teacher, resolve_device, resolve_precision
 
     recipe.validate()
     if recipe.distill and cfg.distill.teacher:
@@ -597,6 +602,8 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     amp = resolve_precision(cfg.precision, device)
+    inference = inference_record(cfg, amp)  # every score below charges the views this stage evaluates with
+    model.edlab_metadata = {**(getattr(model, "edlab_metadata", None) or {}), "inference": inference}
     model.to(device).float()
     ensure_dense_reference(model)
     teacher = copy.deepcopy(model).eval() if recipe.distill else \
@@ -684,13 +691,18 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
     stored = dict(getattr(model, "edlab_metadata", {}).get("config") or cfg.model_dump(mode="json"))
     stored["data"] = cfg.data.model_dump(mode="json")
     meta = {"config": stored, "prune": asdict(recipe), "finetune_config": cfg.model_dump(mode="json"),
-            "test_accuracy": test["accuracy"], "val_accuracy": last["val_accuracy"], "source": source}
+            "test_accuracy": test["accuracy"], "val_accuracy": last["val_accuracy"], "source": source,
+            "inference": inference,
+            "stages": with_stage(model, {"stage": "prune", "structured": recipe.structured,
+                                         "unstructured": recipe.unstructured, "ps": p.ps, "pu": p.pu,
+                                         "test_accuracy": test["accuracy"], "views": inference["views"]})}
     save_checkpoint(model, run.file("model.ckpt"), **meta)
+    model.edlab_metadata = meta
     summary = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"], "val_accuracy": last["val_accuracy"],
         "dense_val_accuracy": dense_val, "finetune_epochs_total": epochs_done, "steps": run.metrics(),
         "recipe": asdict(recipe), "source": source, "device": str(device),
-        "precision": str(amp).replace("torch.", "") if amp else "fp32", **p.to_dict(),
+        "precision": inference["precision"], "inference": inference, **p.to_dict(),
         "seconds": time.perf_counter() - t_start, "command": command_line(), "run_dir": str(run.path),
     }
     run.write_summary(summary)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .checkpoint import conv_kwargs, register_leaf
 from .cli import DISTILL_FLAGS, distill_options
 from .errors import EdlabError
+from .train import TTA_VIEWS
 
 METHODS = ("fp16", "bf16", "binaryconnect", "qat", "int8")
 # Fine-tuning defaults of the training stages, between the checkpoint's saved config and the user's flags:
@@ -475,15 +476,20 @@ def to_half(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 def stage_config(model: nn.Module, checkpoint: str | Path, method: str, flags: dict, sets: list[str]):
     """TrainConfig of a stage: the checkpoint's saved config < the stage's defaults < flags < --set."""
     from .config import TrainConfig, build, parse_overrides
+    from .data import check_split, source_split
 
-    saved = dict(getattr(model, "edlab_metadata", {}).get("config") or {})
+    saved = copy.deepcopy(getattr(model, "edlab_metadata", {}).get("config") or {})
     saved.pop("out", None)
     saved.pop("name", None)
     saved["distill"] = {**saved.get("distill", {}), "teacher": None}  # the student's own teacher: not implied
+    source = source_split(saved)
+    saved.setdefault("data", {})["split_seed"] = source["split_seed"]  # validate on the source's held-out split
     spec = getattr(model, "edlab_spec", {}) or {}
     name = f"{spec.get('name', 'model')}-{method}"
     base = {"name": name, "model": {"checkpoint": str(checkpoint)}}
-    return build(TrainConfig, saved, STAGE_DEFAULTS.get(method, {}), base, flags, parse_overrides(sets))
+    cfg = build(TrainConfig, saved, STAGE_DEFAULTS.get(method, {}), base, flags, parse_overrides(sets))
+    check_split(source, cfg.data.dataset, cfg.data.val_size, cfg.data.split_seed)
+    return cfg
 
 
 def _plain_batch(data, n: int) -> torch.Tensor:
@@ -496,7 +502,6 @@ def _plain_batch(data, n: int) -> torch.Tensor:
 
 def _half(source: nn.Module, method: str, data, run, cfg, options: dict) -> dict:
     """fp16/bf16: cast, evaluate (validation, then test once), save the truly half checkpoint."""
-    from .checkpoint import save_checkpoint
     from .train import evaluate
 
     model = to_half(source, torch.float16 if method == "fp16" else torch.bfloat16)
@@ -509,10 +514,23 @@ def _half(source: nn.Module, method: str, data, run, cfg, options: dict) -> dict
     ref_val = evaluate(source, data.val, tta=cfg.tta)["accuracy"] if data.val is not None else None
     test = evaluate(runner, data.test, tta=cfg.tta)  # the same views as validation (cfg.tta)
     model = model.cpu()
-    save_checkpoint(model, run.file("model.ckpt"), test_accuracy=test["accuracy"], val_accuracy=val,
-                    config=cfg.model_dump(mode="json"), quantization=options)
+    inference = {"tta": cfg.tta, "views": TTA_VIEWS[cfg.tta], "precision": method}
+    _save(model, run, test, val, cfg, options, inference)
     return {"scored": model, "test": test, "val_accuracy": val, "checkpoint": run.file("model.ckpt"),
+            "inference": inference, "reference_tta": cfg.tta,
             "extra": {"reference_val_accuracy": ref_val, "eval_arithmetic": arithmetic}}
+
+
+def _save(model: nn.Module, run, test: dict, val: float | None, cfg, options: dict, inference: dict) -> None:
+    """model.ckpt of a stage, with how its accuracy was measured (the score charges its views)."""
+    from .checkpoint import save_checkpoint, with_stage
+
+    entry = {"stage": "quantize", **{k: v for k, v in options.items() if k != "source_checkpoint"},
+             "test_accuracy": test["accuracy"], "views": inference["views"]}
+    meta = dict(test_accuracy=test["accuracy"], val_accuracy=val, config=cfg.model_dump(mode="json"),
+                quantization=options, inference=inference, stages=with_stage(model, entry))
+    save_checkpoint(model, run.file("model.ckpt"), **meta)
+    model.edlab_metadata = meta
 
 
 def _train(source: nn.Module, method: str, data, run, cfg, options: dict, console, resume: bool = False,
@@ -521,7 +539,7 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
     fake-quantized arithmetic exactly as deployed; training used cfg.precision), save. ``resume``: the
     conversion and calibration are deterministic, so redoing them and then loading the run's resume.pt
     (fit's per-epoch state) continues a killed stage."""
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from .checkpoint import load_checkpoint
     from .train import evaluate, fit, load_teacher, resolve_precision
 
     device = data.train.device
@@ -546,13 +564,14 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
     clip_latent_(model)
     model = model.to(memory_format=torch.contiguous_format).eval()
     val = state.history[-1]["val_accuracy"] if state.history else None
-    test = evaluate(model, data.test, tta=cfg.tta)  # the same views as fit's validation
+    test = evaluate(model, data.test, tta=cfg.tta)  # the same views as fit's validation, fp32 arithmetic
     model = model.cpu()
-    save_checkpoint(model, run.file("model.ckpt"), test_accuracy=test["accuracy"], val_accuracy=val,
-                    config=cfg.model_dump(mode="json"), quantization=options)
+    inference = {"tta": cfg.tta, "views": TTA_VIEWS[cfg.tta], "precision": "fp32"}
+    _save(model, run, test, val, cfg, options, inference)
     precision = str(resolve_precision(cfg.precision, device) or "fp32").replace("torch.", "")
     return {"scored": model, "test": test, "val_accuracy": val, "checkpoint": run.file("model.ckpt"),
-            "epochs": len(state.history), "extra": {"best_val_accuracy": state.best_val, "precision": precision}}
+            "epochs": len(state.history), "inference": inference, "reference_tta": cfg.tta,
+            "extra": {"best_val_accuracy": state.best_val, "training_precision": precision}}
 
 
 def _int8(source: nn.Module, data, run, options: dict, console, calib_images: int) -> dict:
@@ -567,9 +586,12 @@ def _int8(source: nn.Module, data, run, options: dict, console, calib_images: in
     for m in scored.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             m.weight_bits = m.act_bits = 8
+    inference = {"tta": "none", "views": 1, "precision": "int8"}  # ONNX Runtime runs one view per image
+    scored.edlab_metadata = {**(getattr(source, "edlab_metadata", None) or {}), "inference": inference}
     test = {"accuracy": extra.pop("test_accuracy"), "loss": extra.pop("test_loss")}
     return {"scored": scored, "test": test, "val_accuracy": extra.pop("val_accuracy"),
-            "checkpoint": extra["onnx"], "extra": extra}
+            "checkpoint": extra["onnx"], "inference": inference, "reference_tta": "none",
+            "extra": extra}
 
 
 def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bits_a: int | None = None,
@@ -657,14 +679,16 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
                    first_last_bits=first_last_bits, scale=scale, stochastic=stochastic, calib_images=calib_images,
                    distill=distill, layer_bits=layer_bits)
     seconds = time.perf_counter() - t0
-    reference = evaluate(source, data.test)  # the float model on the same test split, for the change
+    # the float source measured as the result was (same split, views and arithmetic), for the change
+    reference = evaluate(source, data.test, tta=r["reference_tta"])
     summary = {
         "method": method, "test_accuracy": r["test"]["accuracy"], "test_loss": r["test"]["loss"],
         "val_accuracy": r["val_accuracy"], "reference_test_accuracy": reference["accuracy"],
         "accuracy_change": r["test"]["accuracy"] - reference["accuracy"], "epochs": r.get("epochs", 0),
         "seconds": seconds, "device": str(device), "dataset": cfg.data.dataset,
         "model": getattr(source, "edlab_spec", {}).get("name"), "checkpoint": str(r["checkpoint"]),
-        "options": options, **r["extra"], **profile(r["scored"]).to_dict(), "command": command_line(),
+        "options": options, "inference": r["inference"], "reference_views": TTA_VIEWS[r["reference_tta"]],
+        **r["extra"], **profile(r["scored"]).to_dict(), "command": command_line(),
         "run_dir": str(run.path),
     }
     run.write_summary(summary)

@@ -312,7 +312,7 @@ def plot_layers(rows: list[dict], title: str, path: Path) -> bool:
 # --- tables -----------------------------------------------------------------------------------------------
 
 COLUMNS = ["run", "group", "kind", "model", "width", "conv", "optimizer", "lr", "batch", "wd", "augment", "epochs",
-           "val %", "test %", "params", "MACs", "bits w/a", "ps/pu", "score", "minutes"]
+           "val %", "test %", "views", "params", "MACs", "bits w/a", "ps/pu", "score", "minutes"]
 
 
 def _pct(v: float | None) -> str:
@@ -336,11 +336,12 @@ def run_cells(r: RunInfo) -> list[str]:
     bits = f"{_g(s.get('bits_w'))}/{_g(s.get('bits_a'))}" if s.get("bits_w") is not None else ""
     ps_pu = f"{s['ps']:.2f}/{s['pu']:.2f}" if _num(s.get("ps")) is not None and _num(s.get("pu")) is not None else ""
     seconds = _num(s.get("seconds"))
+    views = _first(s.get("views"), (s.get("inference") or {}).get("views"))
     return [r.name, r.group, r.kind, _g(r.get("model", "name") or s.get("model")), _g(r.get("model", "width")),
             _g(r.get("model", "conv")), _g(r.get("optim", "name")), _g(r.get("optim", "lr")),
             _g(r.get("data", "batch_size")), _g(r.get("optim", "weight_decay")), _g(r.get("data", "augment")),
             _g(_first(s.get("epochs"), s.get("finetune_epochs_total"), r.get("epochs"))), _pct(_num(r.val)),
-            _pct(r.test), _int(s.get("params")), _int(s.get("macs")), bits, ps_pu,
+            _pct(r.test), _g(views), _int(s.get("params")), _int(s.get("macs")), bits, ps_pu,
             "" if r.score is None else f"{r.score:.4g}", "" if seconds is None else f"{seconds / 60:.3g}"]
 
 

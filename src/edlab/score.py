@@ -35,6 +35,7 @@ REF_MACS = 2.8e8  # half of its 555,422,720 conv + linear MACs on a 32x32 image
 MICRONET_REF_PARAMS = 36.5e6  # WideResNet-28-10, the MicroNet CIFAR-100 baseline
 MICRONET_REF_OPS = 10.49e9  # its math operations (multiplications + additions)
 OP_KINDS = ("bn", "bias", "eltwise", "pool", "act")
+ARCH_PARAMS = ("weight", "bias")  # what a plain conv, linear or BN layer holds: the basis of ps and pu
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,8 @@ class Profile:
     score_params_term: float
     score_ops_term: float
     rows: list[Row]
-    arch_params: int = 0  # conv, linear and BN parameters as they are, whatever the rules: basis of ps, pu
+    arch_params: int = 0  # conv/linear/BN weights and biases as they are, whatever the rules: basis of ps, pu
+    views: int = 1  # forward passes per image (test-time views): f = views x macs
     dense: dict[str, int] | None = None
     formula_view: dict[str, float] | None = None
     notes: list[str] = field(default_factory=list)
@@ -136,7 +138,7 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the summary keys first, then rules, dense reference, formula view, notes, rows."""
         d = asdict(self)
-        keys = "score score_params_term score_ops_term params nonzero_params macs bits_w bits_a ps pu ops"
+        keys = "score score_params_term score_ops_term params nonzero_params macs views bits_w bits_a ps pu ops"
         keys += " arch_params rules rules_description input_size dense formula_view notes rows"
         return {k: d[k] for k in keys.split()}
 
@@ -397,8 +399,13 @@ def profile(
     bits_w: int | None = None,
     bits_a: int | None = None,
     dense: Mapping[str, int] | Profile | None = None,
+    views: int | None = None,
 ) -> Profile:
     """Count the score of ``model`` as it is (see the module docstring and docs/score.md).
+
+    ``views`` is the number of forward passes an image costs at inference (test-time views): it multiplies
+    f, because a score describes the inference that produced the accuracy printed beside it. None reads it
+    from the model's recorded inference (:func:`views_of`: a checkpoint's metadata), else 1.
 
     ``bits_w``/``bits_a`` override every layer's bits, for what-if estimates only. ``dense`` is the
     reference of the model this one was derived from ({"params", "macs"}, or its Profile); it defaults to
@@ -415,6 +422,9 @@ def profile(
     if not input_size or not all(isinstance(s, int) and s > 0 for s in input_size):
         raise EdlabError(f"input_size must be positive ints (C, H, W), got {input_size!r}")
     ref = _dense_ref(model, dense)
+    n_views = views_of(model) if views is None else views
+    if not isinstance(n_views, int) or isinstance(n_views, bool) or n_views < 1:
+        raise EdlabError(f"views must be a positive int (forward passes per image), got {n_views!r}")
     w_attr, a_attr = _inherited(model, "weight_bits"), _inherited(model, "act_bits")
     modules = dict(model.named_modules())
     own = {n: _own_params(m) for n, m in modules.items()}
@@ -438,9 +448,9 @@ def profile(
         mac_layer = isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or c.macs > 0
         weight_layer = mac_layer or c.weight_op or isinstance(m, nn.modules.batchnorm._BatchNorm)
         nonzero = {p: nnz[name] if p == "weight" and mac_layer else t.numel() for p, t in own[name]}
-        if weight_layer:
-            arch += sum(t.numel() for _, t in own[name])
-            zeros += sum(t.numel() - nonzero[p] for p, t in own[name])
+        if weight_layer:  # the architecture is weights and biases: a quantizer's step sizes are not (ps >= 0)
+            arch += sum(t.numel() for p, t in own[name] if p in ARCH_PARAMS)
+            zeros += sum(t.numel() - nonzero[p] for p, t in own[name] if p in ARCH_PARAMS)
         if not (weight_layer or rule.all_params):
             continue
         entries = []
@@ -482,9 +492,9 @@ def profile(
             weighted = c.macs * mb / 32 + c.ew_units * c.bits_ew / 32
         rows.append(Row(
             name=name or "(model)", type=type(m).__name__, params=sum(e[0] for e in entries),
-            nonzero=sum(e[1] for e in entries), macs=c.macs, ops=round(ops), bits_w=bw,
+            nonzero=sum(e[1] for e in entries), macs=c.macs, ops=round(ops * n_views), bits_w=bw,
             bits_a=(c.bits_mac if c.macs else c.bits_ew) or None,
-            params_term=storage / 32 / rule.ref_params, ops_term=weighted / rule.ref_ops,
+            params_term=storage / 32 / rule.ref_params, ops_term=weighted * n_views / rule.ref_ops,
         ))  # fmt: skip
 
     p_term, o_term = sum(r.params_term for r in rows), sum(r.ops_term for r in rows)
@@ -499,13 +509,14 @@ def profile(
     q_a = sum(r.macs * r.bits_a for r in mac_rows) / macs if macs else float(bits_a or 32)
     dense_w = ref["params"] if ref else arch
     ps, pu = 1 - arch / dense_w if dense_w else 0.0, zeros / dense_w if dense_w else 0.0
+    ps = max(ps, 0.0)  # a reference counted by an older edlab (step sizes included) can sit a hair below
 
     notes = []
     view = None
     if not rule.split_macs and dense_w:
         dense_f = ref["macs"] if ref else macs
-        fp, fo = _formula_terms(dense_w, dense_f, ps, pu, q_w, q_a)
-        view = {"w": dense_w, "f": dense_f, "ps": ps, "pu": pu, "qw": q_w, "qa": q_a,
+        fp, fo = _formula_terms(dense_w, dense_f * n_views, ps, pu, q_w, q_a)
+        view = {"w": dense_w, "f": dense_f * n_views, "ps": ps, "pu": pu, "qw": q_w, "qa": q_a,
                 "ps_macs": 1 - macs / dense_f if dense_f else 0.0,
                 "params_term": fp, "ops_term": fo, "score": fp + fo}  # fmt: skip
         if abs(view["ps_macs"] - ps) > 1e-3:
@@ -513,6 +524,8 @@ def profile(
                 f"formula view applies (1 - ps) = {1 - ps:.4f} to f, but the MACs executed are "
                 f"{1 - view['ps_macs']:.4f} of the dense f: the counted ops term is the exact one"
             )
+    if n_views > 1:
+        notes.append(f"{n_views} forward passes per image (test-time views): f = {n_views} x the MACs of one pass")
     if free:
         notes.append("MicroNet 16-bit freebie applied: nothing is below 16 bits, so wider data counts as 16")
     skipped = sum(t.numel() for n, ts in own.items() if n not in stored for _, t in ts)
@@ -526,8 +539,23 @@ def profile(
         rules=rule.name, rules_description=rule.describe(), input_size=tuple(input_size), params=params,
         nonzero_params=nonzero, macs=macs, ops=sum(r.ops for r in rows), bits_w=q_w, bits_a=q_a, ps=ps, pu=pu,
         score=p_term + o_term, score_params_term=p_term, score_ops_term=o_term, rows=rows, arch_params=arch,
-        dense=ref, formula_view=view, notes=notes,
+        views=n_views, dense=ref, formula_view=view, notes=notes,
     )  # fmt: skip
+
+
+def views_of(model: nn.Module) -> int:
+    """Forward passes per image of the inference recorded with the model: the ``inference.views`` of its
+    checkpoint metadata, else the views of the ``tta`` its saved config evaluated with, else 1."""
+    from .train import TTA_VIEWS
+
+    meta = getattr(model, "edlab_metadata", None)
+    meta = meta if isinstance(meta, dict) else {}
+    inference = meta.get("inference")
+    if isinstance(inference, dict) and isinstance(inference.get("views"), int) and inference["views"] >= 1:
+        return inference["views"]
+    config = meta.get("config")
+    tta = config.get("tta") if isinstance(config, dict) else None
+    return TTA_VIEWS.get(tta, 1) if isinstance(tta, str) else 1
 
 
 def dense_reference(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) -> dict[str, int]:
@@ -574,7 +602,8 @@ def render(profile: Profile, console: Any = None) -> None:
         ["layer", "type", "params", "nonzero", "MACs"] + (["ops"] if extra else []) + ["bits", "%w", "%f"]
     )
     lines = [_cells(r.name, r.type, r, extra) for r in p.rows] + [_cells("total", "", p, extra)]
-    title = f"edlab score ({p.rules} rules, input {'x'.join(map(str, p.input_size))})"
+    views = f", {p.views} views per image" if p.views > 1 else ""
+    title = f"edlab score ({p.rules} rules, input {'x'.join(map(str, p.input_size))}{views})"
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.caption = "bits: weight/activation; %w, %f: share of the params and ops terms"
     if p.nonzero_params == p.params:  # nothing to say per layer: give the width to the names

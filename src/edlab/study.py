@@ -667,7 +667,7 @@ def _run_train(st: Study, point: dict, run_dir: Path, console) -> dict:
         _, s = train(cfg, resume=resume, console=console)
     val = s.get("best_val_accuracy") if cfg.keep == "best" else s.get("val_accuracy")
     return {"val_accuracy": val, "test_accuracy": s.get("test_accuracy"), "score": s.get("score"),
-            "macs": s.get("macs"), "params": s.get("params"), "seconds": s.get("seconds"),
+            "macs": s.get("macs"), "params": s.get("params"), "views": s.get("views"), "seconds": s.get("seconds"),
             "command": _command("edlab", "train", st.base, *(a for x in _sets({**st.fixed, **point})
                                                                 for a in ("--set", x)), "--out", str(run_dir))}
 
@@ -680,7 +680,7 @@ def _run_recipe(st: Study, point: dict, run_dir: Path, console) -> dict:
     r = run_pipeline(recipe, sets, str(run_dir), echo=console.print)
     summaries = [s["summary"] or {} for s in r["stages"]]
     out: dict[str, Any] = {}
-    for key in ("val_accuracy", "test_accuracy", "score", "macs", "params"):
+    for key in ("val_accuracy", "test_accuracy", "score", "macs", "params", "views"):
         out[key] = next((s[key] for s in reversed(summaries) if s.get(key) is not None), None)
     out["seconds"] = sum(s.get("seconds") or 0.0 for s in r["stages"])
     out["command"] = _command("edlab", "run", recipe, *(a for x in sets for a in ("--set", x)), "--out", str(run_dir))
@@ -757,7 +757,8 @@ def trial_rows(study) -> list[dict]:
         rows.append({"number": t.number, "slot": a.get("slot"), "state": t.state.name, "point": a.get("point"),
                      "val_accuracy": a.get("val_accuracy"), "test_accuracy": a.get("test_accuracy"),
                      "score": a.get("score"), "macs": a.get("macs"), "params": a.get("params"),
-                     "seconds": a.get("seconds"), "wall_seconds": a.get("wall_seconds"), "run_dir": a.get("run_dir"),
+                     "views": a.get("views"), "seconds": a.get("seconds"), "wall_seconds": a.get("wall_seconds"),
+                     "run_dir": a.get("run_dir"),
                      "command": a.get("command"),
                      "error": a.get("error"), "interrupted": bool(a.get("interrupted")),
                      "worker": "{host}:{pid}".format(**a["owner"]) if a.get("owner") else None})
@@ -820,7 +821,7 @@ def render(report: dict, console) -> None:
     table.add_column("state")
     for h in heads:
         table.add_column(h, overflow="fold")
-    for col in ("val %", "test %", "score", "MACs", "s"):
+    for col in ("val %", "test %", "views", "score", "MACs", "s"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in report["trials"]:
         if r["state"] == "FAIL" and r["interrupted"]:
@@ -831,7 +832,8 @@ def render(report: dict, console) -> None:
         table.add_row(f"{r['slot']:04d}{mark}" if r["slot"] is not None else "-",
                       state if not r["error"] else f"fail: {r['error']}",
                       *(_short(point.get(k, "")) for k in keys), pct(r["val_accuracy"]),
-                      pct(r["test_accuracy"]), "-" if r["score"] is None else f"{r['score']:.4f}",
+                      pct(r["test_accuracy"]), str(r.get("views") or 1),
+                      "-" if r["score"] is None else f"{r['score']:.4f}",
                       "-" if r["macs"] is None else f"{r['macs'] / 1e6:.1f}M",
                       "-" if r["seconds"] is None else f"{r['seconds']:.0f}")
     width = console.width

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import mixup
-from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint, with_stage
 from .config import OptimConfig, SchedConfig, TrainConfig, to_yaml
 from .data import Data, get_data
 from .distributed import Dist
@@ -132,7 +132,8 @@ class LRSchedule:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-TTA_VIEWS = ("none", "flip", "flip-shift")
+# Test-time view sets -> forward passes per image; the score charges them (f = views x MACs of one pass).
+TTA_VIEWS = {"none": 1, "flip": 2, "flip-shift": 6}
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -166,7 +167,8 @@ def evaluate(model: nn.Module, loader, amp: torch.dtype | None = None, tta: str 
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     n = 0
-    dtype = next(model.parameters()).dtype  # a half model (edlab eval --half) takes half inputs
+    first = next(model.parameters(), None)  # a half model (edlab eval --half) takes half inputs
+    dtype = first.dtype if first is not None else torch.float32  # no parameters: an ONNX Runtime model
     for x, y in loader:
         x = x.to(dtype)
         with autocast(device, amp):
@@ -477,7 +479,24 @@ def model_from_config(cfg: TrainConfig, num_classes: int) -> nn.Module:
 def data_from_config(cfg: TrainConfig, device: torch.device) -> Data:
     d = cfg.data
     return get_data(d.dataset, d.data_dir, d.batch_size, d.augment, d.val_size, d.train_subset, d.cutout,
-                    d.eval_batch_size, cfg.seed, device, download=d.download)
+                    d.eval_batch_size, cfg.seed, device, download=d.download, split_seed=d.split_seed)
+
+
+def with_split_seed(cfg: TrainConfig) -> TrainConfig:
+    """The config with its validation split's seed written out (the run's seed when unset), so that the
+    checkpoint records the split and every later stage inherits it."""
+    if cfg.data.split_seed is not None:
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.split_seed = cfg.seed
+    return cfg
+
+
+def inference_record(cfg: TrainConfig, amp: torch.dtype | None) -> dict:
+    """How the reported accuracy was measured, per image: test-time views (the score multiplies f by them)
+    and the arithmetic. Stored in checkpoints and summaries; ``edlab.score.views_of`` reads it back."""
+    return {"tta": cfg.tta, "views": TTA_VIEWS[cfg.tta],
+            "precision": str(amp).replace("torch.", "") if amp else "fp32"}
 
 
 def model_summary(model: nn.Module) -> dict:
@@ -494,6 +513,8 @@ def _same_run_config(saved, cfg: TrainConfig) -> bool:
 
     old = yaml.safe_load(saved.read_text()) or {}
     new = cfg.model_dump(mode="json")
+    if isinstance(old.get("data"), dict) and old["data"].get("split_seed") is None:  # saved before split_seed
+        old["data"]["split_seed"] = old.get("seed", 0)
     for d in (old, new):  # what may change on resume: threads, tracker, and the cures of a diverged run
         d.pop("threads", None)
         d.pop("tracker", None)
@@ -523,6 +544,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     Under torchrun, rank 0 makes the run directory and tests; other ranks return (model, None)."""
     from . import distributed
 
+    cfg = with_split_seed(cfg)
     torch.manual_seed(cfg.seed)
     if cfg.threads:  # on a shared machine, fewer threads than cores avoids OpenMP stalls
         torch.set_num_threads(cfg.threads)
@@ -556,8 +578,13 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     amp = resolve_precision(cfg.precision, device)
     test = evaluate(model, data.test, amp, cfg.tta)  # the only time the test split is read
     model = model.to("cpu").to(memory_format=torch.contiguous_format).float().eval()
-    save_checkpoint(model, run.file("model.ckpt"), test_accuracy=test["accuracy"],
-                    val_accuracy=state.best_val, config=cfg.model_dump(mode="json"))
+    inference = inference_record(cfg, amp)
+    stages = with_stage(model, {"stage": "train", "model": cfg.model.name, "epochs": state.epoch,
+                                "test_accuracy": test["accuracy"], "views": inference["views"]})
+    meta = dict(test_accuracy=test["accuracy"], val_accuracy=state.best_val, config=cfg.model_dump(mode="json"),
+                inference=inference, stages=stages)
+    save_checkpoint(model, run.file("model.ckpt"), **meta)
+    model.edlab_metadata = meta
     last = state.history[-1] if state.history else {}
     summary = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
@@ -565,7 +592,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
         "best_epoch": state.best_epoch, "epochs": state.epoch, "seconds": state.seconds,
         "wall_seconds_this_process": time.perf_counter() - t0, "skipped_steps": state.skipped_steps,
         "tta": cfg.tta, "ema": cfg.ema, "device": str(device), "world_size": d.world,
-        "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "precision": inference["precision"], "inference": inference,
         "model": cfg.model.name, "dataset": cfg.data.dataset, **model_summary(model),
         "command": command_line(), "run_dir": str(run.path),
     }
