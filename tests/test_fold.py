@@ -134,3 +134,23 @@ def test_folding_a_pruned_model_does_not_pass_for_structured_pruning():
     ps = profile(m).ps
     assert ps > 0.1
     assert profile(fold_bn(m)[0]).ps == pytest.approx(ps, abs=0.02)  # the folded dense net is the new basis
+
+
+def test_folded_qat_model_packs_and_the_file_holds_no_bn(tmp_path):
+    """The deployment form end to end: fold, quantize (mixed bits), pack; the packed file reloads with the same
+    outputs and the same score, and has no BN left to fold."""
+    from edlab.pack import pack, read_pack_header, unpack_model
+
+    m = trained_like(create_model("resnet20", blocks=[1, 1, 1], conv="depthwise", width=0.5))
+    folded, report = fold_bn(m)
+    assert not report.kept
+    quantize_qat(folded, 4, 4, layer_bits="first=8,last=8")
+    calibrate(folded, X)
+    save_checkpoint(folded.eval(), tmp_path / "q.ckpt")
+    sizes = pack(tmp_path / "q.ckpt", tmp_path / "q.pack")
+    assert read_pack_header(tmp_path / "q.pack")["bn_folded"] == []  # nothing left: folded before quantizing
+    back = unpack_model((tmp_path / "q.pack").read_bytes())
+    with torch.no_grad():
+        assert (back(X).argmax(1) == folded(X).argmax(1)).all()
+        assert sizes["max_output_difference"] < 1e-3 * max(1.0, float(folded(X).abs().max()))
+    assert profile(back).score == pytest.approx(profile(folded).score)
