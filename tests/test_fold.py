@@ -154,3 +154,8 @@ def test_folded_qat_model_packs_and_the_file_holds_no_bn(tmp_path):
         assert (back(X).argmax(1) == folded(X).argmax(1)).all()
         assert sizes["max_output_difference"] < 1e-3 * max(1.0, float(folded(X).abs().max()))
     assert profile(back).score == pytest.approx(profile(folded).score)
+
+
+def test_fold_bn_with_binaryconnect_needs_a_scale(tiny_ckpt):
+    r = CliRunner().invoke(cli, ["quantize", str(tiny_ckpt), "--method", "binaryconnect", "--fold-bn"])
+    assert r.exit_code == 2 and "needs --scale" in r.stderr and len(r.stderr.strip().splitlines()) == 1

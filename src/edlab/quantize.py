@@ -633,6 +633,9 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     if any(isinstance(m, QUANT_TYPES) for m in source.modules()) or \
             any(p.dtype != torch.float32 for p in source.parameters()):
         raise EdlabError(f"{checkpoint} is already quantized or half; quantize a float32 checkpoint")
+    if fold and method == "binaryconnect" and not scale:  # sign(s w) has lost the BN's per-channel scale s
+        raise EdlabError("--fold-bn with binaryconnect needs --scale: without a per-channel scale the binary "
+                         "weights lose the scale of the folded BN")
     if layer_bits and method != "qat":
         raise EdlabError(f"--layer-bits is a qat option (method {method} has one bit-width)")
     if method == "qat":  # a bad rule fails now, before the data is loaded
