@@ -14,8 +14,9 @@ Quantized layers: an LSQ layer's per-channel weight step scales with |s| (W' = s
 integer codes stay the same; the activation quantizer of its *input* is untouched. A channel whose BN scale
 is negative flips the sign of its codes, and the code -2^(b-1) has no positive twin in b bits: such a pair is
 left unfolded (and listed), as are BinaryConnect layers (their binary weights have no per-channel scale to
-absorb s). The exact order for a quantized deployment is therefore: fold the float model, then quantize
-(``edlab quantize --fold-bn``); ``fold_bn`` on an already quantized model folds what it can exactly.
+absorb s). The order for a quantized deployment: fine-tune (QAT) with BN, then fold what folds exactly
+(``edlab quantize --fold-bn`` does so after fine-tuning). Folding first and fine-tuning the BN-free quantized
+network diverged at the stage's learning rate (docs/quantization.md has the measurement).
 """
 
 from __future__ import annotations

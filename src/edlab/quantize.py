@@ -563,6 +563,8 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
         model = load_checkpoint(run.file("best.ckpt")).to(device)
     clip_latent_(model)
     model = model.to(memory_format=torch.contiguous_format).eval()
+    if how["fold"]:  # step: fold after fine-tuning with BN (folding first made QAT diverge: docs/quantization.md)
+        model = _fold(model, options)
     val = state.history[-1]["val_accuracy"] if state.history else None
     test = evaluate(model, data.test, tta=cfg.tta)  # the same views as fit's validation, fp32 arithmetic
     model = model.cpu()
@@ -572,6 +574,15 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
     return {"scored": model, "test": test, "val_accuracy": val, "checkpoint": run.file("model.ckpt"),
             "epochs": len(state.history), "inference": inference, "reference_tta": cfg.tta,
             "extra": {"best_val_accuracy": state.best_val, "training_precision": precision}}
+
+
+def _fold(model: nn.Module, options: dict) -> nn.Module:
+    """The BN-folded copy of ``model`` (``edlab.fold``); what was folded and what was kept go to ``options``."""
+    from .fold import fold_bn
+
+    folded, report = fold_bn(model)
+    options["fold_bn"] = {"folded": len(report.folded), "kept": report.kept}
+    return folded
 
 
 def _int8(source: nn.Module, data, run, options: dict, console, calib_images: int) -> dict:
@@ -609,8 +620,8 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     other methods, which do not train, are redone). ``distill`` (the float source teaches) or ``teacher`` (a
     checkpoint), with ``temperature`` and ``alpha``: binaryconnect/qat fine-tune with distillation.
     ``layer_bits`` (qat): per-layer bits by name pattern, see :func:`parse_layer_bits`. ``fold``: merge the BN
-    layers into the convs before them first (``edlab.fold``), so the method quantizes (and the score and
-    the checkpoint hold) the deployment form."""
+    layers into the convs before them (``edlab.fold``): after fine-tuning (binaryconnect, qat) or before the
+    cast (fp16, bf16, int8), so that what is tested, scored and saved is the deployment form."""
     from .checkpoint import load_checkpoint
     from .config import to_yaml
     from .runs import Run, command_line
@@ -633,9 +644,6 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     if any(isinstance(m, QUANT_TYPES) for m in source.modules()) or \
             any(p.dtype != torch.float32 for p in source.parameters()):
         raise EdlabError(f"{checkpoint} is already quantized or half; quantize a float32 checkpoint")
-    if fold and method == "binaryconnect" and not scale:  # sign(s w) has lost the BN's per-channel scale s
-        raise EdlabError("--fold-bn with binaryconnect needs --scale: without a per-channel scale the binary "
-                         "weights lose the scale of the folded BN")
     if layer_bits and method != "qat":
         raise EdlabError(f"--layer-bits is a qat option (method {method} has one bit-width)")
     if method == "qat":  # a bad rule fails now, before the data is loaded
@@ -665,11 +673,8 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
                              f"resume with the same options")
     run.write_text("config.yaml", to_yaml(cfg))
     options: dict = {"method": method, "source_checkpoint": str(checkpoint)}
-    if fold:  # step: BN folded into the float convs, then quantized: no quantized layer ever meets a BN
-        from .fold import fold_bn
-
-        source, report = fold_bn(source)
-        options["fold_bn"] = {"folded": len(report.folded), "kept": report.kept}
+    if fold and method not in STAGE_DEFAULTS:  # step: BN folded into the float convs, then cast / int8
+        source = _fold(source, options)
     source = source.to(device)
     t0 = time.perf_counter()
     if method == "int8":
@@ -680,7 +685,7 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
         r = _train(source, method, data, run, cfg, options, console, resume=resume, bits_w=bits_w,
                    bits_a=None if bits_a == 32 else bits_a, keep_first_last=keep_first_last,
                    first_last_bits=first_last_bits, scale=scale, stochastic=stochastic, calib_images=calib_images,
-                   distill=distill, layer_bits=layer_bits)
+                   distill=distill, layer_bits=layer_bits, fold=fold)
     seconds = time.perf_counter() - t0
     # the float source measured as the result was (same split, views and arithmetic), for the change
     reference = evaluate(source, data.test, tta=r["reference_tta"])
@@ -709,8 +714,9 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
 @click.option("--layer-bits", metavar="RULES", help="qat: per-layer bits, first matching rule wins: "
               "'first=8,last=8,layers.2.*=3/4' (PATTERN=N: weights and activations; W/A apart; A=32: float "
               "activations; 32: float layer). Patterns are globs over the layer names of `edlab score`.")
-@click.option("--fold-bn", "fold", is_flag=True, help="Fold every BN into the conv before it first (the "
-              "deployment form: the quantized, scored and saved model has no BN layer that folds).")
+@click.option("--fold-bn", "fold", is_flag=True, help="Fold the BNs into the convs before them (after qat/"
+              "binaryconnect fine-tuning; before fp16/bf16/int8): the tested, scored and saved model is the "
+              "deployment form.")
 @click.option("--epochs", type=int, help="Fine-tuning epochs (binaryconnect, qat; default 5).")
 @click.option("--keep-first-last/--no-keep-first-last", default=True, show_default=True,
               help="Leave the first and last layers in full precision.")
