@@ -171,13 +171,17 @@ def test_train_flags_and_saved_teacher_not_inherited(tiny_ckpt, tmp_path, monkey
     (["quantize", "--method", "bf16", "--distill"], "does not train"),
     (["quantize", "--method", "qat", "--distill", "--teacher", "X"], "not both"),
     (["quantize", "--method", "qat", "--teacher", "missing.ckpt", "--set", "data.train_subset=64"],
-     "checkpoint not found"),
+     "teacher checkpoint not found"),
+    (["prune", "--unstructured", "0.2", "--teacher", "missing.ckpt", "--train-subset", "64"],
+     "teacher checkpoint not found"),
     (["prune", "--unstructured", "0.2", "--distill", "--teacher", "X", "--train-subset", "64"], "not both"),
 ])
-def test_bad_distillation_input_is_one_line(tiny_ckpt, args, msg):
+def test_bad_distillation_input_is_one_line(tiny_ckpt, args, msg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     r = invoke(args[0], tiny_ckpt, *args[1:])
     assert r.exit_code == 2, r.output
     assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()  # refused before any run folder is made
 
 
 def test_teacher_with_other_classes_is_refused(tmp_path, tiny_cfg):

@@ -113,7 +113,9 @@ def test_quantize_cli_layer_bits(tiny_ckpt, tmp_path):
     (["--method", "qat", "--layer-bits", "conv1=1"], "weight bits must be an integer from 2 to 16"),
     (["--method", "bf16", "--layer-bits", "conv1=8"], "--layer-bits is a qat option"),
 ])
-def test_bad_layer_bits_are_one_line(tiny_ckpt, args, msg):
+def test_bad_layer_bits_are_one_line(tiny_ckpt, args, msg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(cli, ["quantize", str(tiny_ckpt), *args])
     assert r.exit_code == 2, r.output
     assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()  # refused before the data and the run folder

@@ -779,7 +779,7 @@ def prune_command(target, structured, unstructured, steps, finetune_epochs, sche
     """
     from .cli import _console, _flags_to_tree, load_model_arg
     from .runs import Run
-    from .train import data_from_config, resolve_device
+    from .train import check_teacher, data_from_config, resolve_device
 
     recipe = Recipe(structured, unstructured, steps, finetune_epochs, importance, global_pruning, target_kind,
                     tuple(k.strip() for k in keep.split(",") if k.strip()), schedule, scope, round_to, distill,
@@ -798,6 +798,9 @@ def prune_command(target, structured, unstructured, steps, finetune_epochs, sche
                               scratch=True) if from_scratch else None
     spec = getattr(model, "edlab_spec", {}) or {}
     name = spec.get("name") or spec.get("builder", "model").rsplit(".", 1)[-1]
+    if distill and cfg.distill.teacher:
+        raise EdlabError("give --distill (the unpruned model teaches) or --teacher CKPT, not both")
+    check_teacher(cfg.distill.teacher)  # before the data and the run folder
     console = _console()
     data = data_from_config(cfg, resolve_device(cfg.device))
     run = Run.create(f"{name}-pruned", cfg.out)

@@ -626,7 +626,7 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     from .config import to_yaml
     from .runs import Run, command_line
     from .score import profile
-    from .train import data_from_config, evaluate, resolve_device
+    from .train import check_teacher, data_from_config, evaluate, resolve_device
 
     if method not in METHODS:
         raise EdlabError(f"unknown method '{method}' (choices: {', '.join(METHODS)})")
@@ -661,6 +661,7 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
         raise EdlabError("give --distill (the float source teaches) or --teacher CKPT, not both")
     if (distill or cfg.distill.teacher) and method not in STAGE_DEFAULTS:
         raise EdlabError(f"--distill/--teacher: method {method} does not train (use binaryconnect or qat)")
+    check_teacher(cfg.distill.teacher)
     torch.manual_seed(cfg.seed)
     if cfg.threads:  # --threads / threads=N: as train and prune do
         torch.set_num_threads(cfg.threads)

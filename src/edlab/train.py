@@ -240,6 +240,14 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, hard: torch.Tenso
     return alpha * t * t * soft + (1 - alpha) * hard
 
 
+def check_teacher(path: str | None) -> None:
+    """A teacher file that is not there is refused before any run folder or data is made."""
+    import os
+
+    if path and not os.path.isfile(path):
+        raise EdlabError(f"teacher checkpoint not found: {path}")
+
+
 def load_teacher(path: str, num_classes: int) -> nn.Module:
     """The teacher checkpoint as a float32 eval-mode model, refused in one line when its classes differ."""
     teacher = load_checkpoint(path).float().eval().requires_grad_(False)
@@ -600,6 +608,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     from . import distributed
 
     cfg = with_split_seed(cfg)
+    check_teacher(cfg.distill.teacher)
     torch.manual_seed(cfg.seed)
     if cfg.threads:  # on a shared machine, fewer threads than cores avoids OpenMP stalls
         torch.set_num_threads(cfg.threads)
