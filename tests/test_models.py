@@ -73,3 +73,59 @@ def test_airbench_net_shape_cost_and_factorization():
     assert any(getattr(c, "groups", 1) == 2 for c in half.modules() if isinstance(c, nn.Conv2d))
     with pytest.raises(EdlabError, match="one per stage"):
         create_model("airbench94", conv="standard,depthwise")
+
+
+def _dw_sep(cin: int, cout: int) -> int:
+    """Depthwise 3x3 (9 per input channel) + its BN (2 per channel) + pointwise 1x1."""
+    return 9 * cin + 2 * cin + cin * cout
+
+
+def test_small_student_blocks_depthwise_counted_by_hand(tmp_path):
+    """The challenge's student: blocks [2, 3, 3], widths 16/32/64, depthwise blocks. Its parameter count,
+    summed here layer by layer, is what the score counts, and it survives a checkpoint round trip."""
+    from edlab.checkpoint import load_checkpoint, save_checkpoint
+    from edlab.score import profile
+
+    def block(cin, cout):  # conv1 + bn1 + conv2 + bn2 (+ 1x1 shortcut + BN when the shape changes)
+        return _dw_sep(cin, cout) + 2 * cout + _dw_sep(cout, cout) + 2 * cout + \
+            (cin * cout + 2 * cout if cin != cout else 0)
+
+    stem = 3 * 16 * 9 + 2 * 16
+    stages = 2 * block(16, 16) + block(16, 32) + 2 * block(32, 32) + block(32, 64) + 2 * block(64, 64)
+    fc = 64 * 10 + 10
+    m = create_model("resnet20", blocks=[2, 3, 3], conv="depthwise")
+    assert [len(s) for s in m.layers] == [2, 3, 3]
+    p = profile(m)
+    assert p.params == stem + stages + fc == n_params(m)
+    # MACs of the stem and classifier by hand, the blocks' share from the per-layer rows
+    rows = {r.name: r for r in p.rows}
+    assert rows["conv1"].macs == 32 * 32 * 16 * 27 and rows["fc"].macs == 640
+    path = save_checkpoint(m, tmp_path / "s.ckpt")
+    back = load_checkpoint(path)
+    assert back.edlab_spec["options"] == {"blocks": [2, 3, 3], "conv": "depthwise"}
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(back(x), m.eval()(x)) and profile(back).score == p.score
+
+
+def test_blocks_combine_with_width_and_grouped_convs():
+    m = create_model("resnet32", blocks=[1, 2, 1], width=0.5, conv="grouped:2")
+    assert [len(s) for s in m.layers] == [1, 2, 1]
+    assert {c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d)} == {8, 16, 32}
+    assert {c.groups for c in m.modules() if isinstance(c, nn.Conv2d) and c.kernel_size == (3, 3)} == {1, 2}
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert n_params(create_model("resnet20", blocks="2,3,3")) == n_params(create_model("resnet20", blocks=[2, 3, 3]))
+
+
+@pytest.mark.parametrize("blocks", [[2, 3], [2, 0, 3], ["a", 1, 1], [1.5, 1, 1]])
+def test_bad_blocks_are_one_clear_error(blocks):
+    with pytest.raises(EdlabError, match="blocks: give 3 positive integers"):
+        create_model("resnet20", blocks=blocks)
+
+
+def test_small_student_from_a_config(tiny_cfg):
+    from edlab.train import model_from_config
+
+    cfg = tiny_cfg(**{"model.blocks": "[1,2,1]", "model.conv": "depthwise"})
+    m = model_from_config(cfg, 10)
+    assert [len(s) for s in m.layers] == [1, 2, 1] and m.edlab_spec["options"]["blocks"] == [1, 2, 1]
+    assert "blocks" not in model_from_config(tiny_cfg(), 10).edlab_spec["options"]  # old specs unchanged

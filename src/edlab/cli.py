@@ -13,6 +13,18 @@ import click
 
 from .errors import EdlabError
 
+# The distillation flags of every training stage (train, prune, quantize): flag -> config key.
+DISTILL_FLAGS = {"teacher": "distill.teacher", "temperature": "distill.temperature", "alpha": "distill.alpha"}
+
+
+def distill_options(f):
+    """Add --teacher/--temperature/--alpha to a command (values land in ``**flags``; see DISTILL_FLAGS)."""
+    f = click.option("--alpha", type=float, help="Distillation: weight of the teacher's soft term (default "
+                     "0.9; the label loss gets 1 - alpha).")(f)
+    f = click.option("--temperature", type=float, help="Distillation: softmax temperature T (default 4).")(f)
+    return click.option("--teacher", metavar="CKPT", help="Distil from this checkpoint's logits "
+                        "(distill.teacher), computed on the student's augmented batches.")(f)
+
 TTA_NAMES = ("none", "flip", "flip-shift")  # edlab.train.TTA_VIEWS (not imported here: the CLI starts fast)
 
 # CLI flag -> config key: the common options as flags (like timm's train.py), the rest via --set.
@@ -21,7 +33,7 @@ TRAIN_FLAGS = {
     "train_subset": "data.train_subset", "epochs": "epochs", "batch_size": "data.batch_size",
     "optimizer": "optim.name", "lr": "optim.lr", "weight_decay": "optim.weight_decay",
     "scheduler": "sched.name", "augment": "data.augment", "seed": "seed", "out": "out", "device": "device",
-    "precision": "precision", "threads": "threads", "tracker": "tracker",
+    "precision": "precision", "threads": "threads", "tracker": "tracker", **DISTILL_FLAGS,
 }
 
 
@@ -144,6 +156,7 @@ def cli():
               help="Also log to W&B or MLflow (TensorBoard always); needs pip install edlab[wandb] / edlab[mlflow].")
 @click.option("--out", help="Run directory (default runs/<name>-<timestamp>).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
+@distill_options
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any config key, e.g. optim.nesterov=false.")
 def train(config, resume, sets, **flags):
     """Train a model; write a run directory (config, metrics, summary, TensorBoard, model.ckpt).
@@ -154,6 +167,7 @@ def train(config, resume, sets, **flags):
       edlab train --model resnet20 --dataset synthetic --epochs 2
       edlab train cfg.yaml --lr 0.05 --set data.cutout=8 --set sched.warmup_epochs=1
       edlab train cfg.yaml --out runs/r20 --resume      # continue a killed run
+      edlab train --model resnet20 --set model.blocks=[2,3,3] --teacher runs/r56/model.ckpt --temperature 4
       WANDB_MODE=offline edlab train cfg.yaml --tracker wandb
     """
     from .config import load_train_config

@@ -35,6 +35,7 @@ class ModelConfig(Section):
     name: str = "resnet20"  # a registered model (edlab.models.list_models())
     width: float = Field(1.0, gt=0, le=16)  # multiplier of every channel count
     conv: str = "standard"  # block 3x3 convs: standard | depthwise | grouped:G, or one per stage "a,b,c"
+    blocks: list[int] | None = None  # ResNets: blocks per stage, e.g. [2, 3, 3]; None = the model's own depths
     checkpoint: str | None = None  # start from this checkpoint instead of a fresh model (fine-tuning)
 
 

@@ -272,6 +272,7 @@ class Loader:
             x = self.augment(self.split.images[idx], gen)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            self.index = idx  # which images of the split this batch holds (distillation's logit cache)
             yield x, self.split.labels[idx]
 
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cli import DISTILL_FLAGS, distill_options
 from .errors import EdlabError
 from .score import dense_reference, profile
 
@@ -591,9 +592,11 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
     from .checkpoint import save_checkpoint, with_stage
     from .config import to_yaml
     from .runs import command_line
-    from .train import evaluate, fit, inference_record, resolve_device, resolve_precision
+    from .train import evaluate, fit, inference_record, load_teacher, resolve_device, resolve_precision
 
     recipe.validate()
+    if recipe.distill and cfg.distill.teacher:
+        raise EdlabError("give --distill (the unpruned model teaches) or --teacher CKPT, not both")
     t_start = time.perf_counter()
     if getattr(cfg, "threads", None):  # on a shared machine, fewer threads than cores avoids OpenMP stalls
         torch.set_num_threads(cfg.threads)
@@ -603,7 +606,8 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
     model.edlab_metadata = {**(getattr(model, "edlab_metadata", None) or {}), "inference": inference}
     model.to(device).float()
     ensure_dense_reference(model)
-    teacher = copy.deepcopy(model).eval() if recipe.distill else None
+    teacher = copy.deepcopy(model).eval() if recipe.distill else \
+        load_teacher(cfg.distill.teacher, data.num_classes) if cfg.distill.teacher else None
     if sparsity_of(model) > 1e-4:
         hold_masks(model)  # a sparse checkpoint: its zeros are pruned weights, kept through fine-tuning
     run.write_text("config.yaml", to_yaml(cfg))
@@ -640,7 +644,7 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
         kinds += [f"unstructured {recipe.unstructured:g} of the dense params"] if recipe.unstructured else []
         tuning = (f"then train from scratch for {(scratch_cfg or cfg).epochs} epochs" if recipe.from_scratch else
                   f"fine-tuning {cfg.epochs} epochs per step at lr {cfg.optim.lr:g}"
-                  + (" with distillation" if recipe.distill else ""))
+                  + (" with distillation" if teacher is not None else ""))
         console.print(f"pruning: {' then '.join(kinds)}, {recipe.steps} step(s) each ({recipe.schedule}), "
                       f"{tuning}; {cfg.data.dataset} on {device}")
     dense_val = val()
@@ -717,7 +721,7 @@ def _pct(v: float | None) -> str:
 # ----------------------------------------------------------------------------------------------- CLI
 PRUNE_FLAGS = {"dataset": "data.dataset", "data_dir": "data.data_dir", "train_subset": "data.train_subset",
                "batch_size": "data.batch_size", "device": "device", "seed": "seed", "precision": "precision",
-               "threads": "threads"}
+               "threads": "threads", **DISTILL_FLAGS}
 
 
 @click.command("prune")
@@ -738,7 +742,8 @@ PRUNE_FLAGS = {"dataset": "data.dataset", "data_dir": "data.data_dir", "train_su
               "(the classifier's outputs are always kept).")
 @click.option("--scope", default="global", show_default=True, help="Unstructured ranking: global | layer.")
 @click.option("--round-to", type=int, help="Keep channel counts multiples of N (fast kernels like 8).")
-@click.option("--distill", is_flag=True, help="Fine-tune with distillation from the unpruned model.")
+@click.option("--distill", is_flag=True, help="Fine-tune with distillation from the unpruned model "
+              "(or give --teacher CKPT).")
 @click.option("--from-scratch", is_flag=True, help="Baseline: train the pruned architecture from random init.")
 @click.option("--scratch-epochs", type=int, help="Epochs of the --from-scratch training (default --finetune-epochs).")
 @click.option("--calib-batches", type=int, default=8, show_default=True, help="Training batches for taylor.")
@@ -752,6 +757,7 @@ PRUNE_FLAGS = {"dataset": "data.dataset", "data_dir": "data.data_dir", "train_su
 @click.option("--seed", type=int)
 @click.option("--threads", type=int, help="CPU threads (default: all cores; 1 on a busy shared machine).")
 @click.option("--out", help="Run directory (default runs/<model>-pruned-<timestamp>).")
+@distill_options
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any fine-tuning config key.")
 def prune_command(target, structured, unstructured, steps, finetune_epochs, schedule, importance, global_pruning,
                   target_kind, keep, scope, round_to, distill, from_scratch, scratch_epochs, calib_batches, lr,
@@ -769,10 +775,11 @@ def prune_command(target, structured, unstructured, steps, finetune_epochs, sche
       edlab prune runs/r20/model.ckpt --structured 0.5 --steps 3 --schedule cubic --global --distill
       edlab prune runs/r18/model.ckpt --structured 0.75 --target macs --importance taylor --round-to 8
       edlab prune runs/r20/model.ckpt --structured 0.5 --from-scratch --scratch-epochs 30
+      edlab prune runs/s/model.ckpt --unstructured 0.7 --teacher runs/r56/model.ckpt --temperature 4
     """
     from .cli import _console, _flags_to_tree, load_model_arg
     from .runs import Run
-    from .train import data_from_config, resolve_device
+    from .train import check_teacher, data_from_config, resolve_device
 
     recipe = Recipe(structured, unstructured, steps, finetune_epochs, importance, global_pruning, target_kind,
                     tuple(k.strip() for k in keep.split(",") if k.strip()), schedule, scope, round_to, distill,
@@ -791,6 +798,9 @@ def prune_command(target, structured, unstructured, steps, finetune_epochs, sche
                               scratch=True) if from_scratch else None
     spec = getattr(model, "edlab_spec", {}) or {}
     name = spec.get("name") or spec.get("builder", "model").rsplit(".", 1)[-1]
+    if distill and cfg.distill.teacher:
+        raise EdlabError("give --distill (the unpruned model teaches) or --teacher CKPT, not both")
+    check_teacher(cfg.distill.teacher)  # before the data and the run folder
     console = _console()
     data = data_from_config(cfg, resolve_device(cfg.device))
     run = Run.create(f"{name}-pruned", cfg.out)

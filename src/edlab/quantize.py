@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import conv_kwargs, register_leaf
+from .cli import DISTILL_FLAGS, distill_options
 from .errors import EdlabError
 from .train import TTA_VIEWS
 
@@ -306,7 +307,7 @@ def _replace_layers(model: nn.Module, make, keep: set[str] | None = None, keep_f
     ends = {layers[0][0], layers[-1][0]} if keep_first_last else set()
     done = []
     for name, m in layers:
-        new = make(m, name in ends, bool((m.weight == 0).any()))
+        new = make(m, name in ends, bool((m.weight == 0).any()), name)
         if new is None:
             continue
         new = new.to(device=m.weight.device, dtype=m.weight.dtype)
@@ -338,7 +339,7 @@ def binarize(model: nn.Module, keep_first_last: bool = True, scale: bool = False
     binary weights by alpha = mean |w| (XNOR-Net). ``stochastic`` samples the binary weights during training
     (evaluation always uses the deterministic sign). Returns the model."""
 
-    def make(m, is_end, masked):
+    def make(m, is_end, masked, name):
         if is_end:
             return None
         cls = BinaryConv2d if isinstance(m, nn.Conv2d) else BinaryLinear
@@ -356,25 +357,90 @@ def _check_bits(bits: int | None, what: str, allow_none: bool = False) -> None:
                          f"got {bits!r}")
 
 
+def parse_layer_bits(spec: str | dict | None) -> list[tuple[str, int | None, int | None]]:
+    """``"conv1=8,fc=8,layers.2.*=3/4"`` -> [(pattern, weight bits, activation bits)], in the given order.
+
+    A pattern is a glob over conv/linear module names (``edlab score`` lists them), or ``first`` / ``last``;
+    ``N`` sets weights and input activations to N bits, ``W/A`` sets them apart, ``A = 32`` keeps the
+    activations float, and ``32`` (or ``float``) leaves the layer float. A dict {pattern: "W/A" or N} works too.
+    """
+    if not spec:
+        return []
+    items = spec.items() if isinstance(spec, dict) else \
+        [part.split("=", 1) if "=" in part else (part, "") for part in str(spec).split(",") if part.strip()]
+    rules = []
+    for pattern, value in items:
+        pattern, text = str(pattern).strip(), str(value).strip().lower()
+        w_text, _, a_text = text.partition("/")
+        try:
+            if text in ("32", "float", "32/32"):
+                rules.append((pattern, None, None))
+                continue
+            bw, ba = int(w_text), int(a_text or w_text)
+        except ValueError:
+            bw = ba = -1
+        if not pattern or bw == -1:
+            raise EdlabError(f"--layer-bits: '{pattern}={value}' is not PATTERN=BITS or PATTERN=W/A "
+                             f"(e.g. 'first=8,last=8,layers.2.*=3/4')")
+        _check_bits(bw, f"--layer-bits {pattern}: weight bits")
+        if ba != 32:
+            _check_bits(ba, f"--layer-bits {pattern}: activation bits")
+        rules.append((pattern, bw, None if ba == 32 else ba))
+    return rules
+
+
+def layer_bits_plan(model: nn.Module, bits_w: int, bits_a: int | None, keep_first_last: bool = True,
+                    first_last_bits: int | None = None, layer_bits: str | dict | None = None
+                    ) -> dict[str, tuple[int, int | None] | None]:
+    """Every conv/linear layer's (weight bits, activation bits), None = left float: the first ``layer_bits``
+    rule matching its name, else ``first_last_bits`` (or float, when ``keep_first_last``) for the first and
+    last layers, else the body's ``bits_w``/``bits_a``. A rule that matches no layer is an error (a typo
+    must not quantize everything at the body's bits)."""
+    from fnmatch import fnmatchcase
+
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not names:
+        raise EdlabError("the model has no conv or linear layer to quantize")
+    rules = parse_layer_bits(layer_bits)
+    aliases = {"first": names[0], "last": names[-1]}
+    for pattern, _, _ in rules:
+        if pattern not in aliases and not any(fnmatchcase(n, pattern) for n in names):
+            raise EdlabError(f"--layer-bits: '{pattern}' matches no conv/linear layer (layers: first, last, "
+                             f"{', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
+    plan: dict[str, tuple[int, int | None] | None] = {}
+    for name in names:
+        rule = next((r for r in rules if aliases.get(r[0]) == name or fnmatchcase(name, r[0])), None)
+        if rule is not None:
+            plan[name] = (rule[1], rule[2]) if rule[1] is not None else None
+        elif name in (names[0], names[-1]) and (first_last_bits is not None or keep_first_last):
+            plan[name] = (first_last_bits, first_last_bits) if first_last_bits is not None else None
+        else:
+            plan[name] = (bits_w, bits_a)
+    return plan
+
+
 def quantize_qat(model: nn.Module, bits_w: int, bits_a: int | None, keep_first_last: bool = True,
-                 first_last_bits: int | None = None) -> nn.Module:
+                 first_last_bits: int | None = None, layer_bits: str | dict | None = None) -> nn.Module:
     """Replace the model's convs and linears (in place) by LSQ layers with ``bits_w``-bit weights and
     ``bits_a``-bit input activations (None: activations stay float). The first and last layers stay float
     when ``keep_first_last``, or use ``first_last_bits`` for both weights and activations when given (8 is
-    the usual choice: nearly free in accuracy, and the score then sees no 32-bit MAC). Activation steps are
-    set by the first forward pass: run one batch of training images (``calibrate``) before training."""
+    the usual choice: nearly free in accuracy, and the score then sees no 32-bit MAC). ``layer_bits`` gives
+    any layer its own bits (:func:`parse_layer_bits`; mixed precision: e.g. 8-bit ends, a 3-bit last
+    stage); each layer then carries its ``weight_bits``/``act_bits``, which the score, the checkpoint and
+    the packer read. Activation steps are set by the first forward pass: run one batch of training images
+    (``calibrate``) before training."""
     _check_bits(bits_w, "bits_w")
     _check_bits(bits_a, "bits_a", allow_none=True)
     _check_bits(first_last_bits, "first_last_bits", allow_none=True)
+    plan = layer_bits_plan(model, bits_w, bits_a, keep_first_last, first_last_bits, layer_bits)
 
-    def make(m, is_end, masked):
-        bw, ba = (first_last_bits, first_last_bits) if is_end else (bits_w, bits_a)
-        if bw is None:
+    def make(m, is_end, masked, name):
+        if plan[name] is None:
             return None
         cls = LSQConv2d if isinstance(m, nn.Conv2d) else LSQLinear
-        return cls(**_kwargs(m), bits_w=bw, bits_a=ba, masked=masked)
+        return cls(**_kwargs(m), bits_w=plan[name][0], bits_a=plan[name][1], masked=masked)
 
-    _replace_layers(model, make, keep_first_last=keep_first_last)
+    _replace_layers(model, make, keep_first_last=False)
     return model
 
 
@@ -415,6 +481,7 @@ def stage_config(model: nn.Module, checkpoint: str | Path, method: str, flags: d
     saved = copy.deepcopy(getattr(model, "edlab_metadata", {}).get("config") or {})
     saved.pop("out", None)
     saved.pop("name", None)
+    saved["distill"] = {**saved.get("distill", {}), "teacher": None}  # the student's own teacher: not implied
     source = source_split(saved)
     saved.setdefault("data", {})["split_seed"] = source["split_seed"]  # validate on the source's held-out split
     spec = getattr(model, "edlab_spec", {}) or {}
@@ -473,23 +540,31 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
     conversion and calibration are deterministic, so redoing them and then loading the run's resume.pt
     (fit's per-epoch state) continues a killed stage."""
     from .checkpoint import load_checkpoint
-    from .train import evaluate, fit, resolve_precision
+    from .train import evaluate, fit, load_teacher, resolve_precision
 
     device = data.train.device
     model = copy.deepcopy(source)
+    teacher = copy.deepcopy(source).eval() if how["distill"] else \
+        load_teacher(cfg.distill.teacher, data.num_classes) if cfg.distill.teacher else None
+    if teacher is not None:
+        options.update(teacher="source" if how["distill"] else cfg.distill.teacher,
+                       temperature=cfg.distill.temperature, alpha=cfg.distill.alpha)
     if method == "binaryconnect":
         options.update(keep_first_last=how["keep_first_last"], scale=how["scale"], stochastic=how["stochastic"])
         binarize(model, how["keep_first_last"], how["scale"], how["stochastic"])
     else:
         options.update(bits_w=how["bits_w"], bits_a=how["bits_a"], keep_first_last=how["keep_first_last"],
-                       first_last_bits=how["first_last_bits"])
-        quantize_qat(model, how["bits_w"], how["bits_a"], how["keep_first_last"], how["first_last_bits"])
+                       first_last_bits=how["first_last_bits"], layer_bits=how["layer_bits"])
+        quantize_qat(model, how["bits_w"], how["bits_a"], how["keep_first_last"], how["first_last_bits"],
+                     how["layer_bits"])
         calibrate(model, _plain_batch(data, min(how["calib_images"], 256)).to(device))
-    state = fit(model, data, cfg, run, console=console, resume=resume)
+    state = fit(model, data, cfg, run, teacher=teacher, console=console, resume=resume)
     if cfg.keep == "best" and run.file("best.ckpt").exists():
         model = load_checkpoint(run.file("best.ckpt")).to(device)
     clip_latent_(model)
     model = model.to(memory_format=torch.contiguous_format).eval()
+    if how["fold"]:  # step: fold after fine-tuning with BN (folding first made QAT diverge: docs/quantization.md)
+        model = _fold(model, options)
     val = state.history[-1]["val_accuracy"] if state.history else None
     test = evaluate(model, data.test, tta=cfg.tta)  # the same views as fit's validation, fp32 arithmetic
     model = model.cpu()
@@ -499,6 +574,15 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
     return {"scored": model, "test": test, "val_accuracy": val, "checkpoint": run.file("model.ckpt"),
             "epochs": len(state.history), "inference": inference, "reference_tta": cfg.tta,
             "extra": {"best_val_accuracy": state.best_val, "training_precision": precision}}
+
+
+def _fold(model: nn.Module, options: dict) -> nn.Module:
+    """The BN-folded copy of ``model`` (``edlab.fold``); what was folded and what was kept go to ``options``."""
+    from .fold import fold_bn
+
+    folded, report = fold_bn(model)
+    options["fold_bn"] = {"folded": len(report.folded), "kept": report.kept}
+    return folded
 
 
 def _int8(source: nn.Module, data, run, options: dict, console, calib_images: int) -> dict:
@@ -525,18 +609,24 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
                         epochs: int | None = None, keep_first_last: bool = True, first_last_bits: int | None = None,
                         scale: bool = False, stochastic: bool = False, data_dir: str | None = None,
                         dataset: str | None = None, out: str | None = None, sets: list[str] | tuple = (),
-                        calib_images: int = 1024, console=None, resume: bool = False) -> dict:
+                        calib_images: int = 1024, console=None, resume: bool = False, distill: bool = False,
+                        teacher: str | None = None, temperature: float | None = None,
+                        alpha: float | None = None, layer_bits: str | None = None, fold: bool = False) -> dict:
     """Run one quantization stage on a float32 checkpoint; write its run directory; return the summary.
 
     ``bits_a`` None means the same as ``bits_w`` (32: float activations). The summary holds the test accuracy
     of the result and of the float model on the same split, and the score counted on the result.
     ``resume``: continue the stage killed in ``out`` (binaryconnect/qat from their last finished epoch; the
-    other methods, which do not train, are redone)."""
+    other methods, which do not train, are redone). ``distill`` (the float source teaches) or ``teacher`` (a
+    checkpoint), with ``temperature`` and ``alpha``: binaryconnect/qat fine-tune with distillation.
+    ``layer_bits`` (qat): per-layer bits by name pattern, see :func:`parse_layer_bits`. ``fold``: merge the BN
+    layers into the convs before them (``edlab.fold``): after fine-tuning (binaryconnect, qat) or before the
+    cast (fp16, bf16, int8), so that what is tested, scored and saved is the deployment form."""
     from .checkpoint import load_checkpoint
     from .config import to_yaml
     from .runs import Run, command_line
     from .score import profile
-    from .train import data_from_config, evaluate, resolve_device
+    from .train import check_teacher, data_from_config, evaluate, resolve_device
 
     if method not in METHODS:
         raise EdlabError(f"unknown method '{method}' (choices: {', '.join(METHODS)})")
@@ -554,11 +644,24 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     if any(isinstance(m, QUANT_TYPES) for m in source.modules()) or \
             any(p.dtype != torch.float32 for p in source.parameters()):
         raise EdlabError(f"{checkpoint} is already quantized or half; quantize a float32 checkpoint")
+    if layer_bits and method != "qat":
+        raise EdlabError(f"--layer-bits is a qat option (method {method} has one bit-width)")
+    if method == "qat":  # a bad rule fails now, before the data is loaded
+        layer_bits_plan(source, bits_w, bits_a, keep_first_last, first_last_bits, layer_bits)
     flags: dict = {k: v for k, v in {"epochs": epochs, "out": out}.items() if v is not None}
     data_flags = {k: v for k, v in {"dataset": dataset, "data_dir": data_dir}.items() if v is not None}
     if data_flags:
         flags["data"] = data_flags
+    distill_flags = {k: v for k, v in {"teacher": teacher, "temperature": temperature, "alpha": alpha}.items()
+                     if v is not None}
+    if distill_flags:
+        flags["distill"] = distill_flags
     cfg = stage_config(source, checkpoint, method, flags, list(sets))
+    if distill and cfg.distill.teacher:
+        raise EdlabError("give --distill (the float source teaches) or --teacher CKPT, not both")
+    if (distill or cfg.distill.teacher) and method not in STAGE_DEFAULTS:
+        raise EdlabError(f"--distill/--teacher: method {method} does not train (use binaryconnect or qat)")
+    check_teacher(cfg.distill.teacher)
     torch.manual_seed(cfg.seed)
     if cfg.threads:  # --threads / threads=N: as train and prune do
         torch.set_num_threads(cfg.threads)
@@ -573,8 +676,10 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
             raise EdlabError(f"--resume: the config differs from the one saved in {run.file('config.yaml')} "
                              f"({change}); resume with the same options")
     run.write_text("config.yaml", to_yaml(cfg))
-    source = source.to(device)
     options: dict = {"method": method, "source_checkpoint": str(checkpoint)}
+    if fold and method not in STAGE_DEFAULTS:  # step: BN folded into the float convs, then cast / int8
+        source = _fold(source, options)
+    source = source.to(device)
     t0 = time.perf_counter()
     if method == "int8":
         r = _int8(source, data, run, options, console, calib_images)
@@ -583,7 +688,8 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     else:
         r = _train(source, method, data, run, cfg, options, console, resume=resume, bits_w=bits_w,
                    bits_a=None if bits_a == 32 else bits_a, keep_first_last=keep_first_last,
-                   first_last_bits=first_last_bits, scale=scale, stochastic=stochastic, calib_images=calib_images)
+                   first_last_bits=first_last_bits, scale=scale, stochastic=stochastic, calib_images=calib_images,
+                   distill=distill, layer_bits=layer_bits, fold=fold)
     seconds = time.perf_counter() - t0
     # the float source measured as the result was (same split, views and arithmetic), for the change
     reference = evaluate(source, data.test, tta=r["reference_tta"])
@@ -609,6 +715,12 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
 @click.option("--bits-a", type=int, help="qat: activation bits (2-16, 32 = float); default: --bits-w.")
 @click.option("--first-last-bits", type=int, help="qat: quantize the first/last layers at this many bits "
               "instead of keeping them float.")
+@click.option("--layer-bits", metavar="RULES", help="qat: per-layer bits, first matching rule wins: "
+              "'first=8,last=8,layers.2.*=3/4' (PATTERN=N: weights and activations; W/A apart; A=32: float "
+              "activations; 32: float layer). Patterns are globs over the layer names of `edlab score`.")
+@click.option("--fold-bn", "fold", is_flag=True, help="Fold the BNs into the convs before them (after qat/"
+              "binaryconnect fine-tuning; before fp16/bf16/int8): the tested, scored and saved model is the "
+              "deployment form.")
 @click.option("--epochs", type=int, help="Fine-tuning epochs (binaryconnect, qat; default 5).")
 @click.option("--keep-first-last/--no-keep-first-last", default=True, show_default=True,
               help="Leave the first and last layers in full precision.")
@@ -623,9 +735,13 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
 @click.option("--resume", is_flag=True, help="Continue the stage killed in --out (same options).")
 @click.option("--train-subset", type=int, help="Fine-tune on only N training images (as train and prune).")
 @click.option("--threads", type=int, help="CPU threads (default: all cores; 1 on a busy shared machine).")
+@click.option("--distill", is_flag=True, help="binaryconnect/qat: fine-tune with distillation from the float "
+              "source model (or give --teacher CKPT).")
+@distill_options
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any training config key.")
-def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, epochs, keep_first_last, scale,
-                     stochastic, calib_images, dataset, data_dir, out, resume, train_subset, threads, sets):
+def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, layer_bits, fold, epochs, keep_first_last,
+                     scale, stochastic, calib_images, dataset, data_dir, out, resume, train_subset, threads, distill,
+                     sets, **flags):
     """Quantize a trained (or pruned) checkpoint; write a run directory and the quantized model.
 
     Methods: fp16/bf16 (cast, evaluate, save half), binaryconnect (binary weights, fine-tuned), qat (k-bit
@@ -639,6 +755,10 @@ def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, epochs
       edlab quantize runs/r20/model.ckpt --method qat --bits-w 4 --bits-a 4 --set optim.lr=0.005
       edlab quantize runs/r20-pruned/model.ckpt --method int8 --calib-images 2048
       edlab quantize m.ckpt --method qat --out runs/q4 --resume   # continue a killed qat run
+      edlab quantize m.ckpt --method qat --bits-w 4 --distill     # the float model teaches its 4-bit copy
+      edlab quantize m.ckpt --method qat --bits-w 3 --bits-a 4 --layer-bits 'first=8,last=8,layers.0.*=4'
+      edlab quantize m.ckpt --method qat --bits-w 4 --first-last-bits 8 --fold-bn   # the deployment form
+      edlab quantize m.ckpt --method qat --teacher runs/r56/model.ckpt --temperature 4 --alpha 0.9
     """
     from .cli import _console
 
@@ -648,7 +768,9 @@ def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, epochs
     s = quantize_checkpoint(checkpoint, method, bits_w=bits_w, bits_a=bits_a, epochs=epochs,
                             keep_first_last=keep_first_last, first_last_bits=first_last_bits, scale=scale,
                             stochastic=stochastic, data_dir=data_dir, dataset=dataset, out=out, sets=list(sets),
-                            calib_images=calib_images, console=console, resume=resume)
+                            calib_images=calib_images, console=console, resume=resume, distill=distill,
+                            layer_bits=layer_bits, fold=fold,
+                            **{k: flags.get(k) for k in DISTILL_FLAGS})
     console.print(f"{method}: test accuracy {100 * s['test_accuracy']:.2f}% (float "
                   f"{100 * s['reference_test_accuracy']:.2f}%, change {100 * s['accuracy_change']:+.2f} points)  "
                   f"bits w/a {s['bits_w']:.3g}/{s['bits_a']:.3g}  score {s['score']:.4f}  -> {s['checkpoint']}")

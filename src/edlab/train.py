@@ -230,12 +230,51 @@ class FitState:
     history: list[dict] = field(default_factory=list)
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, t: float, alpha: float,
-                 ce: nn.Module) -> torch.Tensor:
-    """Hinton et al. 2015: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)."""
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, hard: torch.Tensor, t: float,
+                 alpha: float) -> torch.Tensor:
+    """Hinton et al. 2015: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * hard, where ``hard`` is
+    the label loss (cross-entropy, mixup-weighted when mixing). T^2 keeps the soft term's gradient at the
+    scale of the hard one whatever the temperature."""
     soft = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean",
                     log_target=True)
-    return alpha * t * t * soft + (1 - alpha) * ce(student, y)
+    return alpha * t * t * soft + (1 - alpha) * hard
+
+
+def check_teacher(path: str | None) -> None:
+    """A teacher file that is not there is refused before any run folder or data is made."""
+    import os
+
+    if path and not os.path.isfile(path):
+        raise EdlabError(f"teacher checkpoint not found: {path}")
+
+
+def load_teacher(path: str, num_classes: int) -> nn.Module:
+    """The teacher checkpoint as a float32 eval-mode model, refused in one line when its classes differ."""
+    teacher = load_checkpoint(path).float().eval().requires_grad_(False)
+    out = teacher(torch.zeros(1, 3, 32, 32)).shape[-1]
+    if out != num_classes:
+        raise EdlabError(f"teacher {path} predicts {out} classes, the data has {num_classes}")
+    return teacher
+
+
+def plain_batches(loader) -> bool:
+    """Whether the training batches are the images as stored (no augmentation, no cutout): then the teacher's
+    logits depend on the image alone and can be computed once (``teacher_table``)."""
+    aug = loader.augment
+    return getattr(aug, "policy", None) == "none" and not getattr(aug, "cutout", 0)
+
+
+@torch.no_grad()
+def teacher_table(teacher: nn.Module, loader, amp: torch.dtype | None, batch: int = 1000) -> torch.Tensor:
+    """The teacher's logits of every training image (plain, as ``plain_batches`` batches see them), one row
+    per image of the split: a step then reads its rows by index instead of running the teacher."""
+    images = loader.split.images
+    rows = []
+    for i in range(0, len(images), batch):
+        x = loader.augment(images[i:i + batch], None)
+        with autocast(loader.device, amp):
+            rows.append(teacher(x).float())
+    return torch.cat(rows) if rows else torch.zeros(0, 0, device=loader.device)
 
 
 RESUME_MAGIC = b"edlab-resume/1\n"  # then the sha256 of the rest (32 bytes), then torch.save's bytes
@@ -345,8 +384,13 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
                 console.print(f"resuming from epoch {state.epoch} of {cfg.epochs} ({run.file('resume.pt')})")
         if d.main:
             run.rewrite_metrics(state.history)  # the resume state is the truth: drop lines of unfinished epochs
+    table = None
     if teacher is not None:
         teacher.to(device).eval()
+        # step: the teacher's logits once per image when every epoch shows the same plain images (no
+        # augmentation, no mixup); otherwise on the fly, on the student's augmented (and mixed) batch
+        if plain_batches(data.train) and cfg.data.mixup == 0:
+            table = teacher_table(teacher, data.train, amp)
     # A non-finite loss is looked for on the host every step on CPU (free there) but every 50 steps on GPUs,
     # where each look is a host synchronisation; the first bad step is recorded on the device meanwhile.
     check_every = 1 if device.type == "cpu" or cfg.nan_policy == "skip" else 50
@@ -366,20 +410,24 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
             lr = cfg.optim.lr * sched.factor(epoch * steps + i)
             for g in opt.param_groups:
                 g["lr"] = lr
-            x, y = distributed.shard(d, x, y)  # step: this rank's slice of the global batch
+            t_out = table[data.train.index] if table is not None else None  # the cached teacher rows
+            if t_out is None:
+                x, y = distributed.shard(d, x, y)  # step: this rank's slice of the global batch
+            else:
+                x, y, t_out = distributed.shard(d, x, y, t_out)
             y_b, lam = y, 1.0
             if cfg.data.mixup > 0:  # step: mixup
                 x, y, y_b, lam = mixup(x, y, cfg.data.mixup, mix_gen)
             with autocast(device, amp):
                 out = step_model(x)
-                if teacher is not None:  # step: distillation from the teacher's logits
-                    with torch.no_grad():
-                        t_out = teacher(x)
-                    loss = distill_loss(out.float(), t_out.float(), y, cfg.distill.temperature,
-                                        cfg.distill.alpha, ce)
-                else:
-                    loss = ce(out.float(), y) if lam == 1.0 else \
-                        lam * ce(out.float(), y) + (1 - lam) * ce(out.float(), y_b)
+                loss = ce(out.float(), y) if lam == 1.0 else \
+                    lam * ce(out.float(), y) + (1 - lam) * ce(out.float(), y_b)
+                if teacher is not None:  # step: distillation from the teacher's logits (cached or on the fly)
+                    if t_out is None:
+                        with torch.no_grad():
+                            t_out = teacher(x)
+                    loss = distill_loss(out.float(), t_out.float(), loss, cfg.distill.temperature,
+                                        cfg.distill.alpha)
             finite = torch.isfinite(loss.detach())  # step: non-finite guard
             first_bad = torch.where(finite | (first_bad >= 0), first_bad, i)
             if (i + 1) % check_every == 0 or i + 1 == steps:
@@ -480,7 +528,8 @@ def model_from_config(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if cfg.model.checkpoint:
         return load_checkpoint(cfg.model.checkpoint)
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
-    return create_model(cfg.model.name, num_classes, width=cfg.model.width, conv=cfg.model.conv)
+    blocks = {"blocks": cfg.model.blocks} if cfg.model.blocks is not None else {}  # only the ResNets take it
+    return create_model(cfg.model.name, num_classes, width=cfg.model.width, conv=cfg.model.conv, **blocks)
 
 
 def data_from_config(cfg: TrainConfig, device: torch.device) -> Data:
@@ -564,6 +613,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     from . import distributed
 
     cfg = with_split_seed(cfg)
+    check_teacher(cfg.distill.teacher)
     torch.manual_seed(cfg.seed)
     if cfg.threads:  # on a shared machine, fewer threads than cores avoids OpenMP stalls
         torch.set_num_threads(cfg.threads)
@@ -587,7 +637,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     try:
         data = data or data_from_config(cfg, device)
         model = model_from_config(cfg, data.num_classes)
-        teacher = load_checkpoint(cfg.distill.teacher) if cfg.distill.teacher else None
+        teacher = load_teacher(cfg.distill.teacher, data.num_classes) if cfg.distill.teacher else None
     except EdlabError:
         if d.main and fresh:  # nothing trained yet: the same command must work once the cause is fixed
             run.discard()

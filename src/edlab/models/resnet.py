@@ -5,9 +5,12 @@
 * ``resnet20/32/44/56/110``: the CIFAR ResNets of the paper (3 stages of n blocks, widths 16/32/64).
   Shortcuts that change shape are 1x1 conv + BN ("option B"): resnet20 has 272,474 parameters.
 
-Options shared by every builder: ``width`` (multiplier of all channel counts) and ``conv``: the kind of the
+Options shared by every builder: ``width`` (multiplier of all channel counts), ``conv``: the kind of the
 blocks' 3x3 convolutions, one kind for all stages or a comma-separated kind per stage
-(``standard``, ``depthwise``, ``grouped:G``). The stem and the 1x1 shortcuts stay standard.
+(``standard``, ``depthwise``, ``grouped:G``; the stem and the 1x1 shortcuts stay standard), and ``blocks``:
+the number of blocks in each stage, replacing the builder's depths. The three together describe the small
+students of the challenge (docs/models.md): ``create_model("resnet20", blocks=[2, 3, 3], conv="depthwise")``
+is the ~41 k-parameter depthwise ResNet with widths 16/32/64, ``width=0.5`` halves every channel count.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import EdlabError
 from ..layers import conv1x1, conv3x3, stage_plan
 from . import register_model
 
@@ -98,10 +102,12 @@ class ResNet(nn.Module):
         num_classes: int = 10,
         width: float = 1.0,
         conv: str = "standard",
+        blocks: list[int] | None = None,
     ):
         super().__init__()
         block_cls = BLOCKS[block]
         widths, convs = stage_plan(widths, width, conv)
+        depths = stage_depths(depths, blocks)
         self.preact = block == "preact"
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0]) if not self.preact else nn.Identity()
@@ -130,6 +136,22 @@ class ResNet(nn.Module):
             x = F.relu(self.bn_final(x))
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.fc(x)
+
+
+def stage_depths(depths: list[int], blocks) -> list[int]:
+    """The builder's blocks per stage, or ``blocks`` (one positive count per stage) in their place."""
+    if blocks is None:
+        return list(depths)
+    if isinstance(blocks, str):  # "2,3,3" from a command line
+        blocks = [b.strip() for b in blocks.split(",")]
+    try:
+        counts = [int(b) for b in blocks]
+    except (TypeError, ValueError):
+        counts = []
+    if len(counts) != len(depths) or min(counts) < 1 or any(isinstance(b, (bool, float)) for b in blocks):
+        raise EdlabError(f"blocks: give {len(depths)} positive integers, one per stage "
+                         f"(e.g. {depths}), got {blocks!r}")
+    return counts
 
 
 IMAGENET_WIDTHS = [64, 128, 256, 512]
