@@ -117,7 +117,7 @@ def test_onnx_files_are_first_class_for_eval_score_bench_and_info(tiny_ckpt, tmp
     for path in (tiny_ckpt, fp32, int8):
         r = CliRunner().invoke(cli, ["eval", str(path), "--json", "--tta", "none"])
         assert r.exit_code == 0, r.output
-        accs[path.name] = json.loads(r.output)["test_accuracy"]
+        accs[path.name] = json.loads(r.stdout)["test_accuracy"]
     assert accs["m.onnx"] == pytest.approx(accs[tiny_ckpt.name], abs=0.004)  # the same function, exported
     assert accs["m.int8.onnx"] == pytest.approx(accs[tiny_ckpt.name], abs=0.05)
     # the score counted from the graphs: the fp32 export has the checkpoint's MACs, the int8 one 8-bit everything
@@ -129,9 +129,9 @@ def test_onnx_files_are_first_class_for_eval_score_bench_and_info(tiny_ckpt, tmp
     assert p32.score_params_term < ref.score_params_term  # BN folded: one bias vector instead of scale + shift
     r = CliRunner().invoke(cli, ["score", str(int8), "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["score"] == pytest.approx(p8.score)
+    assert json.loads(r.stdout)["score"] == pytest.approx(p8.score)
     r = CliRunner().invoke(cli, ["score", str(int8), "--json", "--tta", "flip"])
-    assert json.loads(r.output)["score_ops_term"] == pytest.approx(2 * p8.score_ops_term)
+    assert json.loads(r.stdout)["score_ops_term"] == pytest.approx(2 * p8.score_ops_term)
     r = CliRunner().invoke(cli, ["bench", str(int8), "--batch-sizes", "1", "--repeats", "2"])
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli, ["info", str(int8)])

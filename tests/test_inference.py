@@ -48,9 +48,9 @@ def test_views_multiply_f_in_summary_checkpoint_and_score_command(tta_run):
     assert views_of(model) == 6 and model.edlab_metadata["inference"]["views"] == 6
     r = invoke("score", out / "model.ckpt", "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["score"] == pytest.approx(s["score"])
+    assert json.loads(r.stdout)["score"] == pytest.approx(s["score"])
     r = invoke("score", out / "model.ckpt", "--json", "--tta", "none")  # another protocol, asked for
-    assert json.loads(r.output)["score"] == pytest.approx(single.score)
+    assert json.loads(r.stdout)["score"] == pytest.approx(single.score)
     r = invoke("score", out / "model.ckpt")
     assert "6 views per image" in r.output and "f = 6 x the MACs" in r.output
 

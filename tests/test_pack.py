@@ -95,14 +95,14 @@ def test_pack_cli_and_every_reader(tmp_path):
     for path in ("m.ckpt", "m.pack"):  # the recorded views travel with the file
         r = CliRunner().invoke(cli, ["score", str(tmp_path / path), "--json"])
         assert r.exit_code == 0, r.output
-        assert json.loads(r.output)["views"] == 2
-    scores = [json.loads(CliRunner().invoke(cli, ["score", str(tmp_path / p), "--json"]).output)["score"]
+        assert json.loads(r.stdout)["views"] == 2
+    scores = [json.loads(CliRunner().invoke(cli, ["score", str(tmp_path / p), "--json"]).stdout)["score"]
               for p in ("m.ckpt", "m.pack")]
     assert scores[0] == pytest.approx(scores[1], rel=1e-9)
     r = CliRunner().invoke(cli, ["eval", str(tmp_path / "m.pack"), "--dataset", "synthetic", "--json"])
     assert r.exit_code == 0, r.output
     e = CliRunner().invoke(cli, ["eval", str(tmp_path / "m.ckpt"), "--dataset", "synthetic", "--json"])
-    assert json.loads(r.output)["test_accuracy"] == pytest.approx(json.loads(e.output)["test_accuracy"], abs=0.004)
+    assert json.loads(r.stdout)["test_accuracy"] == pytest.approx(json.loads(e.stdout)["test_accuracy"], abs=0.004)
     r = CliRunner().invoke(cli, ["bench", str(tmp_path / "m.pack"), "--batch-sizes", "1", "--repeats", "1",
                                  "--json"])
     assert r.exit_code == 0, r.output
