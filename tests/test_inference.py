@@ -167,3 +167,21 @@ def test_older_config_resumes_without_split_seed(tmp_path):
 
     saved.write_text(yaml.safe_dump(d))
     assert _same_run_config(saved, cfg)
+
+
+def test_commands_take_a_run_folder(tta_run, tmp_path):
+    out, s = tta_run
+    r = invoke("score", out, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["score"] == pytest.approx(s["score"])
+    r = invoke("info", out)
+    assert r.exit_code == 0 and "measured with tta flip-shift (6 views per image)" in r.output, r.output
+    assert "stages: train" in r.output
+    r = invoke("eval", out, "--json", "--tta", "none")
+    assert r.exit_code == 0, r.output
+    (tmp_path / "empty").mkdir()
+    for cmd in ("score", "eval", "info", "pack"):
+        args = [cmd, tmp_path / "empty"] + (["--out", tmp_path / "x.pack"] if cmd == "pack" else [])
+        r = invoke(*args)
+        assert r.exit_code == 2 and "is a folder without a model file" in r.output, (cmd, r.output)
+        assert len(r.output.strip().splitlines()) == 1

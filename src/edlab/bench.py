@@ -157,9 +157,10 @@ def bench_command(target, parent, no_parent, batch_sizes, threads, repeats, devi
     """
     from pathlib import Path
 
-    from .cli import _parse_size, load_model_arg
+    from .cli import _parse_size, load_model_arg, resolve_model_path
 
     sizes, shape = _sizes(batch_sizes), _parse_size(input_size)
+    target = resolve_model_path(target)
     model = load_model_arg(target)
     onnx = getattr(model, "edlab_onnx", False)
     if onnx and device not in ("auto", "cpu"):

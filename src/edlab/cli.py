@@ -58,11 +58,28 @@ def _flags_to_tree(values: dict, mapping: dict) -> dict:
     return tree
 
 
+RUN_MODEL_FILES = ("model.ckpt", "model.int8.onnx", "model.onnx", "model.pack")  # what a run folder holds
+
+
+def resolve_model_path(target: str) -> str:
+    """A run folder -> the model file in it (a stage writes model.ckpt, the int8 stage model.int8.onnx);
+    anything else unchanged. So `edlab score runs/latest` works."""
+    p = Path(target)
+    if not p.is_dir():
+        return target
+    for name in RUN_MODEL_FILES:
+        if (p / name).is_file():
+            return str(p / name)
+    raise EdlabError(f"{target} is a folder without a model file ({', '.join(RUN_MODEL_FILES)}): give a run "
+                     f"folder or a checkpoint")
+
+
 def load_model_arg(target: str):
-    """A checkpoint, packed file or .onnx path, or a registered model name -> nn.Module."""
+    """A checkpoint, packed file or .onnx path, a run folder, or a registered model name -> nn.Module."""
     from .checkpoint import load_checkpoint
     from .models import create_model, list_models
 
+    target = resolve_model_path(target)
     if target.endswith(".onnx"):
         from .onnx_model import OrtModule
 
@@ -186,7 +203,7 @@ def train(config, resume, sets, **flags):
 
 
 @cli.command("eval")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint")
 @click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "synthetic"]),
               help="Default: the dataset the checkpoint was trained on.")
 @click.option("--data-dir")
@@ -202,7 +219,9 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json)
     \b
     Example:
       edlab eval runs/resnet20-20261125-120000/model.ckpt --half
+      edlab eval runs/latest                # a run folder: its model.ckpt (or model.int8.onnx)
       edlab eval model.ckpt --tta flip      # average the logits of each image and its mirror
+      edlab eval model.int8.onnx            # through ONNX Runtime
     """
     import torch
 
@@ -210,6 +229,7 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json)
     from .data import get_data
     from .train import TTA_VIEWS, evaluate, resolve_device
 
+    checkpoint = resolve_model_path(checkpoint)
     onnx = checkpoint.endswith(".onnx")
     model = load_model_arg(checkpoint) if onnx else load_checkpoint(checkpoint)
     meta = model.edlab_metadata if isinstance(getattr(model, "edlab_metadata", None), dict) else {}
@@ -272,6 +292,7 @@ def score(target, rules, input_size, bits_w, bits_a, tta, as_json):
 
     size = _parse_size(input_size)
     views = None if tta == "recorded" else TTA_VIEWS[tta]
+    target = resolve_model_path(target)
     if target.endswith(".onnx"):
         if rules != "course" or bits_w or bits_a:
             raise EdlabError("an ONNX file is scored as it is, under the course rules (no --rules/--bits-*)")
@@ -315,6 +336,7 @@ def info(target, input_size, layers):
 
     size = _parse_size(input_size)
     console = _console()
+    target = resolve_model_path(target)
     if target.endswith(".onnx"):
         from .onnx_model import onnx_profile
 
@@ -377,7 +399,7 @@ def story_lines(target: str, kind: str, meta: dict, p) -> list[str]:
 
 
 @cli.command()
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The packed file to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sizes as JSON.")
 def pack(checkpoint, out, as_json):
@@ -394,6 +416,9 @@ def pack(checkpoint, out, as_json):
     """
     from .pack import pack as pack_file
 
+    checkpoint = resolve_model_path(checkpoint)
+    if checkpoint.endswith(".onnx"):
+        raise EdlabError("edlab pack packs an edlab checkpoint; an .onnx file is already a deployment file")
     r = pack_file(checkpoint, out)
     if as_json:
         click.echo(json.dumps(r, indent=2))

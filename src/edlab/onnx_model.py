@@ -68,7 +68,11 @@ def onnx_metadata(path: str | Path, model=None) -> dict:
                 value = json.loads(p.value)
             except ValueError:
                 raise EdlabError(f"{path}: its edlab metadata is not valid JSON") from None
-            return value if isinstance(value, dict) else {}
+            if not isinstance(value, dict):
+                return {}
+            from .checkpoint import _checked_metadata
+
+            return _checked_metadata(value, path)  # data from the file: checked, never followed
     return {}
 
 

@@ -282,7 +282,9 @@ def unpack_model(raw: bytes, path: str | Path = "<bytes>") -> nn.Module:
                          f"{str(e).strip().splitlines()[-1].strip()}") from None
     if header.get("dense_reference"):
         model.edlab_dense_reference = header["dense_reference"]
-    model.edlab_metadata = header.get("metadata") or {}
+    from .checkpoint import _checked_metadata
+
+    model.edlab_metadata = _checked_metadata(header.get("metadata"), path)  # data from the file: checked
     model.edlab_packed = True
     return model.eval()
 
