@@ -161,7 +161,7 @@ def train(config, resume, sets, **flags):
 @click.option("--half", is_flag=True, help="Evaluate in half precision (fp16 on CUDA, bf16 on CPU).")
 @click.option("--batch-size", type=int, default=1000, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--tta", type=click.Choice(["none", "flip", "flip-shift", "trained"]), default="trained",
+@click.option("--tta", type=click.Choice(["none", "flip", "flip-shift", "airbench", "trained"]), default="trained",
               show_default=True, help="Test-time views averaged; 'trained' = what the run that made it used.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json):
