@@ -20,7 +20,8 @@ AIRBENCH = {"model.name": "airbench94", "model.width": 0.25, "model.bn_momentum"
             "data.crop_fill": "reflect", "data.flip": "alternate", "optim.freeze_bn_weight": True,
             "optim.bn_bias_lr_scale": 64, "optim.lr": 0.2, "optim.no_decay_bn_bias": False,
             "sched.name": "linear", "init.whiten": True, "init.whiten_bias_epochs": 1, "init.whiten_samples": 64,
-            "init.dirac": True, "lookahead": 5, "tta": "airbench", "label_smoothing": 0.2}
+            "init.dirac": True, "lookahead": 5, "tta": "airbench", "label_smoothing": 0.2, "data.batch_size": 64,
+            "data.train_subset": 256}
 
 
 def test_whitening_filters_are_orthogonal_eigenvectors_of_the_patch_covariance():
@@ -160,7 +161,7 @@ def test_airbench_views_are_flip_shift_views_with_airbench_weights():
 
 
 def test_fractional_epochs_run_the_right_number_of_steps_and_every_trick_trains(tiny_cfg):
-    cfg = tiny_cfg(epochs=2.5, **AIRBENCH)  # 312 images / batch 64 = 4 steps an epoch -> 10 steps
+    cfg = tiny_cfg(epochs=2.5, **AIRBENCH)  # 256 images / batch 64 = 4 steps an epoch -> 10 steps
     data = data_from_config(cfg, torch.device("cpu"))
     model = model_from_config(cfg, data.num_classes)
     from edlab.train import init_model
