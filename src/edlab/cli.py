@@ -135,6 +135,7 @@ def train(config, resume, sets, **flags):
       edlab train configs/resnet20-cifar10.yaml
       edlab train --model resnet20 --dataset synthetic --epochs 2
       edlab train cfg.yaml --lr 0.05 --set data.cutout=8 --set sched.warmup_epochs=1
+      edlab train configs/airbench94.yaml --set lookahead=null   # airbench's recipe, one trick off
       edlab train cfg.yaml --out runs/r20 --resume      # continue a killed run
       WANDB_MODE=offline edlab train cfg.yaml --tracker wandb
     """
