@@ -20,7 +20,7 @@ AIRBENCH = {"model.name": "airbench94", "model.width": 0.25, "model.bn_momentum"
             "data.crop_fill": "reflect", "data.flip": "alternate", "optim.freeze_bn_weight": True,
             "optim.bn_bias_lr_scale": 64, "optim.lr": 0.2, "optim.no_decay_bn_bias": False,
             "sched.name": "linear", "init.whiten": True, "init.whiten_bias_epochs": 1, "init.whiten_samples": 64,
-            "init.dirac": True, "lookahead": 5, "tta": "airbench", "label_smoothing": 0.2, "data.batch_size": 64,
+            "init.dirac": True, "lookahead": 5, "label_smoothing": 0.2, "data.batch_size": 64, "data.val_size": 64,
             "data.train_subset": 256}
 
 
