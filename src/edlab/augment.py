@@ -6,7 +6,8 @@ resumed run sees the same images) for a given seed and epoch.
 
 Named policies: ``none``; ``crop-flip`` (pad 4, random 32x32 crop, horizontal flip); ``scale-rotate``
 (random scale 0.9-1.1 and rotation +-15 degrees); ``fancy`` (all four). ``cutout`` and ``mixup`` are
-independent options.
+independent options. crop-flip's shift, border fill and flip rule are options too: airbench94 shifts by at
+most 2 pixels over a reflected border and mirrors each image on alternate epochs (``alternate_mirror``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ def _rand(n: int, gen: torch.Generator, device) -> torch.Tensor:
     return torch.rand(n, generator=gen, device=device)
 
 
-def random_crop(x: torch.Tensor, gen: torch.Generator, pad: int = PAD) -> torch.Tensor:
-    """Zero-pad by ``pad`` and take one random HxW window per image (a strided view, then one gather)."""
+def random_crop(x: torch.Tensor, gen: torch.Generator, pad: int = PAD, fill: str = "zeros") -> torch.Tensor:
+    """Pad by ``pad`` (zeros, or the reflected border) and take one random HxW window per image (a strided
+    view, then one gather)."""
     b, c, h, w = x.shape
-    windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)  # b, c, 2p+1, 2p+1, h, w
+    if pad == 0:
+        return x
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect" if fill == "reflect" else "constant")
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # b, c, 2p+1, 2p+1, h, w
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device)
     return windows[torch.arange(b, device=x.device), :, dy, dx]
@@ -38,6 +43,16 @@ def random_crop(x: torch.Tensor, gen: torch.Generator, pad: int = PAD) -> torch.
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     flip = _rand(x.shape[0], gen, x.device) < 0.5
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def alternate_mirror(index: torch.Tensor, n: int, epoch: int, seed: int) -> torch.Tensor:
+    """Which images of a batch to mirror under alternating flip (airbench94): a seeded random half of the
+    dataset is mirrored on even epochs and the other half on odd ones, so every image is seen both ways in
+    any two consecutive epochs (random flipping leaves ~1/4 of them one way only). ``index``: dataset
+    positions of the batch's images; ``n``: dataset size."""
+    gen = torch.Generator(device=index.device).manual_seed(seed * 100003 + 77)  # one draw per run, not per epoch
+    base = torch.rand(n, generator=gen, device=index.device) < 0.5
+    return base[index] ^ bool(epoch % 2)
 
 
 def random_scale_rotate(x: torch.Tensor, gen: torch.Generator, scale=SCALE, degrees=DEGREES,
@@ -102,16 +117,21 @@ def _beta(alpha: float, gen: torch.Generator, device) -> float:
 class Augment:
     """A named policy plus options, applied to a uint8 NCHW batch; returns normalised float."""
 
-    def __init__(self, policy: str, mean, std, cutout: int = 0):
+    def __init__(self, policy: str, mean, std, cutout: int = 0, crop_pad: int = PAD, crop_fill: str = "zeros",
+                 flip: str = "random"):
         if policy not in POLICIES:
             raise ValueError(f"unknown augmentation '{policy}' (choices: {', '.join(POLICIES)})")
         self.policy, self.cutout = policy, cutout
+        self.crop_pad, self.crop_fill, self.flip = crop_pad, crop_fill, flip
         self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        if gen is not None and self.policy == "crop-flip":
-            x = random_flip(random_crop(x, gen), gen)  # on uint8: cheap gathers
+    def __call__(self, x: torch.Tensor, gen: torch.Generator | None, mirror: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """``mirror``: which images to flip (alternating flip); None = crop-flip flips at random."""
+        if gen is not None and self.policy == "crop-flip":  # on uint8: cheap gathers
+            x = random_crop(x, gen, self.crop_pad, self.crop_fill)
+            x = random_flip(x, gen) if mirror is None else torch.where(mirror.view(-1, 1, 1, 1), x.flip(3), x)
         x = x.float()
         if gen is not None and self.policy in ("scale-rotate", "fancy"):  # before normalising: black fill
             fancy = self.policy == "fancy"  # crop and flip folded into the same warp

@@ -324,7 +324,7 @@ def trained_with(model: nn.Module) -> dict:
     dataset, data_dir, tta = data.get("dataset"), data.get("data_dir"), cfg.get("tta")
     return {"dataset": dataset if dataset in ("cifar10", "cifar100", "synthetic") else None,
             "data_dir": data_dir if isinstance(data_dir, str) and Path(data_dir).is_dir() else None,
-            "tta": tta if tta in ("none", "flip", "flip-shift") else "none"}
+            "tta": tta if tta in ("none", "flip", "flip-shift", "airbench") else "none"}
 
 
 def checkpoint_info(path: str | Path) -> dict:

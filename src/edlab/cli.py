@@ -25,7 +25,7 @@ def distill_options(f):
     return click.option("--teacher", metavar="CKPT", help="Distil from this checkpoint's logits "
                         "(distill.teacher), computed on the student's augmented batches.")(f)
 
-TTA_NAMES = ("none", "flip", "flip-shift")  # edlab.train.TTA_VIEWS (not imported here: the CLI starts fast)
+TTA_NAMES = ("none", "flip", "flip-shift", "airbench")  # edlab.train.TTA_VIEWS (not imported here: the CLI starts fast)
 
 # CLI flag -> config key: the common options as flags (like timm's train.py), the rest via --set.
 TRAIN_FLAGS = {
@@ -183,6 +183,7 @@ def train(config, resume, sets, **flags):
       edlab train configs/resnet20-cifar10.yaml
       edlab train --model resnet20 --dataset synthetic --epochs 2
       edlab train cfg.yaml --lr 0.05 --set data.cutout=8 --set sched.warmup_epochs=1
+      edlab train configs/airbench94.yaml --set lookahead=null   # airbench's recipe, one trick off
       edlab train cfg.yaml --out runs/r20 --resume      # continue a killed run
       edlab train --model resnet20 --set model.blocks=[2,3,3] --teacher runs/r56/model.ckpt --temperature 4
       WANDB_MODE=offline edlab train cfg.yaml --tracker wandb

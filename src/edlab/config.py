@@ -37,6 +37,9 @@ class ModelConfig(Section):
     conv: str = "standard"  # block 3x3 convs: standard | depthwise | grouped:G, or one per stage "a,b,c"
     blocks: list[int] | None = None  # ResNets: blocks per stage, e.g. [2, 3, 3]; None = the model's own depths
     checkpoint: str | None = None  # start from this checkpoint instead of a fresh model (fine-tuning)
+    bn_momentum: float | None = Field(None, gt=0, le=1)  # BN running statistics: weight of each new batch
+    # (PyTorch's convention); None = the model's own (0.1). airbench94: 0.4, which keeps up with fast-moving
+    # weights (its 64x BN-bias lr) so that evaluation-mode BN matches training
 
 
 class DataConfig(Section):
@@ -51,6 +54,11 @@ class DataConfig(Section):
     mixup: float = Field(0.0, ge=0, le=100)  # Beta(alpha, alpha) mixing, 0 = off (alpha 100 is already lam=0.5)
     batch_size: int = Field(128, ge=1, le=65536)
     eval_batch_size: int = Field(1000, ge=1, le=65536)
+    # crop-flip's knobs (airbench94: crop_pad 2, crop_fill reflect, flip alternate):
+    crop_pad: int = Field(4, ge=0, le=16)  # crop-flip: largest shift in pixels (pad by it, crop back)
+    crop_fill: Literal["zeros", "reflect"] = "zeros"  # crop-flip: what the padded border holds
+    flip: Literal["random", "alternate"] = "random"  # crop-flip: mirror at random each epoch, or each image
+    # mirrored on alternate epochs (a seeded half mirrored on even epochs, the other half on odd ones)
 
 
 class OptimConfig(Section):
@@ -61,6 +69,9 @@ class OptimConfig(Section):
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decays, each in [0, 1)
     weight_decay: float = Field(5e-4, ge=0, le=1)
     no_decay_bn_bias: bool = True  # no weight decay on BN parameters and biases
+    freeze_bn_weight: bool = False  # BN scales stay at their initial 1 (not trained), as in airbench94
+    bn_bias_lr_scale: float = Field(1.0, gt=0, le=1000)  # BN biases train at lr x this (airbench94: 64); their
+    # weight decay is divided by it, so the decay per step stays that of the other weights
 
     @field_validator("betas")
     @classmethod
@@ -71,14 +82,25 @@ class OptimConfig(Section):
 
 
 class SchedConfig(Section):
-    name: Literal["none", "cosine", "onecycle", "step", "plateau"] = "cosine"
+    name: Literal["none", "cosine", "onecycle", "step", "plateau", "linear"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0, le=100000)  # linear warm-up from lr/25 (cosine, step, plateau)
     min_lr: float = Field(0.0, ge=0, le=100)  # floor of cosine (at most optim.lr)
     step_size: int = Field(30, ge=1)  # step: epochs between decays
     gamma: float = Field(0.1, gt=0, le=1)  # step: decay factor
     factor: float = Field(0.1, gt=0, lt=1)  # plateau: decay factor
     patience: int = Field(5, ge=0)  # plateau: epochs without val-loss improvement before decaying
-    pct_start: float = Field(0.25, gt=0, lt=1)  # onecycle: fraction of steps rising
+    pct_start: float = Field(0.25, gt=0, lt=1)  # onecycle, linear: fraction of steps rising
+    start_factor: float = Field(0.2, ge=0, le=1)  # linear: lr x this at the first step, rising to lr
+    end_factor: float = Field(0.07, ge=0, le=1)  # linear: then falling to lr x this at the last step
+
+
+class InitConfig(Section):
+    """Initialisations applied to a fresh model (not to model.checkpoint) before training."""
+
+    whiten: bool = False  # first conv = +-eigenvectors of the training images' patch covariance, weight frozen
+    whiten_samples: int = Field(5000, ge=1)  # training images the patch covariance is estimated from
+    whiten_bias_epochs: int = Field(3, ge=0)  # the whitening conv's bias trains this many epochs, then freezes
+    dirac: bool = False  # 3x3 convs start as identities (dirac) on their first min(cin, cout) channels
 
 
 class DistillConfig(Section):
@@ -93,11 +115,15 @@ class TrainConfig(Section):
     optim: OptimConfig = OptimConfig()
     sched: SchedConfig = SchedConfig()
     distill: DistillConfig = DistillConfig()
-    epochs: int = Field(30, ge=0, le=100000)
+    init: InitConfig = InitConfig()
+    epochs: int | float = Field(30, ge=0, le=100000)  # fractions allowed (9.9): the last epoch is partial
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0)  # max global grad norm
     ema: float | None = Field(None, gt=0, lt=1)  # decay of an exponential moving average of the weights
-    tta: Literal["none", "flip", "flip-shift"] = "none"  # test-time views averaged in val and test evaluation
+    lookahead: int | None = Field(None, ge=1)  # every N steps: average the weights, reset the network to it
+    lookahead_decay: float = Field(0.95, ge=0, lt=1)  # lookahead: per-step decay, ramped in as (step/total)^3
+    tta: Literal["none", "flip", "flip-shift", "airbench"] = "none"  # test-time views averaged in val and test
+    # evaluation; airbench = flip-shift's 6 views weighted as airbench94 does (1/4 plain and mirror, 1/8 shifted)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast; auto = bf16 where it is fast
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False  # torch.compile the model

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .augment import Augment
+from .augment import Augment, alternate_mirror
 from .errors import EdlabError
 
 STATS = {
@@ -269,7 +269,10 @@ class Loader:
         for i in range(len(self)):
             sl = slice(i * self.batch_size, min(n, (i + 1) * self.batch_size))
             idx = order[sl] if order is not None else sl
-            x = self.augment(self.split.images[idx], gen)
+            mirror = None
+            if gen is not None and self.augment.flip == "alternate":  # step: alternating flip
+                mirror = alternate_mirror(idx, n, self.epoch, self.seed)
+            x = self.augment(self.split.images[idx], gen, mirror)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             self.index = idx  # which images of the split this batch holds (distillation's logit cache)
@@ -298,7 +301,8 @@ def load_splits(dataset: str, data_dir: str | None = None, download: bool = True
 def get_data(dataset: str = "cifar10", data_dir: str | None = None, batch_size: int = 128,
              augment: str = "crop-flip", val_size: int = 5000, train_subset: int | None = None,
              cutout: int = 0, eval_batch_size: int = 1000, seed: int = 0, device: str | torch.device = "cpu",
-             channels_last: bool = False, download: bool = True, split_seed: int | None = None) -> Data:
+             channels_last: bool = False, download: bool = True, split_seed: int | None = None,
+             crop_pad: int = 4, crop_fill: str = "zeros", flip: str = "random") -> Data:
     """The train/val/test loaders of a dataset, all resident on ``device``. ``split_seed`` draws the
     validation split (default ``seed``): a stage keeps its source's, so that validation never holds images the
     source model was trained on."""
@@ -311,7 +315,8 @@ def get_data(dataset: str = "cifar10", data_dir: str | None = None, batch_size: 
         train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))
                              [:train_subset])
     mean, std = STATS[dataset]
-    aug, plain = Augment(augment, mean, std, cutout), Augment("none", mean, std)
+    aug = Augment(augment, mean, std, cutout, crop_pad=crop_pad, crop_fill=crop_fill, flip=flip)
+    plain = Augment("none", mean, std)
 
     def loader(split: Split, bs: int, a: Augment, is_train: bool) -> Loader:
         return Loader(split.to(device), bs, a, train=is_train, seed=seed, channels_last=channels_last)

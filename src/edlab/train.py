@@ -28,6 +28,16 @@ from .distributed import Dist
 from .errors import EdlabError
 from .models import create_model
 from .runs import Run, command_line
+from .tricks import (
+    Lookahead,
+    bn_biases,
+    dirac_init,
+    first_conv,
+    freeze_bn_weights,
+    set_bn_momentum,
+    set_whiten_bias_trainable,
+    whiten_first_conv,
+)
 
 
 # ---------------------------------------------------------------------------------------------- device
@@ -67,7 +77,12 @@ def autocast(device: torch.device, amp: torch.dtype | None):
 
 # ------------------------------------------------------------------------------------------- optimizer
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.freeze_bn_weight:  # step: BN scales stay at 1
+        freeze_bn_weights(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    scaled = bn_biases(model) if cfg.bn_bias_lr_scale != 1 else set()
+    shifts = [p for p in params if id(p) in scaled]  # step: BN biases at lr x bn_bias_lr_scale
+    params = [p for p in params if id(p) not in scaled]
     if cfg.no_decay_bn_bias:  # BN scales/shifts and biases: decaying them only hurts
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
@@ -75,6 +90,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
                   {"params": no_decay, "weight_decay": 0.0}]
     else:
         groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    if shifts:  # the lr scale is kept in the group; the loop sets lr = schedule x lr_scale
+        wd = 0.0 if cfg.no_decay_bn_bias else cfg.weight_decay / cfg.bn_bias_lr_scale  # same decay per step
+        groups.append({"params": shifts, "weight_decay": wd, "lr_scale": cfg.bn_bias_lr_scale})
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0)
@@ -88,10 +106,10 @@ class LRSchedule:
     Closed forms are resumable by step number alone; plateau keeps (best, bad epochs, scale) as state.
     """
 
-    def __init__(self, cfg: SchedConfig, epochs: int, steps_per_epoch: int, lr: float | None = None):
+    def __init__(self, cfg: SchedConfig, epochs: float, steps_per_epoch: int, lr: float | None = None):
         self.cfg, self.steps_per_epoch = cfg, max(1, steps_per_epoch)
         self.floor = min(1.0, cfg.min_lr / lr) if lr else 0.0  # cosine ends at min_lr (a factor of lr)
-        self.total = max(1, epochs * self.steps_per_epoch)
+        self.total = max(1, total_steps(epochs, self.steps_per_epoch))
         self.warmup = cfg.warmup_epochs * self.steps_per_epoch
         self.scale, self.best, self.bad = 1.0, math.inf, 0
 
@@ -103,6 +121,12 @@ class LRSchedule:
                 return 1 / 25 + (1 - 1 / 25) * step / rise
             t = (step - rise) / max(1, self.total - rise)
             return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        if c.name == "linear":  # airbench94: start_factor -> 1 over pct_start of the steps, then -> end_factor
+            rise = int(c.pct_start * self.total)
+            if step < rise:
+                return c.start_factor + (1 - c.start_factor) * step / rise
+            t = min(1.0, (step - rise) / max(1, self.total - rise))
+            return 1 + (c.end_factor - 1) * t
         if self.warmup and step < self.warmup:
             return 1 / 25 + (1 - 1 / 25) * step / self.warmup
         if c.name == "cosine":
@@ -132,9 +156,15 @@ class LRSchedule:
         self.scale, self.best, self.bad = s["scale"], s["best"], s["bad"]
 
 
+def total_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps of a run: a fractional epoch count (9.9) ends partway through its last epoch."""
+    return math.ceil(round(epochs * steps_per_epoch, 6))
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 # Test-time view sets -> forward passes per image; the score charges them (f = views x MACs of one pass).
-TTA_VIEWS = {"none": 1, "flip": 2, "flip-shift": 6}
+# airbench: the six flip-shift images, weighted as airbench94 weighs them.
+TTA_VIEWS = {"none": 1, "flip": 2, "flip-shift": 6, "airbench": 6}
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -152,11 +182,12 @@ def tta_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Te
     if tta == "none":
         return out
     out = out.float() + model(x.flip(3)).float()
-    if tta == "flip-shift":
-        for d in (1, -1):
-            s = _shift(x, d, d)
-            out = out + model(s).float() + model(s.flip(3)).float()
-    return out / (2 if tta == "flip" else 6)
+    if tta == "flip":
+        return out / 2
+    shifted = sum(model(s).float() + model(s.flip(3)).float() for s in (_shift(x, 1, 1), _shift(x, -1, -1)))
+    if tta == "airbench":  # airbench94's weights of the same 6 views: the unshifted pair counts twice
+        return out / 4 + shifted / 8
+    return (out + shifted) / 6
 
 
 @torch.no_grad()
@@ -280,7 +311,8 @@ def teacher_table(teacher: nn.Module, loader, amp: torch.dtype | None, batch: in
 RESUME_MAGIC = b"edlab-resume/1\n"  # then the sha256 of the rest (32 bytes), then torch.save's bytes
 
 
-def _save_resume(path, model, opt, sched: LRSchedule, state: FitState, scaler, ema: EMA | None = None) -> None:
+def _save_resume(path, model, opt, sched: LRSchedule, state: FitState, scaler, ema: EMA | None = None,
+                 look: Lookahead | None = None) -> None:
     """torch.save's bytes behind a sha256: a flipped byte must not resume silently with other weights."""
     import hashlib
 
@@ -288,6 +320,7 @@ def _save_resume(path, model, opt, sched: LRSchedule, state: FitState, scaler, e
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "sched": sched.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "ema": ema.state_dict() if ema is not None else None,
+                "lookahead": look.state_dict() if look is not None else None,
                 "state": {k: v for k, v in state.__dict__.items()}}, buf)
     body = buf.getvalue()
     atomic_write_bytes(path, RESUME_MAGIC + hashlib.sha256(body).digest() + body)
@@ -329,7 +362,7 @@ def _fit_state(s, epochs: int) -> FitState:
 
 
 def _load_resume(path, model, opt, sched: LRSchedule, scaler, ema: EMA | None = None,
-                 epochs: int | None = None) -> FitState:
+                 epochs: int | None = None, look: Lookahead | None = None) -> FitState:
     body = _resume_bytes(path)  # outside the try: a checksum mismatch has its own message
     try:  # weights_only: plain tensors and containers, no code can run
         blob = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
@@ -338,6 +371,8 @@ def _load_resume(path, model, opt, sched: LRSchedule, scaler, ema: EMA | None = 
         opt.load_state_dict(blob["optimizer"])
         if ema is not None:
             ema.load_state_dict(blob["ema"])
+        if look is not None:
+            look.load_state_dict(blob["lookahead"])
         sched.load_state_dict(blob["sched"])
         if scaler is not None and blob.get("scaler"):
             scaler.load_state_dict(blob["scaler"])
@@ -362,6 +397,8 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
         raise EdlabError(f"batch size {data.train.batch_size} does not split into {d.world} equal rank slices")
     amp = resolve_precision(cfg.precision, device)
     channels_last = resolve_channels_last(cfg.channels_last, device, amp)
+    if cfg.model.bn_momentum:  # step: BN running statistics that keep up with fast-moving weights
+        set_bn_momentum(model, cfg.model.bn_momentum)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -373,13 +410,17 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
     step_model = torch.compile(ddp, mode=cfg.compile_mode) if cfg.compile else ddp
     opt = build_optimizer(model, cfg.optim)
     sched = LRSchedule(cfg.sched, cfg.epochs, len(data.train), cfg.optim.lr)
+    total = total_steps(cfg.epochs, len(data.train))
+    # step: lookahead averaging (made after the device/memory-format moves: it holds the model's tensors)
+    look = Lookahead(model, cfg.lookahead, cfg.lookahead_decay, total) if cfg.lookahead else None
+    whitened = cfg.init.whiten and not first_conv(model).weight.requires_grad
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
     ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     ema = EMA(model, cfg.ema) if cfg.ema else None
     state = FitState()
     if resume and run is not None:
         if run.file("resume.pt").exists():
-            state = _load_resume(run.file("resume.pt"), model, opt, sched, scaler, ema, cfg.epochs)
+            state = _load_resume(run.file("resume.pt"), model, opt, sched, scaler, ema, math.ceil(cfg.epochs), look)
             if console is not None:
                 console.print(f"resuming from epoch {state.epoch} of {cfg.epochs} ({run.file('resume.pt')})")
         if d.main:
@@ -395,9 +436,11 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
     # where each look is a host synchronisation; the first bad step is recorded on the device meanwhile.
     check_every = 1 if device.type == "cpu" or cfg.nan_policy == "skip" else 50
 
-    for epoch in range(state.epoch, cfg.epochs):
+    for epoch in range(state.epoch, math.ceil(cfg.epochs)):
         t0 = time.perf_counter()
         model.train()
+        if whitened:  # step: the whitening conv's bias trains for the first init.whiten_bias_epochs only
+            set_whiten_bias_trainable(model, epoch, cfg.init.whiten_bias_epochs)
         data.train.set_epoch(epoch)
         torch.manual_seed(cfg.seed * 7919 + epoch + 31)  # global RNG (stochastic binarization) from (seed, epoch)
         mix_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + epoch + 17)
@@ -405,11 +448,13 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = torch.zeros((), device=device, dtype=torch.int64)
         first_bad = torch.full((), -1, device=device, dtype=torch.int64)
-        steps = len(data.train)
+        steps = min(len(data.train), total - epoch * len(data.train))  # the last of 9.9 epochs is partial
         for i, (x, y) in enumerate(_progress(data.train, epoch, cfg.epochs, console)):
-            lr = cfg.optim.lr * sched.factor(epoch * steps + i)
+            if i == steps:
+                break
+            lr = cfg.optim.lr * sched.factor(epoch * len(data.train) + i)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             t_out = table[data.train.index] if table is not None else None  # the cached teacher rows
             if t_out is None:
                 x, y = distributed.shard(d, x, y)  # step: this rank's slice of the global batch
@@ -458,6 +503,11 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
                 opt.step()
             if ema is not None:  # step: weight averaging
                 ema.update()
+            if look is not None:  # step: lookahead (every N steps; the network is the average at the end)
+                done = epoch * len(data.train) + i + 1
+                look.step(done)
+                if done == total:
+                    look.finish()
             loss_sum += loss.detach().double() * len(y)
             correct += (out.argmax(1) == y).sum()
             seen += len(y)
@@ -486,7 +536,7 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
         if run is not None and d.main:
             if improved and cfg.keep == "best":
                 save_checkpoint(judged, run.file("best.ckpt"), epoch=epoch + 1, val_accuracy=val["accuracy"])
-            _save_resume(run.file("resume.pt"), model, opt, sched, state, scaler, ema)
+            _save_resume(run.file("resume.pt"), model, opt, sched, state, scaler, ema, look)
             run.log_metrics(row)
         if console is not None:
             console.print(_epoch_line(row, cfg.epochs))
@@ -532,10 +582,22 @@ def model_from_config(cfg: TrainConfig, num_classes: int) -> nn.Module:
     return create_model(cfg.model.name, num_classes, width=cfg.model.width, conv=cfg.model.conv, **blocks)
 
 
+def init_model(model: nn.Module, cfg: TrainConfig, data: Data) -> nn.Module:
+    """The configured initialisations of a fresh model: dirac 3x3 convs, then the whitening stem, estimated
+    on the first init.whiten_samples training images (normalised, not augmented)."""
+    if cfg.init.dirac:  # step: identity-initialised 3x3 convs
+        dirac_init(model)
+    if cfg.init.whiten:  # step: whitening stem, weight frozen
+        images = data.train.split.images[: cfg.init.whiten_samples]
+        whiten_first_conv(model, data.train.augment(images, None).cpu())
+    return model
+
+
 def data_from_config(cfg: TrainConfig, device: torch.device) -> Data:
     d = cfg.data
     return get_data(d.dataset, d.data_dir, d.batch_size, d.augment, d.val_size, d.train_subset, d.cutout,
-                    d.eval_batch_size, cfg.seed, device, download=d.download, split_seed=d.split_seed)
+                    d.eval_batch_size, cfg.seed, device, download=d.download, split_seed=d.split_seed,
+                    crop_pad=d.crop_pad, crop_fill=d.crop_fill, flip=d.flip)
 
 
 def with_split_seed(cfg: TrainConfig) -> TrainConfig:
@@ -637,6 +699,8 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     try:
         data = data or data_from_config(cfg, device)
         model = model_from_config(cfg, data.num_classes)
+        if not cfg.model.checkpoint:
+            init_model(model, cfg, data)
         teacher = load_teacher(cfg.distill.teacher, data.num_classes) if cfg.distill.teacher else None
     except EdlabError:
         if d.main and fresh:  # nothing trained yet: the same command must work once the cause is fixed

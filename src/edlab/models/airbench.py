@@ -10,10 +10,10 @@ Layout (widths 64/256/256 at width 1.0):
     stage xN  3x3 conv -> 2x2 max-pool -> BN -> GELU -> 3x3 conv -> BN -> GELU   (31 -> 15 -> 7 -> 3)
     head      max-pool (3x3 -> 1x1) -> linear (no bias) -> x 1/9 (a fixed temperature: small logits early)
 
-What is left out of airbench's own script, by choice: the whitening initialisation of the stem from
-data patches, the lookahead optimizer and the scaled BN-bias learning rate. edlab trains this net with
-its one training loop (SGD Nesterov, label smoothing, TTA), like every other model; ``conv`` factorizes the
-3x3 convs as in the ResNets.
+The net only: airbench's training tricks (whitening stem from data patches, dirac init, frozen BN scales,
+the 64x BN-bias lr, lookahead, alternating flip) are options of edlab's one training loop (edlab.tricks),
+all on in configs/airbench94.yaml and usable with other models; ``conv`` factorizes the 3x3 convs as in the
+ResNets.
 """
 
 from __future__ import annotations
