@@ -13,7 +13,16 @@ from edlab.config import OptimConfig, SchedConfig
 from edlab.data import Loader, Split
 from edlab.models import create_model
 from edlab.runs import Run
-from edlab.train import LRSchedule, build_optimizer, data_from_config, fit, model_from_config, total_steps, train
+from edlab.train import (
+    LRSchedule,
+    build_optimizer,
+    data_from_config,
+    fit,
+    model_from_config,
+    read_resume,
+    total_steps,
+    train,
+)
 from edlab.tricks import Lookahead, dirac_init, patch_whitening, whiten_first_conv
 
 AIRBENCH = {"model.name": "airbench94", "model.width": 0.25, "model.bn_momentum": 0.4, "data.crop_pad": 2,
@@ -203,7 +212,7 @@ def test_resume_with_every_trick_matches_an_uninterrupted_run(tiny_cfg, tmp_path
 
     with pytest.raises(Killed):
         fit(model, data, cut, run, on_epoch=die)
-    blob = torch.load(run.file("resume.pt"), weights_only=True)
+    blob = read_resume(run.file("resume.pt"))  # checksummed resume file (part 11)
     assert blob["lookahead"] is not None
     m_res, s_res = train(cut, resume=True)
     assert s_res["test_accuracy"] == s_full["test_accuracy"]

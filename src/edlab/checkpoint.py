@@ -213,7 +213,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise EdlabError(f"checkpoint not found: {p}")
     raw = p.read_bytes()
     n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else -1
-    looks_safetensors = 0 < n <= len(raw) - 8 and raw[8:9] == b"{"  # u64 header length, then JSON
+    # u64 header length, then JSON: a '{' at byte 8 is safetensors even when truncated (its length's first
+    # byte may then be 0x80, which alone would look like a pickle)
+    looks_safetensors = 0 < n and raw[8:9] == b"{"
     if not looks_safetensors and (raw[:2] == b"PK" or raw[:1] == b"\x80"):  # zip (torch.save) or pickle
         raise EdlabError(f"{p} is a pickle/torch.save file; edlab refuses to unpickle checkpoints "
                          f"(they can run code). Convert it with edlab.save_checkpoint in a trusted session")
