@@ -41,7 +41,8 @@ from .errors import EdlabError
 from .runs import check_out_path, write_json
 
 STUDY_KEYS = ("name", "description", "out", "config", "recipe", "set", "quick", "grid", "list", "search",
-              "objective", "seed")
+              "objective", "seed", "test")
+TEST_MODES = ("all", "chosen")  # test: all = every trial tests its model; chosen = only the selected points
 SEARCH_KEYS = ("params", "trials", "startup_trials")
 PARAM_TYPES = {"int": ("low", "high", "step", "log"), "float": ("low", "high", "step", "log"),
                "categorical": ("choices",)}
@@ -67,11 +68,14 @@ class Study:
     objective: Any = "val_accuracy"
     seed: int = 0
     inline_recipe: dict | None = None
+    test: str = "all"  # "chosen": trials run with final_test off; the selected points are tested after the trials
 
     def fingerprint(self) -> str:
         """What must not change between a study's runs (trials may grow): base, overrides, space, goal."""
         base = self.inline_recipe if self.inline_recipe is not None else self.base
         spec = [self.kind, base, self.fixed, self.mode, self.points, self.params, self.objective]
+        if self.test != "all":  # (studies made before test: existed keep their fingerprint)
+            spec.append({"test": self.test})
         return json.dumps(spec, sort_keys=True, default=str)
 
 
@@ -141,8 +145,13 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
         safe_name(name)
     except ValueError as e:
         raise _fail(path, f"name {name!r}: {e}") from None
+    test = raw.get("test", "all")
+    if test not in TEST_MODES:
+        raise _fail(path, f"test must be one of {', '.join(TEST_MODES)}, got {test!r}")
+    if "final_test" in fixed or any(k.endswith(".final_test") for k in fixed):
+        raise _fail(path, "final_test is the study's to set: use test: chosen (or all)")
     st = Study(name=name, file=path, out=Path(out), kind=kind, base=base, fixed=fixed, mode=modes[0],
-               objective=raw.get("objective", "val_accuracy"), seed=seed, inline_recipe=inline)
+               objective=raw.get("objective", "val_accuracy"), seed=seed, inline_recipe=inline, test=test)
     if st.mode == "grid":
         grid = raw["grid"]
         if not isinstance(grid, dict) or not grid:
@@ -259,7 +268,12 @@ def _tree(flat: dict[str, Any]) -> dict:
 
 
 def trial_config(st: Study, point: dict[str, Any], out: str) -> TrainConfig:
-    return build(TrainConfig, read_yaml(st.base), _tree(st.fixed), _tree(point), {"out": out})
+    return build(TrainConfig, read_yaml(st.base), _tree(st.fixed), _tree(point), {"out": out}, _untested(st))
+
+
+def _untested(st: Study) -> dict:
+    """The config edit of every trial of a study that tests only its chosen points."""
+    return {"final_test": False} if st.test == "chosen" else {}
 
 
 def _text(v: Any) -> str:
@@ -705,23 +719,38 @@ def _run_train(st: Study, point: dict, run_dir: Path, console) -> dict:
     val = s.get("best_val_accuracy") if cfg.keep == "best" else s.get("val_accuracy")
     return {"val_accuracy": val, "test_accuracy": s.get("test_accuracy"), "score": s.get("score"),
             "macs": s.get("macs"), "params": s.get("params"), "views": s.get("views"), "seconds": s.get("seconds"),
-            "command": _command("edlab", "train", st.base, *(a for x in _sets({**st.fixed, **point})
+            "model_file": str(run_dir / "model.ckpt"),
+            "command": _command("edlab", "train", st.base, *(a for x in _sets({**st.fixed, **point, **_untested(st)})
                                                                 for a in ("--set", x)), "--out", str(run_dir))}
 
 
 def _run_recipe(st: Study, point: dict, run_dir: Path, console) -> dict:
-    from .pipeline import run_pipeline
+    from .pipeline import TRAINS, run_pipeline
 
     recipe = _recipe_path(st)
     sets = _sets({**st.fixed, **point})
-    r = run_pipeline(recipe, sets, str(run_dir), echo=console.print)
+    stage_sets = _sets(_untested(st))
+    r = run_pipeline(recipe, sets, str(run_dir), echo=console.print, stage_sets=stage_sets)
     summaries = [s["summary"] or {} for s in r["stages"]]
     out: dict[str, Any] = {}
     for key in ("val_accuracy", "test_accuracy", "score", "macs", "params", "views"):
         out[key] = next((s[key] for s in reversed(summaries) if s.get(key) is not None), None)
     out["seconds"] = sum(s.get("seconds") or 0.0 for s in r["stages"])
-    out["command"] = _command("edlab", "run", recipe, *(a for x in sets for a in ("--set", x)), "--out", str(run_dir))
+    stage = [f"{name}.set={x}" for name in dict.fromkeys(s["name"] for s in r["stages"]) if name in TRAINS
+             for x in stage_sets]  # (the command line form of stage_sets, for a recipe whose stages set none)
+    out["command"] = _command("edlab", "run", recipe, *(a for x in [*sets, *stage] for a in ("--set", x)),
+                              "--out", str(run_dir))
+    out["model_file"] = _final_model(r)
     return out
+
+
+def _final_model(r: dict) -> str | None:
+    """The pipeline's deployed model: the last stage's model.ckpt, or the int8 ONNX file of a quantize stage."""
+    for s in reversed(r["stages"]):
+        for name in ("model.ckpt", "model.int8.onnx"):
+            if (Path(s["dir"]) / name).exists():
+                return str(Path(s["dir"]) / name)
+    return r.get("checkpoint")
 
 
 def _values(st: Study, r: dict) -> list[float]:
@@ -787,15 +816,20 @@ def run_worker(st: Study, study, index: int = 0, echo=print) -> int:
 # ------------------------------------------------------------------------------------------- results
 def trial_rows(study) -> list[dict]:
     rows = []
+    tested = _retry(lambda: study.user_attrs)
     for t in _retry(study.get_trials, deepcopy=False):
-        a = t.user_attrs
+        a = dict(t.user_attrs)
+        if t.state.name == "COMPLETE" and f"tested:{a.get('slot')}" in tested:  # test: chosen, read after the trials
+            a["tested"] = tested[f"tested:{a['slot']}"]
+            a["test_accuracy"] = a["tested"]["test_accuracy"]
         if a.get("duplicate") or a.get("surplus"):
             continue
         rows.append({"number": t.number, "slot": a.get("slot"), "state": t.state.name, "point": a.get("point"),
                      "val_accuracy": a.get("val_accuracy"), "test_accuracy": a.get("test_accuracy"),
                      "score": a.get("score"), "macs": a.get("macs"), "params": a.get("params"),
                      "views": a.get("views"), "seconds": a.get("seconds"), "wall_seconds": a.get("wall_seconds"),
-                     "run_dir": a.get("run_dir"),
+                     "run_dir": a.get("run_dir"), "model_file": a.get("model_file"),
+                     "tested": a.get("tested"),
                      "command": a.get("command"),
                      "error": a.get("error"), "interrupted": bool(a.get("interrupted")),
                      "worker": "{host}:{pid}".format(**a["owner"]) if a.get("owner") else None})
@@ -822,6 +856,37 @@ def best(st: Study, rows: list[dict]) -> dict:
     return {"slot": max(done, key=lambda r: r["val_accuracy"])["slot"], "rule": "highest val accuracy"}
 
 
+def chosen_slots(selection: dict) -> list[int]:
+    """The points a selection (``best``) names: the best one, or the Pareto front."""
+    return [*selection.get("pareto_front", []), *([selection["slot"]] if "slot" in selection else [])]
+
+
+def test_chosen(st: Study, study, echo=print) -> list[int]:
+    """``test: chosen``: after the trials, read the test split once for each selected point's final model file,
+    with the views it was validated with (``edlab eval``'s default: the ones its metadata records). The figure
+    is stored in the study (``tested:<slot>``), so a re-run does not test the same point again; a point that a
+    later run of a grown study selects instead is tested then, and both figures stay on record."""
+    from .pipeline import _invoke
+
+    rows = trial_rows(study)
+    done = _retry(lambda: study.user_attrs)
+    tested = []
+    for slot in chosen_slots(best(st, rows)):
+        row = next(r for r in rows if r["slot"] == slot and r["state"] == "COMPLETE")
+        if f"tested:{slot}" in done:
+            continue
+        path = row.get("model_file") or str(Path(row["run_dir"]) / "model.ckpt")
+        echo(f"testing chosen point {slot:04d} once: edlab eval {path}")
+        code, output = _invoke(["eval", path, "--json"])
+        if code != 0:
+            raise EdlabError(f"testing point {slot:04d} ({path}) failed; run the same command again to retry")
+        r = json.loads(output)
+        _retry(study.set_user_attr, f"tested:{slot}", {k: r[k] for k in ("test_accuracy", "test_loss", "views",
+                                                                          "tta", "images", "checkpoint")})
+        tested.append(slot)
+    return tested
+
+
 def write_report(st: Study, study, url: str) -> dict:
     rows = sorted(trial_rows(study), key=lambda r: (r["slot"] if r["slot"] is not None else -1, r["number"]))
     for r in rows:  # waiting grid/list trials: show their point before a worker has written it
@@ -832,7 +897,7 @@ def write_report(st: Study, study, url: str) -> dict:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     report = {"name": st.name, "study_file": st.file, "mode": st.mode, "base": {st.kind: st.base or "inline"},
               "fixed": st.fixed, "objective": st.objective, "storage": _redact(url),
-              "size": len(st.points) if st.mode != "search" else st.trials, "counts": counts,
+              "size": len(st.points) if st.mode != "search" else st.trials, "counts": counts, "test": st.test,
               "best": best(st, rows), "trials": rows}
     write_json(st.out / "study.json", report)
     return report
@@ -880,7 +945,8 @@ def render(report: dict, console) -> None:
     console.width = width
     counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(report["counts"].items()))
     rule = b.get("rule", "pareto front")
-    console.print(f"{counts} of {report['size']}; * = selected on validation accuracy ({rule})")
+    tested = "; test split read for * only, after the trials" if report.get("test") == "chosen" else ""
+    console.print(f"{counts} of {report['size']}; * = selected on validation accuracy ({rule}){tested}")
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -945,6 +1011,8 @@ def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, 
     else:
         _spawn(study_file, st, url, workers, quick, sets, stale_after)
         recover(study, stale_after)  # a worker that crashed left its trial RUNNING: the next run re-does it
+    if st.test == "chosen":  # the trials never read the test split: the selected points are read now, once
+        test_chosen(st, study, echo=console.print)
     report = write_report(st, study, url)
     render(report, console)
     console.print(f"-> {st.out / 'study.json'}")

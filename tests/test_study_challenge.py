@@ -1,0 +1,97 @@
+"""The challenge study's parts: test read once for the chosen points, a teacher trained once, the winner packed,
+floors from the command line. Tiny synthetic studies, a few seconds each."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("optuna")
+
+from click.testing import CliRunner  # noqa: E402
+
+from edlab.cli import cli  # noqa: E402
+
+TINY = """model: {name: resnet20, width: 0.25}
+data: {dataset: synthetic, val_size: 128, train_subset: 256, batch_size: 64}
+epochs: 1
+precision: fp32
+threads: 1
+tta: flip
+"""
+
+
+def sweep_in(tmp_path: Path, study: str, *args: str, config: str = TINY):
+    """Write tiny.yaml and study.yaml in tmp_path and run `edlab sweep` there (relative paths as in a project)."""
+    (tmp_path / "tiny.yaml").write_text(config)
+    (tmp_path / "study.yaml").write_text(study)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        return CliRunner().invoke(cli, ["sweep", "study.yaml", "--out", "out", *args])
+    finally:
+        os.chdir(cwd)
+
+
+def report(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "out" / "study.json").read_text())
+
+
+def row(rep: dict, slot: int) -> dict:
+    return next(t for t in rep["trials"] if t["slot"] == slot and t["state"] == "COMPLETE")
+
+
+PRUNE2 = """name: c
+recipe:
+  - train: {config: tiny.yaml}
+  - prune: {finetune-epochs: 0, train-subset: 256, precision: fp32}
+grid:
+  prune.unstructured: [0.3, 0.6]
+objective: {min_score_with_val_at_least: 0.0}
+"""
+
+
+def test_test_chosen_reads_test_only_for_the_selected_point(tmp_path):
+    r = sweep_in(tmp_path, PRUNE2 + "test: chosen\n")
+    assert r.exit_code == 0, r.output
+    rep = report(tmp_path)
+    assert rep["test"] == "chosen" and rep["best"]["slot"] == 1  # lowest score: more zeros
+    for slot in (0, 1):  # no stage of any trial read the test split
+        for stage in ("00-train", "01-prune"):
+            s = json.loads((tmp_path / "out" / "trials" / f"{slot:04d}" / stage / "summary.json").read_text())
+            assert s["test_accuracy"] is None and s["val_accuracy"] is not None
+    chosen, other = row(rep, 1), row(rep, 0)
+    assert other["test_accuracy"] is None and other["tested"] is None
+    assert isinstance(chosen["test_accuracy"], float) and 0 <= chosen["test_accuracy"] <= 1
+    assert chosen["tested"]["checkpoint"].endswith("0001/01-prune/model.ckpt")
+    assert chosen["tested"]["views"] == 2 and chosen["tested"]["tta"] == "flip"  # the views it was validated with
+    assert "final_test=false" in chosen["command"]
+    assert r.output.count("testing chosen point") == 1
+    again = sweep_in(tmp_path, PRUNE2 + "test: chosen\n")  # finished: nothing trains, nothing is tested again
+    assert again.exit_code == 0 and "testing chosen point" not in again.output
+    assert row(report(tmp_path), 1)["test_accuracy"] == chosen["test_accuracy"]
+
+
+def test_test_all_is_the_default_and_final_test_is_the_studys(tmp_path):
+    r = sweep_in(tmp_path, "name: a\nconfig: tiny.yaml\ngrid: {optim.lr: [0.1]}\n")
+    assert r.exit_code == 0, r.output
+    t = row(report(tmp_path), 0)
+    assert isinstance(t["test_accuracy"], float) and t["tested"] is None
+    (tmp_path / "x").mkdir()
+    bad = sweep_in(tmp_path / "x", "config: tiny.yaml\ngrid: {optim.lr: [0.1]}\nset: {final_test: false}\n")
+    assert bad.exit_code == 2 and "test: chosen" in bad.stderr
+
+
+def test_final_test_off_leaves_quantize_untested(tmp_path):
+    from edlab.config import TrainConfig, build, read_yaml
+    from edlab.quantize import quantize_checkpoint
+    from edlab.train import train
+
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    cfg = build(TrainConfig, read_yaml(str(tmp_path / "tiny.yaml")), {"out": str(tmp_path / "t"), "epochs": 0})
+    _, s = train(cfg)
+    assert isinstance(s["test_accuracy"], float)
+    q = quantize_checkpoint(tmp_path / "t" / "model.ckpt", "bf16", out=str(tmp_path / "q"), sets=["final_test=false"])
+    assert q["test_accuracy"] is None and q["reference_test_accuracy"] is None and q["accuracy_change"] is None
+    assert q["val_accuracy"] is not None and q["score"] > 0
