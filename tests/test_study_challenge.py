@@ -3,6 +3,7 @@ floors from the command line. Tiny synthetic studies, a few seconds each."""
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,77 @@ def test_final_test_off_leaves_quantize_untested(tmp_path):
     q = quantize_checkpoint(tmp_path / "t" / "model.ckpt", "bf16", out=str(tmp_path / "q"), sets=["final_test=false"])
     assert q["test_accuracy"] is None and q["reference_test_accuracy"] is None and q["accuracy_change"] is None
     assert q["val_accuracy"] is not None and q["score"] > 0
+
+
+def saved_teacher(run_dir: Path):
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["distill"]["teacher"]
+
+
+TEACHER = """teacher: {config: tiny.yaml, set: {seed: 7}, quick: {data.train_subset: 128}}
+"""
+
+
+def test_teacher_is_trained_once_and_given_to_the_training_stages(tmp_path, monkeypatch):
+    study = """name: t
+recipe:
+  - train: {config: tiny.yaml}
+  - prune: {finetune-epochs: 1, unstructured: 0.3, train-subset: 128, precision: fp32}
+  - quantize: {method: bf16}
+grid:
+  train.optim.lr: [0.05]
+test: chosen
+""" + TEACHER
+    r = sweep_in(tmp_path, study)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out"
+    ckpt = out / "teacher" / "model.ckpt"
+    assert ckpt.is_file() and r.output.count("training the teacher once") == 1
+    teacher_summary = json.loads((out / "teacher" / "summary.json").read_text())
+    assert teacher_summary["test_accuracy"] is None  # test: chosen holds for the teacher too
+    assert report(tmp_path)["teacher"] == "out/teacher/model.ckpt"
+    trial = out / "trials" / "0000"
+    assert saved_teacher(trial / "00-train") == "out/teacher/model.ckpt"
+    assert saved_teacher(trial / "01-prune") == "out/teacher/model.ckpt"
+    assert saved_teacher(trial / "02-quantize") is None  # bf16 does not train: no teacher
+    stamp = ckpt.stat().st_mtime_ns
+    again = sweep_in(tmp_path, study)
+    assert again.exit_code == 0 and "training the teacher" not in again.output and ckpt.stat().st_mtime_ns == stamp
+    from edlab.study import load_study
+
+    monkeypatch.chdir(tmp_path)
+    quick = load_study("study.yaml", quick=True)  # its teacher takes teacher.quick
+    assert quick.teacher["set"] == {"seed": 7, "data.train_subset": 128}
+
+
+def test_teacher_checkpoint_is_reused_and_trained_once_under_contention(tmp_path, monkeypatch):
+    import threading
+
+    import edlab.train
+    from edlab.study import ensure_teacher, load_study
+
+    (tmp_path / "tiny.yaml").write_text(TINY.replace("epochs: 1", "epochs: 0"))
+    (tmp_path / "s.yaml").write_text("config: tiny.yaml\ngrid: {optim.lr: [0.1]}\n" + TEACHER)
+    st = load_study(str(tmp_path / "s.yaml"), out=str(tmp_path / "t"))
+    calls = []
+    real = edlab.train.train
+
+    def slow_train(cfg, **kw):
+        calls.append(cfg.out)
+        time.sleep(0.5)  # the other thread arrives while this one trains
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(edlab.train, "train", slow_train)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(ensure_teacher(st, echo=lambda m: None))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and got == [str(tmp_path / "t" / "teacher" / "model.ckpt")] * 2
+    (tmp_path / "reuse.yaml").write_text(f"name: re\nconfig: tiny.yaml\ngrid: {{optim.lr: [0.1]}}\nteacher: {got[0]}\n")
+    r = sweep_in(tmp_path, (tmp_path / "reuse.yaml").read_text())
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "out" / "teacher").exists() and calls[1:] == ["out/trials/0000"]  # the trial only
+    assert saved_teacher(tmp_path / "out" / "trials" / "0000") == got[0]

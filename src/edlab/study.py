@@ -41,7 +41,9 @@ from .errors import EdlabError
 from .runs import check_out_path, write_json
 
 STUDY_KEYS = ("name", "description", "out", "config", "recipe", "set", "quick", "grid", "list", "search",
-              "objective", "seed", "test")
+              "objective", "seed", "test", "teacher")
+TEACHER_KEYS = ("config", "set", "quick", "stages")
+TRAINS = ("train", "prune", "quantize")  # the stages that train (and test), as in edlab.pipeline
 TEST_MODES = ("all", "chosen")  # test: all = every trial tests its model; chosen = only the selected points
 SEARCH_KEYS = ("params", "trials", "startup_trials")
 PARAM_TYPES = {"int": ("low", "high", "step", "log"), "float": ("low", "high", "step", "log"),
@@ -69,6 +71,7 @@ class Study:
     seed: int = 0
     inline_recipe: dict | None = None
     test: str = "all"  # "chosen": trials run with final_test off; the selected points are tested after the trials
+    teacher: dict | None = None  # {config, set, stages}: trained once into <out>/teacher; or {checkpoint, stages}
 
     def fingerprint(self) -> str:
         """What must not change between a study's runs (trials may grow): base, overrides, space, goal."""
@@ -76,6 +79,8 @@ class Study:
         spec = [self.kind, base, self.fixed, self.mode, self.points, self.params, self.objective]
         if self.test != "all":  # (studies made before test: existed keep their fingerprint)
             spec.append({"test": self.test})
+        if self.teacher is not None:
+            spec.append({"teacher": self.teacher})
         return json.dumps(spec, sort_keys=True, default=str)
 
 
@@ -150,8 +155,12 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
         raise _fail(path, f"test must be one of {', '.join(TEST_MODES)}, got {test!r}")
     if "final_test" in fixed or any(k.endswith(".final_test") for k in fixed):
         raise _fail(path, "final_test is the study's to set: use test: chosen (or all)")
+    teacher = _parse_teacher(raw.get("teacher"), path, quick)
+    if teacher and any(k == "distill.teacher" or k.endswith(".distill.teacher") for k in fixed):
+        raise _fail(path, "give the study's teacher: or a distill.teacher override, not both")
     st = Study(name=name, file=path, out=Path(out), kind=kind, base=base, fixed=fixed, mode=modes[0],
-               objective=raw.get("objective", "val_accuracy"), seed=seed, inline_recipe=inline, test=test)
+               objective=raw.get("objective", "val_accuracy"), seed=seed, inline_recipe=inline, test=test,
+               teacher=teacher)
     if st.mode == "grid":
         grid = raw["grid"]
         if not isinstance(grid, dict) or not grid:
@@ -176,6 +185,45 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
     _check_objective(st)
     validate(st)
     return st
+
+
+def _parse_teacher(t: Any, path: str, quick: bool) -> dict | None:
+    """``teacher: CKPT`` (reused as is) or ``teacher: {config, set, quick, stages}`` (trained once by the sweep).
+    ``stages``: the recipe stages that distil from it (default every train, prune and quantize stage)."""
+    if t is None:
+        return None
+    if isinstance(t, str):
+        ckpt = _find(t, path)
+        if not Path(ckpt).is_file():
+            raise _fail(path, f"teacher checkpoint not found: {t}")
+        return {"checkpoint": ckpt, "stages": list(TRAINS)}
+    if not isinstance(t, dict) or "config" not in t:
+        raise _fail(path, "teacher: must be a checkpoint path or {config: TRAIN_CONFIG, set: {...}, stages: [...]}")
+    unknown = sorted(set(t) - set(TEACHER_KEYS))
+    if unknown:
+        raise _fail(path, f"unknown teacher key(s) {', '.join(unknown)} (valid: {', '.join(TEACHER_KEYS)})")
+    config = _find(str(t["config"]), path)
+    if not Path(config).is_file():
+        raise _fail(path, f"teacher config file not found: {t['config']}")
+
+    def edits(v: Any, what: str) -> dict:  # {k: v} or ["k=v", ...]
+        if isinstance(v, list):
+            from .config import parse_overrides
+
+            return _flat(parse_overrides([str(x) for x in v]), path, what)
+        return _flat(v, path, what)
+
+    sets = edits(t.get("set"), "teacher.set")
+    if quick:
+        sets.update(edits(t.get("quick"), "teacher.quick"))
+    stages = t.get("stages", list(TRAINS))
+    if not isinstance(stages, list) or not stages or not set(stages) <= set(TRAINS):
+        raise _fail(path, f"teacher.stages must be a list of {', '.join(TRAINS)}, got {stages!r}")
+    try:
+        build(TrainConfig, read_yaml(config), _tree(sets))
+    except EdlabError as e:
+        raise _fail(path, f"teacher: {e}") from None
+    return {"config": config, "set": sets, "stages": stages}
 
 
 def _parse_search(st: Study, search: Any, path: str, extra_trials: Any) -> None:
@@ -268,12 +316,64 @@ def _tree(flat: dict[str, Any]) -> dict:
 
 
 def trial_config(st: Study, point: dict[str, Any], out: str) -> TrainConfig:
-    return build(TrainConfig, read_yaml(st.base), _tree(st.fixed), _tree(point), {"out": out}, _untested(st))
+    return build(TrainConfig, read_yaml(st.base), _tree(st.fixed), _tree(point), {"out": out},
+                 _tree(_study_edits(st, "train")))
 
 
-def _untested(st: Study) -> dict:
-    """The config edit of every trial of a study that tests only its chosen points."""
-    return {"final_test": False} if st.test == "chosen" else {}
+def _study_edits(st: Study, stage: str, trains: bool = True) -> dict[str, Any]:
+    """Config edits the study makes to a training stage of every trial: no test read (test: chosen), and the
+    study's teacher where it distils (``trains``: a quantize stage whose method fine-tunes)."""
+    edits: dict[str, Any] = {"final_test": False} if st.test == "chosen" else {}
+    if st.teacher and stage in st.teacher["stages"] and trains:
+        edits["distill.teacher"] = teacher_path(st)
+    return edits
+
+
+def teacher_path(st: Study) -> str:
+    return st.teacher.get("checkpoint") or str(st.out / "teacher" / "model.ckpt")
+
+
+@contextmanager
+def _flock(path: str | Path):
+    """An exclusive lock on a file (created if missing), released by the kernel if the process dies."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_teacher(st: Study, echo=print) -> str | None:
+    """The study's teacher checkpoint, trained into <out>/teacher first if it is not there yet. A lock file
+    orders processes sharing the folder: the first trains, the others wait and reuse its model.ckpt; a run
+    killed mid-training is resumed from its resume.pt by the next sweep."""
+    if st.teacher is None:
+        return None
+    if "checkpoint" in st.teacher:
+        return st.teacher["checkpoint"]
+    from .train import train
+
+    folder = st.out / "teacher"
+    st.out.mkdir(parents=True, exist_ok=True)
+    with _flock(st.out / "teacher.lock"):
+        if (folder / "model.ckpt").exists():
+            return teacher_path(st)
+        cfg = build(TrainConfig, read_yaml(st.teacher["config"]), _tree(st.teacher["set"]), {"out": str(folder)},
+                    {"final_test": False} if st.test == "chosen" else {})
+        resume = (folder / "resume.pt").exists()
+        if not resume and folder.exists() and any(folder.iterdir()):
+            folder.rename(folder.with_name(f"teacher.interrupted-{time.strftime('%H%M%S')}"))
+        echo(f"training the teacher once: {st.teacher['config']} {_sets(st.teacher['set'])} -> {folder} "
+             f"(log {st.out / 'logs' / 'teacher.log'})")
+        console = _log_console(st.out / "logs" / "teacher.log")
+        try:
+            train(cfg, resume=resume, console=console)
+        finally:
+            console.file.close()
+    return teacher_path(st)
 
 
 def _text(v: Any) -> str:
@@ -720,24 +820,30 @@ def _run_train(st: Study, point: dict, run_dir: Path, console) -> dict:
     return {"val_accuracy": val, "test_accuracy": s.get("test_accuracy"), "score": s.get("score"),
             "macs": s.get("macs"), "params": s.get("params"), "views": s.get("views"), "seconds": s.get("seconds"),
             "model_file": str(run_dir / "model.ckpt"),
-            "command": _command("edlab", "train", st.base, *(a for x in _sets({**st.fixed, **point, **_untested(st)})
+            "command": _command("edlab", "train", st.base, *(a for x in _sets({**st.fixed, **point,
+                                                                               **_study_edits(st, "train")})
                                                                 for a in ("--set", x)), "--out", str(run_dir))}
 
 
 def _run_recipe(st: Study, point: dict, run_dir: Path, console) -> dict:
-    from .pipeline import TRAINS, run_pipeline
+    from .pipeline import load_recipe, run_pipeline
+    from .quantize import STAGE_DEFAULTS
 
     recipe = _recipe_path(st)
     sets = _sets({**st.fixed, **point})
-    stage_sets = _sets(_untested(st))
+    stage_sets = {}
+    for i, (name, opts) in enumerate(load_recipe(recipe, sets)["stages"]):
+        if name in TRAINS:  # quantize distils only where its method fine-tunes, and not from its own source
+            trains = name != "quantize" or (opts.get("method") in STAGE_DEFAULTS and not opts.get("distill"))
+            stage_sets[i] = _sets(_study_edits(st, name, trains))
     r = run_pipeline(recipe, sets, str(run_dir), echo=console.print, stage_sets=stage_sets)
     summaries = [s["summary"] or {} for s in r["stages"]]
     out: dict[str, Any] = {}
     for key in ("val_accuracy", "test_accuracy", "score", "macs", "params", "views"):
         out[key] = next((s[key] for s in reversed(summaries) if s.get(key) is not None), None)
     out["seconds"] = sum(s.get("seconds") or 0.0 for s in r["stages"])
-    stage = [f"{name}.set={x}" for name in dict.fromkeys(s["name"] for s in r["stages"]) if name in TRAINS
-             for x in stage_sets]  # (the command line form of stage_sets, for a recipe whose stages set none)
+    # the command line form of stage_sets (for stages that have no set: of their own in the recipe)
+    stage = [f"{i}.set={json.dumps(edits)}" for i, edits in stage_sets.items() if edits]
     out["command"] = _command("edlab", "run", recipe, *(a for x in [*sets, *stage] for a in ("--set", x)),
                               "--out", str(run_dir))
     out["model_file"] = _final_model(r)
@@ -898,6 +1004,7 @@ def write_report(st: Study, study, url: str) -> dict:
     report = {"name": st.name, "study_file": st.file, "mode": st.mode, "base": {st.kind: st.base or "inline"},
               "fixed": st.fixed, "objective": st.objective, "storage": _redact(url),
               "size": len(st.points) if st.mode != "search" else st.trials, "counts": counts, "test": st.test,
+              "teacher": teacher_path(st) if st.teacher else None,
               "best": best(st, rows), "trials": rows}
     write_json(st.out / "study.json", report)
     return report
@@ -985,7 +1092,8 @@ def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, 
     console = _console()
     if dry_run:
         console.print(f"study {st.name}: {st.mode}, {len(st.points) or st.trials} trials, base {st.kind} "
-                      f"{st.base or 'inline'}, objective {st.objective}, fixed {st.fixed}, out {st.out}")
+                      f"{st.base or 'inline'}, objective {st.objective}, fixed {st.fixed}, out {st.out}, "
+                      f"test {st.test}" + (f", teacher {st.teacher}" if st.teacher else ""))
         for i, p in enumerate(st.points):
             console.print(f"  {i:04d} " + ", ".join(f"{k}={v}" for k, v in p.items()))
         for k, spec in st.params.items():
@@ -997,6 +1105,7 @@ def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, 
     url = storage_url(st, storage)
     if st.kind == "recipe":
         _recipe_path(st)
+    ensure_teacher(st, echo=console.print)  # before any trial; a worker finds it made (or waits on its lock)
     if worker_index is not None:  # a worker started by the sweep below
         study = open_study(st, url, worker_index, create=False)
         run_worker(st, study, worker_index, echo=lambda m: print(m, flush=True))
