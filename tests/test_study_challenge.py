@@ -54,7 +54,7 @@ objective: {min_score_with_val_at_least: 0.0}
 
 
 def test_test_chosen_reads_test_only_for_the_selected_point(tmp_path):
-    r = sweep_in(tmp_path, PRUNE2 + "test: chosen\n")
+    r = sweep_in(tmp_path, PRUNE2 + "test: chosen\npack: true\n")
     assert r.exit_code == 0, r.output
     rep = report(tmp_path)
     assert rep["test"] == "chosen" and rep["best"]["slot"] == 1  # lowest score: more zeros
@@ -69,7 +69,17 @@ def test_test_chosen_reads_test_only_for_the_selected_point(tmp_path):
     assert chosen["tested"]["views"] == 2 and chosen["tested"]["tta"] == "flip"  # the views it was validated with
     assert "final_test=false" in chosen["command"]
     assert r.output.count("testing chosen point") == 1
-    again = sweep_in(tmp_path, PRUNE2 + "test: chosen\n")  # finished: nothing trains, nothing is tested again
+    winner = rep["winner"]  # the chosen point, packed; the packed file re-measures to the recorded figure
+    pack = tmp_path / "out" / "winner.pack"
+    assert winner["slot"] == 1 and winner["pack"] == "out/winner.pack"
+    assert winner["sizes"]["file"] == pack.stat().st_size
+    assert winner["score"] == chosen["score"] and winner["test_accuracy"] == chosen["test_accuracy"]
+    assert "winner: point 0001" in r.output
+    ev = CliRunner().invoke(cli, ["eval", str(pack), "--json"])
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.stdout)["test_accuracy"] == chosen["test_accuracy"]
+    # finished: nothing trains, nothing is tested again
+    again = sweep_in(tmp_path, PRUNE2 + "test: chosen\npack: true\n")
     assert again.exit_code == 0 and "testing chosen point" not in again.output
     assert row(report(tmp_path), 1)["test_accuracy"] == chosen["test_accuracy"]
 
@@ -82,6 +92,8 @@ def test_test_all_is_the_default_and_final_test_is_the_studys(tmp_path):
     (tmp_path / "x").mkdir()
     bad = sweep_in(tmp_path / "x", "config: tiny.yaml\ngrid: {optim.lr: [0.1]}\nset: {final_test: false}\n")
     assert bad.exit_code == 2 and "test: chosen" in bad.stderr
+    bad = sweep_in(tmp_path / "x", "config: tiny.yaml\ngrid: {optim.lr: [0.1]}\nobjective: pareto\npack: true\n")
+    assert bad.exit_code == 2 and "one best point" in bad.stderr
 
 
 def test_final_test_off_leaves_quantize_untested(tmp_path):

@@ -41,7 +41,7 @@ from .errors import EdlabError
 from .runs import check_out_path, write_json
 
 STUDY_KEYS = ("name", "description", "out", "config", "recipe", "set", "quick", "grid", "list", "search",
-              "objective", "seed", "test", "teacher")
+              "objective", "seed", "test", "teacher", "pack")
 TEACHER_KEYS = ("config", "set", "quick", "stages")
 TRAINS = ("train", "prune", "quantize")  # the stages that train (and test), as in edlab.pipeline
 TEST_MODES = ("all", "chosen")  # test: all = every trial tests its model; chosen = only the selected points
@@ -72,6 +72,7 @@ class Study:
     inline_recipe: dict | None = None
     test: str = "all"  # "chosen": trials run with final_test off; the selected points are tested after the trials
     teacher: dict | None = None  # {config, set, stages}: trained once into <out>/teacher; or {checkpoint, stages}
+    pack: bool = False  # pack the best point's final model into <out>/winner.pack after the trials
 
     def fingerprint(self) -> str:
         """What must not change between a study's runs (trials may grow): base, overrides, space, goal."""
@@ -160,7 +161,11 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
         raise _fail(path, "give the study's teacher: or a distill.teacher override, not both")
     st = Study(name=name, file=path, out=Path(out), kind=kind, base=base, fixed=fixed, mode=modes[0],
                objective=raw.get("objective", "val_accuracy"), seed=seed, inline_recipe=inline, test=test,
-               teacher=teacher)
+               teacher=teacher, pack=raw.get("pack", False))
+    if not isinstance(st.pack, bool):
+        raise _fail(path, f"pack must be true or false, got {st.pack!r}")
+    if st.pack and st.objective == "pareto":
+        raise _fail(path, "pack: true needs one best point (objective val_accuracy or min_score_with_val_at_least)")
     if st.mode == "grid":
         grid = raw["grid"]
         if not isinstance(grid, dict) or not grid:
@@ -993,6 +998,34 @@ def test_chosen(st: Study, study, echo=print) -> list[int]:
     return tested
 
 
+def pack_winner(st: Study, study, echo=print) -> dict | None:
+    """``pack: true``: the best point's final checkpoint packed (edlab.pack) into <out>/winner.pack, with its
+    sizes, score and accuracies recorded in the study (``winner``). Packed again at each sweep's end, so the
+    file always holds the current best; an int8 ONNX winner is recorded, not packed (pack takes checkpoints)."""
+    from .pack import pack
+
+    rows = trial_rows(study)
+    selection = best(st, rows)
+    if "slot" not in selection:
+        return None
+    row = next(r for r in rows if r["slot"] == selection["slot"] and r["state"] == "COMPLETE")
+    path = row.get("model_file") or str(Path(row["run_dir"]) / "model.ckpt")
+    winner = {"slot": row["slot"], "file": path, "score": row["score"], "val_accuracy": row["val_accuracy"],
+              "test_accuracy": row["test_accuracy"], "views": row["views"], "command": row["command"]}
+    if path.endswith(".onnx"):
+        winner["error"] = "an int8 ONNX file: edlab pack takes checkpoints"
+    else:
+        try:
+            sizes = pack(path, st.out / "winner.pack")
+            winner.update(pack=sizes.pop("out"), sizes=sizes)
+            echo(f"packed point {row['slot']:04d} -> {winner['pack']} ({sizes['file']:,} bytes, score "
+                 f"{row['score']:.4f})")
+        except EdlabError as e:  # recorded, so that study.json is still written
+            winner["error"] = str(e)
+    _retry(study.set_user_attr, "winner", winner)
+    return winner
+
+
 def write_report(st: Study, study, url: str) -> dict:
     rows = sorted(trial_rows(study), key=lambda r: (r["slot"] if r["slot"] is not None else -1, r["number"]))
     for r in rows:  # waiting grid/list trials: show their point before a worker has written it
@@ -1005,6 +1038,7 @@ def write_report(st: Study, study, url: str) -> dict:
               "fixed": st.fixed, "objective": st.objective, "storage": _redact(url),
               "size": len(st.points) if st.mode != "search" else st.trials, "counts": counts, "test": st.test,
               "teacher": teacher_path(st) if st.teacher else None,
+              "winner": _retry(lambda: study.user_attrs).get("winner") if st.pack else None,
               "best": best(st, rows), "trials": rows}
     write_json(st.out / "study.json", report)
     return report
@@ -1054,6 +1088,11 @@ def render(report: dict, console) -> None:
     rule = b.get("rule", "pareto front")
     tested = "; test split read for * only, after the trials" if report.get("test") == "chosen" else ""
     console.print(f"{counts} of {report['size']}; * = selected on validation accuracy ({rule}){tested}")
+    w = report.get("winner")
+    if w:
+        console.print(f"winner: point {w['slot']:04d}, score {w['score']:.4f}, " +
+                      (f"packed {w['pack']} ({w['sizes']['file']:,} bytes)" if w.get("pack") else
+                       f"not packed: {w.get('error')}"))
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -1122,6 +1161,8 @@ def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, 
         recover(study, stale_after)  # a worker that crashed left its trial RUNNING: the next run re-does it
     if st.test == "chosen":  # the trials never read the test split: the selected points are read now, once
         test_chosen(st, study, echo=console.print)
+    if st.pack:
+        pack_winner(st, study, echo=console.print)
     report = write_report(st, study, url)
     render(report, console)
     console.print(f"-> {st.out / 'study.json'}")
