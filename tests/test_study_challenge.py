@@ -182,3 +182,50 @@ def test_teacher_checkpoint_is_reused_and_trained_once_under_contention(tmp_path
     assert r.exit_code == 0, r.output
     assert not (tmp_path / "out" / "teacher").exists() and calls[1:] == ["out/trials/0000"]  # the trial only
     assert saved_teacher(tmp_path / "out" / "trials" / "0000") == got[0]
+
+
+def test_floor_from_the_command_line_and_the_validation_margin(tmp_path):
+    from edlab.study import best, load_study
+
+    study = PRUNE2.replace("{min_score_with_val_at_least: 0.0}",
+                           "{min_score_with_val_at_least: 0.9, floor_margin: 0.005}")
+    r = sweep_in(tmp_path, study, "--floor", "0.865", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "study c-floor0.865" in r.output and "'min_score_with_val_at_least': 0.865" in r.output
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        st = load_study("study.yaml", floor=0.865)
+        same = load_study("study.yaml", floor=0.9)  # the file's own floor: the same study
+    finally:
+        os.chdir(cwd)
+    assert str(st.out) == "runs/study-c-floor0.865" and same.name == "c"
+    rows = [{"slot": 0, "state": "COMPLETE", "val_accuracy": 0.868, "score": 0.01},  # above the floor, not the margin
+            {"slot": 1, "state": "COMPLETE", "val_accuracy": 0.871, "score": 0.05},
+            {"slot": 2, "state": "COMPLETE", "val_accuracy": 0.95, "score": 0.09}]
+    assert best(st, rows) == {"slot": 1, "rule": "lowest score with val >= 0.87"}
+    assert best(same, rows)["slot"] == 2
+    bad = sweep_in(tmp_path, "config: tiny.yaml\ngrid: {optim.lr: [0.1]}\n", "--floor", "0.9")
+    assert bad.exit_code == 2 and "--floor needs objective" in bad.stderr
+    bad = sweep_in(tmp_path, study.replace("0.005}", "0.5}"), "--dry-run")
+    assert bad.exit_code == 2 and "floor + margin <= 1" in bad.stderr
+
+
+def test_report_draws_every_floor_and_selects_by_the_first(tmp_path):
+    from edlab.report import build_report
+
+    for name, val, score in (("narrow", 0.88, 0.01), ("wide", 0.92, 0.05)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "summary.json").write_text(json.dumps(
+            {"val_accuracy": val, "test_accuracy": val - 0.01, "score": score, "dataset": "synthetic"}))
+    r = CliRunner().invoke(cli, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "r1"),
+                                 "--floor", "0.9", "--floor", "0.865"])
+    assert r.exit_code == 0, r.output
+    assert "best: wide" in r.output
+    two = (tmp_path / "r1" / "pareto.png").read_bytes()
+    again = build_report([tmp_path / "runs"], tmp_path / "r2", floor=[0.9, 0.865])
+    one = build_report([tmp_path / "runs"], tmp_path / "r3", floor=[0.9])
+    assert (tmp_path / "r2" / "pareto.png").read_bytes() == two  # the figure is deterministic ...
+    assert (tmp_path / "r3" / "pareto.png").read_bytes() != two  # ... so the 86.5 % line is what differs
+    assert again["floors"] == [0.9, 0.865] and one["best"].name == "wide"
+    assert build_report([tmp_path / "runs"], tmp_path / "r4", floor=[0.865, 0.9])["best"].name == "narrow"

@@ -113,8 +113,11 @@ def _flat(tree: Any, file: str, what: str) -> dict[str, Any]:
     return out
 
 
-def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str] = (), out: str | None = None) -> Study:
-    """Read and check a study file; every point / range is validated against its base before anything runs."""
+def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str] = (), out: str | None = None,
+               floor: float | None = None) -> Study:
+    """Read and check a study file; every point / range is validated against its base before anything runs.
+    ``floor`` (``--floor``) replaces the objective's floor; a floor other than the file's is a separate study
+    (name and default out get ``-floor<F>``), so both floors' searches keep their own records."""
     from .config import parse_overrides
 
     raw = read_yaml(path)
@@ -126,7 +129,15 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
     modes = [m for m in ("grid", "list", "search") if m in raw]
     if len(modes) != 1:
         raise _fail(path, "give exactly one of grid:, list:, search:")
-    name = str(raw.get("name") or Path(path).stem) + ("-quick" if quick else "")
+    objective = raw.get("objective", "val_accuracy")
+    suffix = "-quick" if quick else ""
+    if floor is not None:
+        if not isinstance(objective, dict) or "min_score_with_val_at_least" not in objective:
+            raise _fail(path, "--floor needs objective: {min_score_with_val_at_least: FRACTION}")
+        if floor != objective["min_score_with_val_at_least"]:
+            objective = {**objective, "min_score_with_val_at_least": floor}
+            suffix += f"-floor{floor:g}"
+    name = str(raw.get("name") or Path(path).stem) + suffix
     kind = "config" if "config" in raw else "recipe"
     inline = None
     if kind == "recipe" and isinstance(raw["recipe"], dict | list):
@@ -143,7 +154,7 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
         fixed.update(quick_block)
     fixed.update(_flat(parse_overrides(list(sets)), path, "--set"))
     if out is None:
-        out = str(raw["out"]) + ("-quick" if quick else "") if raw.get("out") else f"runs/study-{name}"
+        out = str(raw["out"]) + suffix if raw.get("out") else f"runs/study-{name}"
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
         raise _fail(path, f"seed must be an integer in 0..2147483647, got {seed!r}")
@@ -160,7 +171,7 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
     if teacher and any(k == "distill.teacher" or k.endswith(".distill.teacher") for k in fixed):
         raise _fail(path, "give the study's teacher: or a distill.teacher override, not both")
     st = Study(name=name, file=path, out=Path(out), kind=kind, base=base, fixed=fixed, mode=modes[0],
-               objective=raw.get("objective", "val_accuracy"), seed=seed, inline_recipe=inline, test=test,
+               objective=objective, seed=seed, inline_recipe=inline, test=test,
                teacher=teacher, pack=raw.get("pack", False))
     if not isinstance(st.pack, bool):
         raise _fail(path, f"pack must be true or false, got {st.pack!r}")
@@ -279,11 +290,17 @@ def _check_objective(st: Study) -> None:
     o = st.objective
     if o in ("val_accuracy", "pareto"):
         return
-    if isinstance(o, dict) and set(o) == {"min_score_with_val_at_least"} and \
-            isinstance(o["min_score_with_val_at_least"], int | float) and 0 <= o["min_score_with_val_at_least"] <= 1:
+    def fraction(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1
+
+    if isinstance(o, dict) and set(o) <= {"min_score_with_val_at_least", "floor_margin"} and \
+            fraction(o.get("min_score_with_val_at_least")):
+        if not fraction(o.get("floor_margin", 0)) or o["min_score_with_val_at_least"] + o.get("floor_margin", 0) > 1:
+            raise _fail(st.file, f"objective.floor_margin must be a fraction with floor + margin <= 1, got "
+                                 f"{o.get('floor_margin')!r}")
         return
-    raise _fail(st.file, f"objective must be val_accuracy, pareto or {{min_score_with_val_at_least: FRACTION}}, "
-                         f"got {o!r}")
+    raise _fail(st.file, f"objective must be val_accuracy, pareto or {{min_score_with_val_at_least: FRACTION, "
+                         f"floor_margin: FRACTION}}, got {o!r}")
 
 
 def _probe_values(st: Study) -> list[dict[str, Any]]:
@@ -474,7 +491,11 @@ def _directions(st: Study) -> list[str]:
 
 
 def _floor(st: Study) -> float | None:
-    return st.objective["min_score_with_val_at_least"] if isinstance(st.objective, dict) else None
+    """The validation accuracy a trial must reach: the floor plus its margin (validation estimates the test
+    accuracy with an error: select val >= 0.905 to trust test >= 0.90)."""
+    if not isinstance(st.objective, dict):
+        return None
+    return round(st.objective["min_score_with_val_at_least"] + st.objective.get("floor_margin", 0), 12)
 
 
 INIT_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key", "Duplicate entry")
@@ -961,9 +982,9 @@ def best(st: Study, rows: list[dict]) -> dict:
     if floor is not None:
         ok = [r for r in done if r["val_accuracy"] >= floor]
         if ok:
-            return {"slot": min(ok, key=lambda r: r["score"])["slot"], "rule": f"lowest score with val >= {floor}"}
+            return {"slot": min(ok, key=lambda r: r["score"])["slot"], "rule": f"lowest score with val >= {floor:g}"}
         return {"slot": max(done, key=lambda r: r["val_accuracy"])["slot"],
-                "rule": f"no trial reached val {floor}: highest val"}
+                "rule": f"no trial reached val {floor:g}: highest val"}
     return {"slot": max(done, key=lambda r: r["val_accuracy"])["slot"], "rule": "highest val accuracy"}
 
 
@@ -1107,9 +1128,13 @@ def render(report: dict, console) -> None:
 @click.option("--retry-failed", is_flag=True, help="Run again the points whose trials failed with an error.")
 @click.option("--stale-after", type=float, default=600, show_default=True,
               help="Seconds without heartbeat after which another machine's RUNNING trial counts as dead.")
+@click.option("--floor", type=float, help="The objective's accuracy floor (min_score_with_val_at_least), e.g. "
+              "0.865; trials are selected at val >= floor + floor_margin. Another floor is another study "
+              "(<name>-floor<F>).")
 @click.option("--dry-run", is_flag=True, help="Check the study file and list its points; run nothing.")
 @click.option("--worker", "worker_index", type=int, hidden=True)
-def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, stale_after, dry_run, worker_index):
+def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, stale_after, floor, dry_run,
+                  worker_index):
     """Run a study: one training (config:) or pipeline (recipe:) run per grid/list point or search trial.
 
     The study lives in an Optuna storage; run the same command again after any interruption and it
@@ -1121,13 +1146,14 @@ def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, 
       edlab sweep studies/learning-rate.yaml        # GPU-sized
       edlab sweep studies/learning-rate.yaml --quick # minutes per trial on a CPU
       edlab sweep studies/challenge.yaml --workers 2
+      edlab sweep studies/challenge.yaml --floor 0.865  # the course-equivalent floor: a separate study
       edlab sweep studies/resnets.yaml --storage postgresql://me@db/edlab --workers 4
     """
     from .cli import _console
 
     if workers < 1:
         raise EdlabError(f"--workers must be >= 1, got {workers}")
-    st = load_study(study_file, quick, sets, out)
+    st = load_study(study_file, quick, sets, out, floor)
     console = _console()
     if dry_run:
         console.print(f"study {st.name}: {st.mode}, {len(st.points) or st.trials} trials, base {st.kind} "
@@ -1157,7 +1183,7 @@ def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, 
     if workers == 1:
         run_worker(st, study, 0, echo=console.print)
     else:
-        _spawn(study_file, st, url, workers, quick, sets, stale_after)
+        _spawn(study_file, st, url, workers, quick, sets, stale_after, floor)
         recover(study, stale_after)  # a worker that crashed left its trial RUNNING: the next run re-does it
     if st.test == "chosen":  # the trials never read the test split: the selected points are read now, once
         test_chosen(st, study, echo=console.print)
@@ -1183,11 +1209,12 @@ def _claim_out(out: Path) -> None:
     (out / STUDY_MARK).touch()
 
 
-def _spawn(study_file: str, st: Study, url: str, workers: int, quick: bool, sets, stale_after: float) -> None:
+def _spawn(study_file: str, st: Study, url: str, workers: int, quick: bool, sets, stale_after: float,
+           floor: float | None = None) -> None:
     """N worker processes in this process group (killing the group stops them all), then wait for them."""
     base = [sys.executable, "-m", "edlab", "sweep", study_file, "--out", str(st.out), "--storage", url,
             "--stale-after", str(stale_after)] + (["--quick"] if quick else []) + \
-        [a for s in sets for a in ("--set", s)]
+        [a for s in sets for a in ("--set", s)] + (["--floor", repr(floor)] if floor is not None else [])
     procs = [subprocess.Popen(base + ["--worker", str(i + 1)]) for i in range(workers)]
     try:
         codes = [p.wait() for p in procs]
