@@ -229,3 +229,23 @@ def test_report_draws_every_floor_and_selects_by_the_first(tmp_path):
     assert (tmp_path / "r3" / "pareto.png").read_bytes() != two  # ... so the 86.5 % line is what differs
     assert again["floors"] == [0.9, 0.865] and one["best"].name == "wide"
     assert build_report([tmp_path / "runs"], tmp_path / "r4", floor=[0.865, 0.9])["best"].name == "narrow"
+
+
+@pytest.mark.slow
+def test_challenge_study_runs_end_to_end_on_tiny_data(tmp_path):
+    """studies/challenge.yaml itself (configs swapped for a tiny synthetic one, one quick trial): teacher, a
+    distilled student through train, prune and QAT, the chosen point tested once and packed."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "studies" / "challenge.yaml").read_text()
+    for config in ("configs/resnet20-cifar10.yaml", "configs/student-dw233-distill.yaml"):
+        assert config in text
+        text = text.replace(config, "tiny.yaml")
+    text = text.replace("2000", "256").replace("trials: 3", "trials: 1")
+    r = sweep_in(tmp_path, text, "--quick", config=TINY.replace("tta: flip\n", ""))
+    assert r.exit_code == 0, r.output
+    rep = report(tmp_path)
+    t = row(rep, 0)
+    assert t["tested"]["checkpoint"].endswith("0000/02-quantize/model.ckpt") and t["test_accuracy"] is not None
+    for stage in ("00-train", "01-prune", "02-quantize"):
+        assert saved_teacher(tmp_path / "out" / "trials" / "0000" / stage) == "out/teacher/model.ckpt"
+    assert rep["winner"]["slot"] == 0 and (tmp_path / "out" / "winner.pack").is_file()

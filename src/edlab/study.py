@@ -859,8 +859,8 @@ def _run_recipe(st: Study, point: dict, run_dir: Path, console) -> dict:
     sets = _sets({**st.fixed, **point})
     stage_sets = {}
     for i, (name, opts) in enumerate(load_recipe(recipe, sets)["stages"]):
-        if name in TRAINS:  # quantize distils only where its method fine-tunes, and not from its own source
-            trains = name != "quantize" or (opts.get("method") in STAGE_DEFAULTS and not opts.get("distill"))
+        if name in TRAINS:  # distil where the stage fine-tunes (quantize: its method) and not from its own source
+            trains = not opts.get("distill") and (name != "quantize" or opts.get("method") in STAGE_DEFAULTS)
             stage_sets[i] = _sets(_study_edits(st, name, trains))
     r = run_pipeline(recipe, sets, str(run_dir), echo=console.print, stage_sets=stage_sets)
     summaries = [s["summary"] or {} for s in r["stages"]]
@@ -1031,7 +1031,8 @@ def pack_winner(st: Study, study, echo=print) -> dict | None:
         return None
     row = next(r for r in rows if r["slot"] == selection["slot"] and r["state"] == "COMPLETE")
     path = row.get("model_file") or str(Path(row["run_dir"]) / "model.ckpt")
-    winner = {"slot": row["slot"], "file": path, "score": row["score"], "val_accuracy": row["val_accuracy"],
+    winner = {"slot": row["slot"], "rule": selection["rule"], "file": path, "score": row["score"],
+              "val_accuracy": row["val_accuracy"],
               "test_accuracy": row["test_accuracy"], "views": row["views"], "command": row["command"]}
     if path.endswith(".onnx"):
         winner["error"] = "an int8 ONNX file: edlab pack takes checkpoints"
