@@ -9,6 +9,9 @@ A study file names a base and how to vary it::
     grid: {optim.lr: [0.05, 0.1, 0.2]}      # or list: [{...}, ...], or search: {params: ..., trials: N}
     objective: val_accuracy        # | pareto | {min_score_with_val_at_least: 0.9}
     quick: {epochs: 1, data.train_subset: 2000}   # overrides used with --quick (a separate study)
+    test: chosen                   # trials never read the test split; the selected points are tested once after
+    teacher: {config: configs/resnet20-cifar10.yaml}   # trained once into <out>/teacher, distils every trial
+    pack: true                     # the best point's final checkpoint -> <out>/winner.pack
 
 Every trial is one Optuna trial in a storage shared by all workers (SQLite file in the out dir by
 default). Grid and list points are enqueued once each as WAITING trials that workers claim; a trial
@@ -16,7 +19,9 @@ left RUNNING by a killed process is marked FAIL and its point enqueued again, so
 finishes a study without repeating finished trials. A point's run directory is
 ``<out>/trials/<NNNN>`` (NNNN: its index, or the number of the trial that first drew it in a search),
 so a re-run continues what the killed one left (resume.pt, finished pipeline stages). Selection uses
-validation accuracy only; test accuracy is recorded for the report.
+validation accuracy only (``objective.floor_margin`` raises the floor it must reach; ``--floor`` replaces the
+floor, as a separate study); test accuracy is recorded for the report, or, with ``test: chosen``, read only
+for the selected points.
 """
 
 from __future__ import annotations
