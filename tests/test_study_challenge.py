@@ -249,3 +249,17 @@ def test_challenge_study_runs_end_to_end_on_tiny_data(tmp_path):
     for stage in ("00-train", "01-prune", "02-quantize"):
         assert saved_teacher(tmp_path / "out" / "trials" / "0000" / stage) == "out/teacher/model.ckpt"
     assert rep["winner"]["slot"] == 0 and (tmp_path / "out" / "winner.pack").is_file()
+
+
+def test_a_run_saved_before_final_test_resumes(tmp_path):
+    import yaml
+
+    from edlab.config import TrainConfig, build
+    from edlab.train import config_change
+
+    cfg = build(TrainConfig, yaml.safe_load(TINY), {"data": {"split_seed": 0}})  # as train saves it
+    old = cfg.model_dump(mode="json")
+    old.pop("final_test")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert config_change(tmp_path / "config.yaml", cfg) is None
+    assert "final_test" in config_change(tmp_path / "config.yaml", build(TrainConfig, old, {"final_test": False}))

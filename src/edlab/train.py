@@ -591,6 +591,7 @@ def config_change(saved, cfg: TrainConfig) -> str | None:
         return f"{saved} is not a config"
     if isinstance(old.get("data"), dict) and old["data"].get("split_seed") is None:  # saved before split_seed
         old["data"]["split_seed"] = old.get("seed", 0)
+    old.setdefault("final_test", True)  # saved before final_test existed: those runs tested
     old = _flatten(old)
     new = _flatten(cfg.model_dump(mode="json"))
     free = {"threads", "tracker", "nan_policy", "grad_clip", "optim.lr"}
