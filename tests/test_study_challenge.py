@@ -263,3 +263,19 @@ def test_a_run_saved_before_final_test_resumes(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     assert config_change(tmp_path / "config.yaml", cfg) is None
     assert "final_test" in config_change(tmp_path / "config.yaml", build(TrainConfig, old, {"final_test": False}))
+
+
+def test_report_shows_the_test_figure_a_study_read_for_its_chosen_point(tmp_path):
+    from edlab.report import discover
+
+    study = tmp_path / "study-x"
+    for slot in ("0000", "0001"):
+        (study / "trials" / slot).mkdir(parents=True)
+        (study / "trials" / slot / "summary.json").write_text(json.dumps(
+            {"val_accuracy": 0.5, "test_accuracy": None, "score": 0.01}))
+    tested = {"checkpoint": "runs/study-x/trials/0001/model.ckpt", "test_accuracy": 0.42, "views": 1}
+    (study / "study.json").write_text(json.dumps({"name": "x", "trials": [{"slot": 0, "tested": None},
+                                                                          {"slot": 1, "tested": tested}]}))
+    runs, _, _ = discover([tmp_path])
+    got = {r.path.name: r.test for r in runs}
+    assert got == {"0000": None, "0001": 0.42}

@@ -193,7 +193,27 @@ def discover(paths: list[str | Path]) -> tuple[list[RunInfo], list[dict], list[s
                 res = _read_json(d / "result.json")
                 if isinstance(res, dict):
                     results.append({"name": name, "group": _group_of(d, root), **res})
+    _add_chosen_tests(runs)
     return runs, results, skipped
+
+
+def _add_chosen_tests(runs: list[RunInfo]) -> None:
+    """A study with ``test: chosen`` left its trials untested (test_accuracy null) and recorded the test figure
+    of each selected point in its study.json (``tested``: the model file and its accuracy): put that figure on
+    the run whose model file it is, so the table and the Pareto plot show it."""
+    studies = {d for r in runs for d in r.path.parents if (d / "study.json").is_file()}
+    for study in studies:
+        meta = _read_json(study / "study.json")
+        trials = meta.get("trials") if isinstance(meta, dict) else None
+        for t in trials if isinstance(trials, list) else []:
+            tested = t.get("tested") if isinstance(t, dict) else None
+            if not isinstance(tested, dict) or _num(tested.get("test_accuracy")) is None:
+                continue
+            file = Path(str(tested.get("checkpoint", ""))).as_posix()
+            for r in runs:
+                if r.summary.get("test_accuracy") is None and study in r.path.parents and \
+                        file.endswith("/" + (r.path / "model.ckpt").relative_to(study).as_posix()):
+                    r.summary = {**r.summary, "test_accuracy": tested["test_accuracy"], "tested_by_study": True}
 
 
 def pareto_front(points: list[tuple[float | None, float | None]]) -> list[int]:
