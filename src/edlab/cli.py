@@ -189,6 +189,7 @@ def train(config, resume, sets, **flags):
       WANDB_MODE=offline edlab train cfg.yaml --tracker wandb
     """
     from .config import load_train_config
+    from .train import pct
     from .train import train as run_train
 
     if resume and not flags.get("out"):
@@ -198,7 +199,7 @@ def train(config, resume, sets, **flags):
     _, s = run_train(cfg, resume=resume, console=console)
     if s is None:  # a torchrun rank other than 0: rank 0 reports
         return
-    console.print(f"test accuracy {100 * s['test_accuracy']:.2f}%  (best val {100 * s['best_val_accuracy']:.2f}%"
+    console.print(f"test accuracy {pct(s['test_accuracy'])}  (best val {100 * s['best_val_accuracy']:.2f}%"
                   f" @ epoch {s['best_epoch']})  params {s['params']:,}  MACs {s['macs']:,}  "
                   f"score {s['score']:.4f}  {s['seconds'] / 60:.1f} min  -> {s['run_dir']}")
 

@@ -134,6 +134,10 @@ class TrainConfig(Section):
     seed: int = Field(0, ge=0, le=2**31 - 1)  # every random stream derives from it (torch takes < 2**64)
     early_stop: int | None = Field(None, ge=1)  # stop after N epochs without val-accuracy gain
     keep: Literal["last", "best"] = "last"  # model.ckpt = last epoch or best validation epoch
+    # read the test split at the end (test_accuracy). A study with `test: chosen` sets it false for every
+    # trial (validation drives everything) and tests only the points it chooses, once; a later stage
+    # (prune, quantize) does not inherit it from its checkpoint
+    final_test: bool = True
     nan_policy: Literal["stop", "skip"] = "stop"  # a non-finite loss stops the run, or skips the step
     tracker: Literal["tensorboard", "wandb", "mlflow"] = "tensorboard"  # + W&B or MLflow (TensorBoard always)
     name: str | None = None  # run name (default: model name)

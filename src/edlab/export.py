@@ -215,9 +215,10 @@ def _plain_batches(data, n: int, batch: int = 256):
 
 def int8_stage(model: nn.Module, data, run, calib_images: int = 1024, quant_format: str = "qoperator",
                per_channel: bool = True, reduce_range: bool = False, batch: int = 64, threads: int = 1,
-               console=None) -> dict:
+               console=None, test: bool = True) -> dict:
     """The ``edlab quantize --method int8`` stage: export fp32 and int8 ONNX into the run directory, measure
-    ORT accuracy (validation, then test once per model) and latency against fp32. Returns summary fields."""
+    ORT accuracy (validation, then test once per model, unless ``test`` is off) and latency against fp32.
+    Returns summary fields."""
     fp32_path, int8_path = run.file("model.fp32.onnx"), run.file("model.int8.onnx")
     dataset = getattr(data, "dataset", None)
     export_onnx(model, fp32_path, dataset=dataset)
@@ -226,7 +227,8 @@ def int8_stage(model: nn.Module, data, run, calib_images: int = 1024, quant_form
                 reduce_range=reduce_range, dataset=dataset)
     s32, s8 = ort_session(fp32_path, threads), ort_session(int8_path, threads)
     val = ort_evaluate(s8, data.val) if data.val is not None else {"accuracy": None}
-    test8, test32 = ort_evaluate(s8, data.test), ort_evaluate(s32, data.test)
+    untested = {"accuracy": None, "loss": None}
+    test8, test32 = (ort_evaluate(s8, data.test), ort_evaluate(s32, data.test)) if test else (untested, untested)
     lat = compare_latency(model, fp32_path, int8_path, batch=batch, threads=threads)
     if console is not None:
         console.print(f"int8 latency at batch {batch}, {threads} thread(s): {lat['ort_int8_ms']:.1f} ms vs "

@@ -246,8 +246,20 @@ def _open_root(root: Path, recipe_path: str, recipe: dict) -> tuple[list, bool]:
     return done, "spec" not in saved
 
 
-def run_pipeline(recipe_path: str, sets: list[str] | None = None, out: str | None = None, echo=print) -> dict:
+TRAINS = ("train", "prune", "quantize")  # the stages that read data, train and test
+
+
+def run_pipeline(recipe_path: str, sets: list[str] | None = None, out: str | None = None, echo=print,
+                 stage_sets: dict[int, list[str]] | None = None) -> dict:
+    """Run (or continue) a recipe in ``out``. ``stage_sets``: config edits (``final_test=false``,
+    ``distill.teacher=PATH``) added to the ``--set`` list of the stages they name by index, e.g. by a study
+    that tests only its chosen points or distils every trial from one teacher."""
     recipe = load_recipe(recipe_path, sets)
+    for i, edits in (stage_sets or {}).items():
+        if edits:
+            opts = recipe["stages"][i][1]
+            given = opts.get("set")
+            opts["set"] = [*([] if given is None else given if isinstance(given, list) else [given]), *edits]
     check_stages(recipe)
     root = Path(out or recipe["out"] or f"runs/{recipe['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_out_path(root, "--out")

@@ -558,7 +558,7 @@ def finetune_config(model: nn.Module, flags: dict | None = None, sets: Sequence[
     from .data import check_split, source_split
 
     saved = copy.deepcopy(getattr(model, "edlab_metadata", {}).get("config") or {})
-    for key in ("out", "name"):
+    for key in ("out", "name", "final_test"):  # a study's untested trial: its pruning still tests unless told
         saved.pop(key, None)
     saved.setdefault("model", {}).update({"checkpoint": None})
     saved.setdefault("distill", {}).update({"teacher": None})
@@ -592,7 +592,7 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
     from .checkpoint import save_checkpoint, with_stage
     from .config import to_yaml
     from .runs import command_line
-    from .train import evaluate, fit, inference_record, load_teacher, resolve_device, resolve_precision
+    from .train import evaluate, final_test, fit, inference_record, load_teacher, resolve_device, resolve_precision
 
     recipe.validate()
     if recipe.distill and cfg.distill.teacher:
@@ -684,7 +684,7 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
         after_val = finetune(step, sc)
         log(_row(model, step, "scratch", None, None, after_val, sc.epochs, time.perf_counter() - t0))
     fold_masks(model)
-    test = evaluate(model, data.test, amp, cfg.tta)  # the only time the test split is read
+    test = final_test(model, data, amp, cfg)  # the only time the test split is read
     model = model.to("cpu").to(memory_format=torch.contiguous_format).float().eval()
     p = profile(model)
     last = run.metrics()[-1]
@@ -779,7 +779,7 @@ def prune_command(target, structured, unstructured, steps, finetune_epochs, sche
     """
     from .cli import _console, _flags_to_tree, load_model_arg
     from .runs import Run
-    from .train import check_teacher, data_from_config, resolve_device
+    from .train import check_teacher, data_from_config, pct, resolve_device
 
     recipe = Recipe(structured, unstructured, steps, finetune_epochs, importance, global_pruning, target_kind,
                     tuple(k.strip() for k in keep.split(",") if k.strip()), schedule, scope, round_to, distill,
@@ -807,7 +807,7 @@ def prune_command(target, structured, unstructured, steps, finetune_epochs, sche
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="torch_pruning")
         _, s = run_recipe(model, recipe, cfg, data, run, console, scratch, source=target)
-    console.print(f"test accuracy {100 * s['test_accuracy']:.2f}%  ps {s['ps']:.3f}  pu {s['pu']:.3f}  "
+    console.print(f"test accuracy {pct(s['test_accuracy'])}  ps {s['ps']:.3f}  pu {s['pu']:.3f}  "
                   f"params {s['arch_params']:,} ({s['nonzero_params']:,} nonzero)  MACs {s['macs']:,}  "
                   f"score {s['score']:.4f}  {s['seconds'] / 60:.1f} min  -> {Path(s['run_dir']) / 'model.ckpt'}")
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .checkpoint import conv_kwargs, register_leaf
 from .cli import DISTILL_FLAGS, distill_options
 from .errors import EdlabError
-from .train import TTA_VIEWS
+from .train import TTA_VIEWS, final_test, pct
 
 METHODS = ("fp16", "bf16", "binaryconnect", "qat", "int8")
 # Fine-tuning defaults of the training stages, between the checkpoint's saved config and the user's flags:
@@ -479,8 +479,8 @@ def stage_config(model: nn.Module, checkpoint: str | Path, method: str, flags: d
     from .data import check_split, source_split
 
     saved = copy.deepcopy(getattr(model, "edlab_metadata", {}).get("config") or {})
-    saved.pop("out", None)
-    saved.pop("name", None)
+    for key in ("out", "name", "final_test"):  # a study's untested trial: its quantization still tests unless told
+        saved.pop(key, None)
     saved["distill"] = {**saved.get("distill", {}), "teacher": None}  # the student's own teacher: not implied
     source = source_split(saved)
     saved.setdefault("data", {})["split_seed"] = source["split_seed"]  # validate on the source's held-out split
@@ -512,7 +512,7 @@ def _half(source: nn.Module, method: str, data, run, cfg, options: dict) -> dict
         runner, arithmetic = copy.deepcopy(model).float(), "fp32 on fp16-rounded weights (CPU)"
     val = evaluate(runner, data.val, tta=cfg.tta)["accuracy"] if data.val is not None else None
     ref_val = evaluate(source, data.val, tta=cfg.tta)["accuracy"] if data.val is not None else None
-    test = evaluate(runner, data.test, tta=cfg.tta)  # the same views as validation (cfg.tta)
+    test = final_test(runner, data, None, cfg)  # the same views as validation (cfg.tta)
     model = model.cpu()
     inference = {"tta": cfg.tta, "views": TTA_VIEWS[cfg.tta], "precision": method}
     _save(model, run, test, val, cfg, options, inference)
@@ -540,7 +540,7 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
     conversion and calibration are deterministic, so redoing them and then loading the run's resume.pt
     (fit's per-epoch state) continues a killed stage."""
     from .checkpoint import load_checkpoint
-    from .train import evaluate, fit, load_teacher, resolve_precision
+    from .train import fit, load_teacher, resolve_precision
 
     device = data.train.device
     model = copy.deepcopy(source)
@@ -566,7 +566,7 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
     if how["fold"]:  # step: fold after fine-tuning with BN (folding first made QAT diverge: docs/quantization.md)
         model = _fold(model, options)
     val = state.history[-1]["val_accuracy"] if state.history else None
-    test = evaluate(model, data.test, tta=cfg.tta)  # the same views as fit's validation, fp32 arithmetic
+    test = final_test(model, data, None, cfg)  # the same views as fit's validation, fp32 arithmetic
     model = model.cpu()
     inference = {"tta": cfg.tta, "views": TTA_VIEWS[cfg.tta], "precision": "fp32"}
     _save(model, run, test, val, cfg, options, inference)
@@ -585,13 +585,13 @@ def _fold(model: nn.Module, options: dict) -> nn.Module:
     return folded
 
 
-def _int8(source: nn.Module, data, run, options: dict, console, calib_images: int) -> dict:
+def _int8(source: nn.Module, data, run, options: dict, console, calib_images: int, test: bool = True) -> dict:
     """int8: ONNX Runtime static quantization (edlab.export). The score is counted on a torch copy whose
     conv/linear layers declare 8-bit weights and inputs, which is what the int8 graph runs (BN, folded into
     the int8 weights and int32 biases there, is still counted at 32 bits by the course rules)."""
     from .export import int8_stage
 
-    extra = int8_stage(source, data, run, calib_images=calib_images, console=console)
+    extra = int8_stage(source, data, run, calib_images=calib_images, console=console, test=test)
     options.update(extra.pop("options"))
     scored = copy.deepcopy(source).cpu()
     for m in scored.modules():
@@ -682,7 +682,7 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     source = source.to(device)
     t0 = time.perf_counter()
     if method == "int8":
-        r = _int8(source, data, run, options, console, calib_images)
+        r = _int8(source, data, run, options, console, calib_images, cfg.final_test)
     elif method in ("fp16", "bf16"):
         r = _half(source, method, data, run, cfg, options)
     else:
@@ -692,11 +692,12 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
                    distill=distill, layer_bits=layer_bits, fold=fold)
     seconds = time.perf_counter() - t0
     # the float source measured as the result was (same split, views and arithmetic), for the change
-    reference = evaluate(source, data.test, tta=r["reference_tta"])
+    reference = evaluate(source, data.test, tta=r["reference_tta"]) if cfg.final_test else {"accuracy": None}
+    change = None if reference["accuracy"] is None else r["test"]["accuracy"] - reference["accuracy"]
     summary = {
         "method": method, "test_accuracy": r["test"]["accuracy"], "test_loss": r["test"]["loss"],
         "val_accuracy": r["val_accuracy"], "reference_test_accuracy": reference["accuracy"],
-        "accuracy_change": r["test"]["accuracy"] - reference["accuracy"], "epochs": r.get("epochs", 0),
+        "accuracy_change": change, "epochs": r.get("epochs", 0),
         "seconds": seconds, "device": str(device), "dataset": cfg.data.dataset,
         "model": getattr(source, "edlab_spec", {}).get("name"), "checkpoint": str(r["checkpoint"]),
         "options": options, "inference": r["inference"], "reference_views": TTA_VIEWS[r["reference_tta"]],
@@ -771,6 +772,7 @@ def quantize_command(checkpoint, method, bits_w, bits_a, first_last_bits, layer_
                             calib_images=calib_images, console=console, resume=resume, distill=distill,
                             layer_bits=layer_bits, fold=fold,
                             **{k: flags.get(k) for k in DISTILL_FLAGS})
-    console.print(f"{method}: test accuracy {100 * s['test_accuracy']:.2f}% (float "
-                  f"{100 * s['reference_test_accuracy']:.2f}%, change {100 * s['accuracy_change']:+.2f} points)  "
+    change = "" if s["accuracy_change"] is None else f", change {100 * s['accuracy_change']:+.2f} points"
+    console.print(f"{method}: test accuracy {pct(s['test_accuracy'])} (float "
+                  f"{pct(s['reference_test_accuracy'])}{change})  "
                   f"bits w/a {s['bits_w']:.3g}/{s['bits_a']:.3g}  score {s['score']:.4f}  -> {s['checkpoint']}")

@@ -9,6 +9,9 @@ A study file names a base and how to vary it::
     grid: {optim.lr: [0.05, 0.1, 0.2]}      # or list: [{...}, ...], or search: {params: ..., trials: N}
     objective: val_accuracy        # | pareto | {min_score_with_val_at_least: 0.9}
     quick: {epochs: 1, data.train_subset: 2000}   # overrides used with --quick (a separate study)
+    test: chosen                   # trials never read the test split; the selected points are tested once after
+    teacher: {config: configs/resnet20-cifar10.yaml}   # trained once into <out>/teacher, distils every trial
+    pack: true                     # the best point's final checkpoint -> <out>/winner.pack
 
 Every trial is one Optuna trial in a storage shared by all workers (SQLite file in the out dir by
 default). Grid and list points are enqueued once each as WAITING trials that workers claim; a trial
@@ -16,7 +19,9 @@ left RUNNING by a killed process is marked FAIL and its point enqueued again, so
 finishes a study without repeating finished trials. A point's run directory is
 ``<out>/trials/<NNNN>`` (NNNN: its index, or the number of the trial that first drew it in a search),
 so a re-run continues what the killed one left (resume.pt, finished pipeline stages). Selection uses
-validation accuracy only; test accuracy is recorded for the report.
+validation accuracy only (``objective.floor_margin`` raises the floor it must reach; ``--floor`` replaces the
+floor, as a separate study); test accuracy is recorded for the report, or, with ``test: chosen``, read only
+for the selected points.
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ from .errors import EdlabError
 from .runs import check_out_path, write_json
 
 STUDY_KEYS = ("name", "description", "out", "config", "recipe", "set", "quick", "grid", "list", "search",
-              "objective", "seed")
+              "objective", "seed", "test", "teacher", "pack")
+TEACHER_KEYS = ("config", "set", "quick", "stages")
+TRAINS = ("train", "prune", "quantize")  # the stages that train (and test), as in edlab.pipeline
+TEST_MODES = ("all", "chosen")  # test: all = every trial tests its model; chosen = only the selected points
 SEARCH_KEYS = ("params", "trials", "startup_trials")
 PARAM_TYPES = {"int": ("low", "high", "step", "log"), "float": ("low", "high", "step", "log"),
                "categorical": ("choices",)}
@@ -67,11 +75,18 @@ class Study:
     objective: Any = "val_accuracy"
     seed: int = 0
     inline_recipe: dict | None = None
+    test: str = "all"  # "chosen": trials run with final_test off; the selected points are tested after the trials
+    teacher: dict | None = None  # {config, set, stages}: trained once into <out>/teacher; or {checkpoint, stages}
+    pack: bool = False  # pack the best point's final model into <out>/winner.pack after the trials
 
     def fingerprint(self) -> str:
         """What must not change between a study's runs (trials may grow): base, overrides, space, goal."""
         base = self.inline_recipe if self.inline_recipe is not None else self.base
         spec = [self.kind, base, self.fixed, self.mode, self.points, self.params, self.objective]
+        if self.test != "all":  # (studies made before test: existed keep their fingerprint)
+            spec.append({"test": self.test})
+        if self.teacher is not None:
+            spec.append({"teacher": self.teacher})
         return json.dumps(spec, sort_keys=True, default=str)
 
 
@@ -103,8 +118,11 @@ def _flat(tree: Any, file: str, what: str) -> dict[str, Any]:
     return out
 
 
-def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str] = (), out: str | None = None) -> Study:
-    """Read and check a study file; every point / range is validated against its base before anything runs."""
+def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str] = (), out: str | None = None,
+               floor: float | None = None) -> Study:
+    """Read and check a study file; every point / range is validated against its base before anything runs.
+    ``floor`` (``--floor``) replaces the objective's floor; a floor other than the file's is a separate study
+    (name and default out get ``-floor<F>``), so both floors' searches keep their own records."""
     from .config import parse_overrides
 
     raw = read_yaml(path)
@@ -116,7 +134,15 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
     modes = [m for m in ("grid", "list", "search") if m in raw]
     if len(modes) != 1:
         raise _fail(path, "give exactly one of grid:, list:, search:")
-    name = str(raw.get("name") or Path(path).stem) + ("-quick" if quick else "")
+    objective = raw.get("objective", "val_accuracy")
+    suffix = "-quick" if quick else ""
+    if floor is not None:
+        if not isinstance(objective, dict) or "min_score_with_val_at_least" not in objective:
+            raise _fail(path, "--floor needs objective: {min_score_with_val_at_least: FRACTION}")
+        if floor != objective["min_score_with_val_at_least"]:
+            objective = {**objective, "min_score_with_val_at_least": floor}
+            suffix += f"-floor{floor:g}"
+    name = str(raw.get("name") or Path(path).stem) + suffix
     kind = "config" if "config" in raw else "recipe"
     inline = None
     if kind == "recipe" and isinstance(raw["recipe"], dict | list):
@@ -133,7 +159,7 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
         fixed.update(quick_block)
     fixed.update(_flat(parse_overrides(list(sets)), path, "--set"))
     if out is None:
-        out = str(raw["out"]) + ("-quick" if quick else "") if raw.get("out") else f"runs/study-{name}"
+        out = str(raw["out"]) + suffix if raw.get("out") else f"runs/study-{name}"
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
         raise _fail(path, f"seed must be an integer in 0..2147483647, got {seed!r}")
@@ -141,8 +167,21 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
         safe_name(name)
     except ValueError as e:
         raise _fail(path, f"name {name!r}: {e}") from None
+    test = raw.get("test", "all")
+    if test not in TEST_MODES:
+        raise _fail(path, f"test must be one of {', '.join(TEST_MODES)}, got {test!r}")
+    if "final_test" in fixed or any(k.endswith(".final_test") for k in fixed):
+        raise _fail(path, "final_test is the study's to set: use test: chosen (or all)")
+    teacher = _parse_teacher(raw.get("teacher"), path, quick)
+    if teacher and any(k == "distill.teacher" or k.endswith(".distill.teacher") for k in fixed):
+        raise _fail(path, "give the study's teacher: or a distill.teacher override, not both")
     st = Study(name=name, file=path, out=Path(out), kind=kind, base=base, fixed=fixed, mode=modes[0],
-               objective=raw.get("objective", "val_accuracy"), seed=seed, inline_recipe=inline)
+               objective=objective, seed=seed, inline_recipe=inline, test=test,
+               teacher=teacher, pack=raw.get("pack", False))
+    if not isinstance(st.pack, bool):
+        raise _fail(path, f"pack must be true or false, got {st.pack!r}")
+    if st.pack and st.objective == "pareto":
+        raise _fail(path, "pack: true needs one best point (objective val_accuracy or min_score_with_val_at_least)")
     if st.mode == "grid":
         grid = raw["grid"]
         if not isinstance(grid, dict) or not grid:
@@ -167,6 +206,45 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
     _check_objective(st)
     validate(st)
     return st
+
+
+def _parse_teacher(t: Any, path: str, quick: bool) -> dict | None:
+    """``teacher: CKPT`` (reused as is) or ``teacher: {config, set, quick, stages}`` (trained once by the sweep).
+    ``stages``: the recipe stages that distil from it (default every train, prune and quantize stage)."""
+    if t is None:
+        return None
+    if isinstance(t, str):
+        ckpt = _find(t, path)
+        if not Path(ckpt).is_file():
+            raise _fail(path, f"teacher checkpoint not found: {t}")
+        return {"checkpoint": ckpt, "stages": list(TRAINS)}
+    if not isinstance(t, dict) or "config" not in t:
+        raise _fail(path, "teacher: must be a checkpoint path or {config: TRAIN_CONFIG, set: {...}, stages: [...]}")
+    unknown = sorted(set(t) - set(TEACHER_KEYS))
+    if unknown:
+        raise _fail(path, f"unknown teacher key(s) {', '.join(unknown)} (valid: {', '.join(TEACHER_KEYS)})")
+    config = _find(str(t["config"]), path)
+    if not Path(config).is_file():
+        raise _fail(path, f"teacher config file not found: {t['config']}")
+
+    def edits(v: Any, what: str) -> dict:  # {k: v} or ["k=v", ...]
+        if isinstance(v, list):
+            from .config import parse_overrides
+
+            return _flat(parse_overrides([str(x) for x in v]), path, what)
+        return _flat(v, path, what)
+
+    sets = edits(t.get("set"), "teacher.set")
+    if quick:
+        sets.update(edits(t.get("quick"), "teacher.quick"))
+    stages = t.get("stages", list(TRAINS))
+    if not isinstance(stages, list) or not stages or not set(stages) <= set(TRAINS):
+        raise _fail(path, f"teacher.stages must be a list of {', '.join(TRAINS)}, got {stages!r}")
+    try:
+        build(TrainConfig, read_yaml(config), _tree(sets))
+    except EdlabError as e:
+        raise _fail(path, f"teacher: {e}") from None
+    return {"config": config, "set": sets, "stages": stages}
 
 
 def _parse_search(st: Study, search: Any, path: str, extra_trials: Any) -> None:
@@ -217,11 +295,17 @@ def _check_objective(st: Study) -> None:
     o = st.objective
     if o in ("val_accuracy", "pareto"):
         return
-    if isinstance(o, dict) and set(o) == {"min_score_with_val_at_least"} and \
-            isinstance(o["min_score_with_val_at_least"], int | float) and 0 <= o["min_score_with_val_at_least"] <= 1:
+    def fraction(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1
+
+    if isinstance(o, dict) and set(o) <= {"min_score_with_val_at_least", "floor_margin"} and \
+            fraction(o.get("min_score_with_val_at_least")):
+        if not fraction(o.get("floor_margin", 0)) or o["min_score_with_val_at_least"] + o.get("floor_margin", 0) > 1:
+            raise _fail(st.file, f"objective.floor_margin must be a fraction with floor + margin <= 1, got "
+                                 f"{o.get('floor_margin')!r}")
         return
-    raise _fail(st.file, f"objective must be val_accuracy, pareto or {{min_score_with_val_at_least: FRACTION}}, "
-                         f"got {o!r}")
+    raise _fail(st.file, f"objective must be val_accuracy, pareto or {{min_score_with_val_at_least: FRACTION, "
+                         f"floor_margin: FRACTION}}, got {o!r}")
 
 
 def _probe_values(st: Study) -> list[dict[str, Any]]:
@@ -259,7 +343,64 @@ def _tree(flat: dict[str, Any]) -> dict:
 
 
 def trial_config(st: Study, point: dict[str, Any], out: str) -> TrainConfig:
-    return build(TrainConfig, read_yaml(st.base), _tree(st.fixed), _tree(point), {"out": out})
+    return build(TrainConfig, read_yaml(st.base), _tree(st.fixed), _tree(point), {"out": out},
+                 _tree(_study_edits(st, "train")))
+
+
+def _study_edits(st: Study, stage: str, trains: bool = True) -> dict[str, Any]:
+    """Config edits the study makes to a training stage of every trial: no test read (test: chosen), and the
+    study's teacher where it distils (``trains``: a quantize stage whose method fine-tunes)."""
+    edits: dict[str, Any] = {"final_test": False} if st.test == "chosen" else {}
+    if st.teacher and stage in st.teacher["stages"] and trains:
+        edits["distill.teacher"] = teacher_path(st)
+    return edits
+
+
+def teacher_path(st: Study) -> str:
+    return st.teacher.get("checkpoint") or str(st.out / "teacher" / "model.ckpt")
+
+
+@contextmanager
+def _flock(path: str | Path):
+    """An exclusive lock on a file (created if missing), released by the kernel if the process dies."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_teacher(st: Study, echo=print) -> str | None:
+    """The study's teacher checkpoint, trained into <out>/teacher first if it is not there yet. A lock file
+    orders processes sharing the folder: the first trains, the others wait and reuse its model.ckpt; a run
+    killed mid-training is resumed from its resume.pt by the next sweep."""
+    if st.teacher is None:
+        return None
+    if "checkpoint" in st.teacher:
+        return st.teacher["checkpoint"]
+    from .train import train
+
+    folder = st.out / "teacher"
+    st.out.mkdir(parents=True, exist_ok=True)
+    with _flock(st.out / "teacher.lock"):
+        if (folder / "model.ckpt").exists():
+            return teacher_path(st)
+        cfg = build(TrainConfig, read_yaml(st.teacher["config"]), _tree(st.teacher["set"]), {"out": str(folder)},
+                    {"final_test": False} if st.test == "chosen" else {})
+        resume = (folder / "resume.pt").exists()
+        if not resume and folder.exists() and any(folder.iterdir()):
+            folder.rename(folder.with_name(f"teacher.interrupted-{time.strftime('%H%M%S')}"))
+        echo(f"training the teacher once: {st.teacher['config']} {_sets(st.teacher['set'])} -> {folder} "
+             f"(log {st.out / 'logs' / 'teacher.log'})")
+        console = _log_console(st.out / "logs" / "teacher.log")
+        try:
+            train(cfg, resume=resume, console=console)
+        finally:
+            console.file.close()
+    return teacher_path(st)
 
 
 def _text(v: Any) -> str:
@@ -355,7 +496,11 @@ def _directions(st: Study) -> list[str]:
 
 
 def _floor(st: Study) -> float | None:
-    return st.objective["min_score_with_val_at_least"] if isinstance(st.objective, dict) else None
+    """The validation accuracy a trial must reach: the floor plus its margin (validation estimates the test
+    accuracy with an error: select val >= 0.905 to trust test >= 0.90)."""
+    if not isinstance(st.objective, dict):
+        return None
+    return round(st.objective["min_score_with_val_at_least"] + st.objective.get("floor_margin", 0), 12)
 
 
 INIT_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key", "Duplicate entry")
@@ -705,23 +850,44 @@ def _run_train(st: Study, point: dict, run_dir: Path, console) -> dict:
     val = s.get("best_val_accuracy") if cfg.keep == "best" else s.get("val_accuracy")
     return {"val_accuracy": val, "test_accuracy": s.get("test_accuracy"), "score": s.get("score"),
             "macs": s.get("macs"), "params": s.get("params"), "views": s.get("views"), "seconds": s.get("seconds"),
-            "command": _command("edlab", "train", st.base, *(a for x in _sets({**st.fixed, **point})
+            "model_file": str(run_dir / "model.ckpt"),
+            "command": _command("edlab", "train", st.base, *(a for x in _sets({**st.fixed, **point,
+                                                                               **_study_edits(st, "train")})
                                                                 for a in ("--set", x)), "--out", str(run_dir))}
 
 
 def _run_recipe(st: Study, point: dict, run_dir: Path, console) -> dict:
-    from .pipeline import run_pipeline
+    from .pipeline import load_recipe, run_pipeline
+    from .quantize import STAGE_DEFAULTS
 
     recipe = _recipe_path(st)
     sets = _sets({**st.fixed, **point})
-    r = run_pipeline(recipe, sets, str(run_dir), echo=console.print)
+    stage_sets = {}
+    for i, (name, opts) in enumerate(load_recipe(recipe, sets)["stages"]):
+        if name in TRAINS:  # distil where the stage fine-tunes (quantize: its method) and not from its own source
+            trains = not opts.get("distill") and (name != "quantize" or opts.get("method") in STAGE_DEFAULTS)
+            stage_sets[i] = _sets(_study_edits(st, name, trains))
+    r = run_pipeline(recipe, sets, str(run_dir), echo=console.print, stage_sets=stage_sets)
     summaries = [s["summary"] or {} for s in r["stages"]]
     out: dict[str, Any] = {}
     for key in ("val_accuracy", "test_accuracy", "score", "macs", "params", "views"):
         out[key] = next((s[key] for s in reversed(summaries) if s.get(key) is not None), None)
     out["seconds"] = sum(s.get("seconds") or 0.0 for s in r["stages"])
-    out["command"] = _command("edlab", "run", recipe, *(a for x in sets for a in ("--set", x)), "--out", str(run_dir))
+    # the command line form of stage_sets (for stages that have no set: of their own in the recipe)
+    stage = [f"{i}.set={json.dumps(edits)}" for i, edits in stage_sets.items() if edits]
+    out["command"] = _command("edlab", "run", recipe, *(a for x in [*sets, *stage] for a in ("--set", x)),
+                              "--out", str(run_dir))
+    out["model_file"] = _final_model(r)
     return out
+
+
+def _final_model(r: dict) -> str | None:
+    """The pipeline's deployed model: the last stage's model.ckpt, or the int8 ONNX file of a quantize stage."""
+    for s in reversed(r["stages"]):
+        for name in ("model.ckpt", "model.int8.onnx"):
+            if (Path(s["dir"]) / name).exists():
+                return str(Path(s["dir"]) / name)
+    return r.get("checkpoint")
 
 
 def _values(st: Study, r: dict) -> list[float]:
@@ -787,15 +953,20 @@ def run_worker(st: Study, study, index: int = 0, echo=print) -> int:
 # ------------------------------------------------------------------------------------------- results
 def trial_rows(study) -> list[dict]:
     rows = []
+    tested = _retry(lambda: study.user_attrs)
     for t in _retry(study.get_trials, deepcopy=False):
-        a = t.user_attrs
+        a = dict(t.user_attrs)
+        if t.state.name == "COMPLETE" and f"tested:{a.get('slot')}" in tested:  # test: chosen, read after the trials
+            a["tested"] = tested[f"tested:{a['slot']}"]
+            a["test_accuracy"] = a["tested"]["test_accuracy"]
         if a.get("duplicate") or a.get("surplus"):
             continue
         rows.append({"number": t.number, "slot": a.get("slot"), "state": t.state.name, "point": a.get("point"),
                      "val_accuracy": a.get("val_accuracy"), "test_accuracy": a.get("test_accuracy"),
                      "score": a.get("score"), "macs": a.get("macs"), "params": a.get("params"),
                      "views": a.get("views"), "seconds": a.get("seconds"), "wall_seconds": a.get("wall_seconds"),
-                     "run_dir": a.get("run_dir"),
+                     "run_dir": a.get("run_dir"), "model_file": a.get("model_file"),
+                     "tested": a.get("tested"),
                      "command": a.get("command"),
                      "error": a.get("error"), "interrupted": bool(a.get("interrupted")),
                      "worker": "{host}:{pid}".format(**a["owner"]) if a.get("owner") else None})
@@ -816,10 +987,70 @@ def best(st: Study, rows: list[dict]) -> dict:
     if floor is not None:
         ok = [r for r in done if r["val_accuracy"] >= floor]
         if ok:
-            return {"slot": min(ok, key=lambda r: r["score"])["slot"], "rule": f"lowest score with val >= {floor}"}
+            return {"slot": min(ok, key=lambda r: r["score"])["slot"], "rule": f"lowest score with val >= {floor:g}"}
         return {"slot": max(done, key=lambda r: r["val_accuracy"])["slot"],
-                "rule": f"no trial reached val {floor}: highest val"}
+                "rule": f"no trial reached val {floor:g}: highest val"}
     return {"slot": max(done, key=lambda r: r["val_accuracy"])["slot"], "rule": "highest val accuracy"}
+
+
+def chosen_slots(selection: dict) -> list[int]:
+    """The points a selection (``best``) names: the best one, or the Pareto front."""
+    return [*selection.get("pareto_front", []), *([selection["slot"]] if "slot" in selection else [])]
+
+
+def test_chosen(st: Study, study, echo=print) -> list[int]:
+    """``test: chosen``: after the trials, read the test split once for each selected point's final model file,
+    with the views it was validated with (``edlab eval``'s default: the ones its metadata records). The figure
+    is stored in the study (``tested:<slot>``), so a re-run does not test the same point again; a point that a
+    later run of a grown study selects instead is tested then, and both figures stay on record."""
+    from .pipeline import _invoke
+
+    rows = trial_rows(study)
+    done = _retry(lambda: study.user_attrs)
+    tested = []
+    for slot in chosen_slots(best(st, rows)):
+        row = next(r for r in rows if r["slot"] == slot and r["state"] == "COMPLETE")
+        if f"tested:{slot}" in done:
+            continue
+        path = row.get("model_file") or str(Path(row["run_dir"]) / "model.ckpt")
+        echo(f"testing chosen point {slot:04d} once: edlab eval {path}")
+        code, output = _invoke(["eval", path, "--json"])
+        if code != 0:
+            raise EdlabError(f"testing point {slot:04d} ({path}) failed; run the same command again to retry")
+        r = json.loads(output)
+        _retry(study.set_user_attr, f"tested:{slot}", {k: r[k] for k in ("test_accuracy", "test_loss", "views",
+                                                                          "tta", "images", "checkpoint")})
+        tested.append(slot)
+    return tested
+
+
+def pack_winner(st: Study, study, echo=print) -> dict | None:
+    """``pack: true``: the best point's final checkpoint packed (edlab.pack) into <out>/winner.pack, with its
+    sizes, score and accuracies recorded in the study (``winner``). Packed again at each sweep's end, so the
+    file always holds the current best; an int8 ONNX winner is recorded, not packed (pack takes checkpoints)."""
+    from .pack import pack
+
+    rows = trial_rows(study)
+    selection = best(st, rows)
+    if "slot" not in selection:
+        return None
+    row = next(r for r in rows if r["slot"] == selection["slot"] and r["state"] == "COMPLETE")
+    path = row.get("model_file") or str(Path(row["run_dir"]) / "model.ckpt")
+    winner = {"slot": row["slot"], "rule": selection["rule"], "file": path, "score": row["score"],
+              "val_accuracy": row["val_accuracy"],
+              "test_accuracy": row["test_accuracy"], "views": row["views"], "command": row["command"]}
+    if path.endswith(".onnx"):
+        winner["error"] = "an int8 ONNX file: edlab pack takes checkpoints"
+    else:
+        try:
+            sizes = pack(path, st.out / "winner.pack")
+            winner.update(pack=sizes.pop("out"), sizes=sizes)
+            echo(f"packed point {row['slot']:04d} -> {winner['pack']} ({sizes['file']:,} bytes, score "
+                 f"{row['score']:.4f})")
+        except EdlabError as e:  # recorded, so that study.json is still written
+            winner["error"] = str(e)
+    _retry(study.set_user_attr, "winner", winner)
+    return winner
 
 
 def write_report(st: Study, study, url: str) -> dict:
@@ -832,7 +1063,9 @@ def write_report(st: Study, study, url: str) -> dict:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     report = {"name": st.name, "study_file": st.file, "mode": st.mode, "base": {st.kind: st.base or "inline"},
               "fixed": st.fixed, "objective": st.objective, "storage": _redact(url),
-              "size": len(st.points) if st.mode != "search" else st.trials, "counts": counts,
+              "size": len(st.points) if st.mode != "search" else st.trials, "counts": counts, "test": st.test,
+              "teacher": teacher_path(st) if st.teacher else None,
+              "winner": _retry(lambda: study.user_attrs).get("winner") if st.pack else None,
               "best": best(st, rows), "trials": rows}
     write_json(st.out / "study.json", report)
     return report
@@ -880,7 +1113,13 @@ def render(report: dict, console) -> None:
     console.width = width
     counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(report["counts"].items()))
     rule = b.get("rule", "pareto front")
-    console.print(f"{counts} of {report['size']}; * = selected on validation accuracy ({rule})")
+    tested = "; test split read for * only, after the trials" if report.get("test") == "chosen" else ""
+    console.print(f"{counts} of {report['size']}; * = selected on validation accuracy ({rule}){tested}")
+    w = report.get("winner")
+    if w:
+        console.print(f"winner: point {w['slot']:04d}, score {w['score']:.4f}, " +
+                      (f"packed {w['pack']} ({w['sizes']['file']:,} bytes)" if w.get("pack") else
+                       f"not packed: {w.get('error')}"))
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -895,9 +1134,13 @@ def render(report: dict, console) -> None:
 @click.option("--retry-failed", is_flag=True, help="Run again the points whose trials failed with an error.")
 @click.option("--stale-after", type=float, default=600, show_default=True,
               help="Seconds without heartbeat after which another machine's RUNNING trial counts as dead.")
+@click.option("--floor", type=float, help="The objective's accuracy floor (min_score_with_val_at_least), e.g. "
+              "0.865; trials are selected at val >= floor + floor_margin. Another floor is another study "
+              "(<name>-floor<F>).")
 @click.option("--dry-run", is_flag=True, help="Check the study file and list its points; run nothing.")
 @click.option("--worker", "worker_index", type=int, hidden=True)
-def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, stale_after, dry_run, worker_index):
+def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, stale_after, floor, dry_run,
+                  worker_index):
     """Run a study: one training (config:) or pipeline (recipe:) run per grid/list point or search trial.
 
     The study lives in an Optuna storage; run the same command again after any interruption and it
@@ -909,17 +1152,19 @@ def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, 
       edlab sweep studies/learning-rate.yaml        # GPU-sized
       edlab sweep studies/learning-rate.yaml --quick # minutes per trial on a CPU
       edlab sweep studies/challenge.yaml --workers 2
+      edlab sweep studies/challenge.yaml --floor 0.865  # the course-equivalent floor: a separate study
       edlab sweep studies/resnets.yaml --storage postgresql://me@db/edlab --workers 4
     """
     from .cli import _console
 
     if workers < 1:
         raise EdlabError(f"--workers must be >= 1, got {workers}")
-    st = load_study(study_file, quick, sets, out)
+    st = load_study(study_file, quick, sets, out, floor)
     console = _console()
     if dry_run:
         console.print(f"study {st.name}: {st.mode}, {len(st.points) or st.trials} trials, base {st.kind} "
-                      f"{st.base or 'inline'}, objective {st.objective}, fixed {st.fixed}, out {st.out}")
+                      f"{st.base or 'inline'}, objective {st.objective}, fixed {st.fixed}, out {st.out}, "
+                      f"test {st.test}" + (f", teacher {st.teacher}" if st.teacher else ""))
         for i, p in enumerate(st.points):
             console.print(f"  {i:04d} " + ", ".join(f"{k}={v}" for k, v in p.items()))
         for k, spec in st.params.items():
@@ -931,6 +1176,7 @@ def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, 
     url = storage_url(st, storage)
     if st.kind == "recipe":
         _recipe_path(st)
+    ensure_teacher(st, echo=console.print)  # before any trial; a worker finds it made (or waits on its lock)
     if worker_index is not None:  # a worker started by the sweep below
         study = open_study(st, url, worker_index, create=False)
         run_worker(st, study, worker_index, echo=lambda m: print(m, flush=True))
@@ -943,8 +1189,12 @@ def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, 
     if workers == 1:
         run_worker(st, study, 0, echo=console.print)
     else:
-        _spawn(study_file, st, url, workers, quick, sets, stale_after)
+        _spawn(study_file, st, url, workers, quick, sets, stale_after, floor)
         recover(study, stale_after)  # a worker that crashed left its trial RUNNING: the next run re-does it
+    if st.test == "chosen":  # the trials never read the test split: the selected points are read now, once
+        test_chosen(st, study, echo=console.print)
+    if st.pack:
+        pack_winner(st, study, echo=console.print)
     report = write_report(st, study, url)
     render(report, console)
     console.print(f"-> {st.out / 'study.json'}")
@@ -965,11 +1215,12 @@ def _claim_out(out: Path) -> None:
     (out / STUDY_MARK).touch()
 
 
-def _spawn(study_file: str, st: Study, url: str, workers: int, quick: bool, sets, stale_after: float) -> None:
+def _spawn(study_file: str, st: Study, url: str, workers: int, quick: bool, sets, stale_after: float,
+           floor: float | None = None) -> None:
     """N worker processes in this process group (killing the group stops them all), then wait for them."""
     base = [sys.executable, "-m", "edlab", "sweep", study_file, "--out", str(st.out), "--storage", url,
             "--stale-after", str(stale_after)] + (["--quick"] if quick else []) + \
-        [a for s in sets for a in ("--set", s)]
+        [a for s in sets for a in ("--set", s)] + (["--floor", repr(floor)] if floor is not None else [])
     procs = [subprocess.Popen(base + ["--worker", str(i + 1)]) for i in range(workers)]
     try:
         codes = [p.wait() for p in procs]

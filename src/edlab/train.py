@@ -212,6 +212,19 @@ def evaluate(model: nn.Module, loader, amp: torch.dtype | None = None, tta: str 
     return {"loss": float(loss_sum) / max(1, n), "accuracy": float(correct) / max(1, n)}
 
 
+def final_test(model: nn.Module, data, amp: torch.dtype | None, cfg: TrainConfig) -> dict:
+    """The stage's one reading of the test split, or None figures when ``cfg.final_test`` is off (a study that
+    tests only its chosen points: the others' test accuracy is never seen)."""
+    if not cfg.final_test:
+        return {"accuracy": None, "loss": None}
+    return evaluate(model, data.test, amp, cfg.tta)
+
+
+def pct(v: float | None) -> str:
+    """An accuracy as '91.25%', or 'untested' (final_test off)."""
+    return "untested" if v is None else f"{100 * v:.2f}%"
+
+
 # --------------------------------------------------------------------------------------------- fitting
 class EMA:
     """Exponential moving average of the weights and BN statistics (Polyak averaging).
@@ -640,6 +653,7 @@ def config_change(saved, cfg: TrainConfig) -> str | None:
         return f"{saved} is not a config"
     if isinstance(old.get("data"), dict) and old["data"].get("split_seed") is None:  # saved before split_seed
         old["data"]["split_seed"] = old.get("seed", 0)
+    old.setdefault("final_test", True)  # saved before final_test existed: those runs tested
     old = _flatten(old)
     new = _flatten(cfg.model_dump(mode="json"))
     free = {"threads", "tracker", "nan_policy", "grad_clip", "optim.lr"}
@@ -715,9 +729,9 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     if cfg.keep == "best" and run.file("best.ckpt").exists():
         model = load_checkpoint(run.file("best.ckpt")).to(device)
     amp = resolve_precision(cfg.precision, device)
-    if console is not None:  # minutes on a CPU with 6 views: say what is happening
+    if console is not None and cfg.final_test:  # minutes on a CPU with 6 views: say what is happening
         console.print(f"testing once: {len(data.test.split):,} images x {TTA_VIEWS[cfg.tta]} view(s)")
-    test = evaluate(model, data.test, amp, cfg.tta)  # the only time the test split is read
+    test = final_test(model, data, amp, cfg)  # the only time the test split is read
     model = model.to("cpu").to(memory_format=torch.contiguous_format).float().eval()
     inference = inference_record(cfg, amp)
     stages = with_stage(model, {"stage": "train", "model": cfg.model.name, "epochs": state.epoch,
