@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from edlab import EdlabError, save_checkpoint
 from edlab.cli import cli
@@ -23,19 +22,8 @@ from edlab.config import SchedConfig, load_train_config
 from edlab.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model", "resnet20", "--dataset", "synthetic", "--train-subset", "128", "--batch-size", "64",
-        "--precision", "fp32", "--threads", "1", "--set", "model.width=0.25", "--set", "data.val_size=64"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_line(r, msg: str = "", code: int = 2):
-    assert r.exit_code == code, (r.exit_code, r.output, r.exception)
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert msg in r.stderr, r.stderr
+from test_reliability import TINY, invoke  # noqa: E402  (the same tiny run and runner)
+from test_reliability import assert_one_line_error as one_line  # noqa: E402
 
 
 @pytest.fixture(scope="module")
