@@ -86,6 +86,7 @@ def _fit_with_teacher(cfg, teacher, cache: bool, monkeypatch):
     return model, state, inputs, data
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores: CI runs it (scripts/test.sh), the default suite not
 def test_teacher_logits_cached_without_augmentation_equal_on_the_fly(tiny_cfg, monkeypatch):
     """augment none, no mixup: the teacher runs once per image (its logits a table read by index), and the
     training is the same as running it on every batch."""
@@ -101,6 +102,7 @@ def test_teacher_logits_cached_without_augmentation_equal_on_the_fly(tiny_cfg, m
     assert s1.history[-1]["train_loss"] == pytest.approx(s2.history[-1]["train_loss"], rel=1e-4)
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores: CI runs it (scripts/test.sh), the default suite not
 def test_teacher_sees_the_students_augmented_batch(tiny_cfg, monkeypatch):
     teacher = create_model("resnet20", width=0.25).eval()
     student_inputs = []
@@ -127,6 +129,7 @@ def _fits(monkeypatch):
     return teachers
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores: CI runs it (scripts/test.sh), the default suite not
 def test_prune_and_quantize_take_a_teacher(tiny_ckpt, tmp_path, monkeypatch):
     teachers = _fits(monkeypatch)
     r = invoke("prune", tiny_ckpt, "--unstructured", "0.3", "--finetune-epochs", "1", "--train-subset", "64",
@@ -216,6 +219,7 @@ def test_distilled_small_student_beats_the_student_alone(tmp_path):
     assert results["distilled"]["params"] == results["alone"]["params"]
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores: CI runs it (scripts/test.sh), the default suite not
 def test_a_recipe_distils_in_every_stage(tiny_ckpt, tmp_path, monkeypatch):
     """The options of a recipe stage are its command's flags: teacher/temperature/alpha reach train, prune
     and quantize; a small student with blocks per stage is a `model.blocks` key."""

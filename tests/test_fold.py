@@ -108,6 +108,7 @@ def test_negative_scale_on_the_lowest_code_and_binary_layers_stay_unfolded():
     assert "BinaryConnect" in report.kept["layers.0.0.bn1"]
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores: CI runs it (scripts/test.sh), the default suite not
 def test_quantize_fold_bn_cli(tiny_ckpt, tmp_path):
     """--fold-bn on qat folds after the fine-tuning: the tested, scored and saved model is the folded one."""
     r = CliRunner().invoke(cli, ["quantize", str(tiny_ckpt), "--method", "qat", "--bits-w", "4",

@@ -353,6 +353,7 @@ def test_bad_study_fields_are_refused_by_dry_run(tmp_path, field, msg):
     one_line(invoke("sweep", _study(tmp_path, base + field), "--dry-run"), msg)
 
 
+@pytest.mark.slow  # tens of seconds on 2 cores: CI runs it (scripts/test.sh), the default suite not
 def test_sweeps_started_at_the_same_instant_share_a_new_storage(tmp_path):
     """Sweeps creating the same SQLite storage at once: one died on 'table studies already exists'."""
     pytest.importorskip("optuna")
