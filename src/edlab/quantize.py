@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .checkpoint import conv_kwargs, register_leaf
 from .cli import DISTILL_FLAGS, distill_options
 from .errors import EdlabError
-from .train import TTA_VIEWS, final_test, pct
+from .train import TTA_VIEWS, final_test, inference_record, pct
 
 METHODS = ("fp16", "bf16", "binaryconnect", "qat", "int8")
 # Fine-tuning defaults of the training stages, between the checkpoint's saved config and the user's flags:
@@ -514,7 +514,7 @@ def _half(source: nn.Module, method: str, data, run, cfg, options: dict) -> dict
     ref_val = evaluate(source, data.val, tta=cfg.tta)["accuracy"] if data.val is not None else None
     test = final_test(runner, data, None, cfg)  # the same views as validation (cfg.tta)
     model = model.cpu()
-    inference = {"tta": cfg.tta, "views": TTA_VIEWS[cfg.tta], "precision": method}
+    inference = inference_record(cfg, None, method)
     _save(model, run, test, val, cfg, options, inference)
     return {"scored": model, "test": test, "val_accuracy": val, "checkpoint": run.file("model.ckpt"),
             "inference": inference, "reference_tta": cfg.tta,
@@ -568,7 +568,7 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
     val = state.history[-1]["val_accuracy"] if state.history else None
     test = final_test(model, data, None, cfg)  # the same views as fit's validation, fp32 arithmetic
     model = model.cpu()
-    inference = {"tta": cfg.tta, "views": TTA_VIEWS[cfg.tta], "precision": "fp32"}
+    inference = inference_record(cfg, None)  # fp32 arithmetic
     _save(model, run, test, val, cfg, options, inference)
     precision = str(resolve_precision(cfg.precision, device) or "fp32").replace("torch.", "")
     return {"scored": model, "test": test, "val_accuracy": val, "checkpoint": run.file("model.ckpt"),

@@ -623,11 +623,12 @@ def with_split_seed(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def inference_record(cfg: TrainConfig, amp: torch.dtype | None) -> dict:
+def inference_record(cfg: TrainConfig, amp: torch.dtype | None, precision: str | None = None) -> dict:
     """How the reported accuracy was measured, per image: test-time views (the score multiplies f by them)
-    and the arithmetic. Stored in checkpoints and summaries; ``edlab.score.views_of`` reads it back."""
+    and the arithmetic (``precision`` names it when it is not an autocast dtype, e.g. a half model). Stored
+    in checkpoints and summaries; ``edlab.score.views_of`` reads it back."""
     return {"tta": cfg.tta, "views": TTA_VIEWS[cfg.tta],
-            "precision": str(amp).replace("torch.", "") if amp else "fp32"}
+            "precision": precision or (str(amp).replace("torch.", "") if amp else "fp32")}
 
 
 def model_summary(model: nn.Module) -> dict:
