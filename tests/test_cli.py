@@ -70,6 +70,7 @@ def test_corrupt_checkpoint_is_reported_in_one_line(tmp_path):
     assert r.returncode == 2 and "not a valid edlab checkpoint" in r.stderr
 
 
+@pytest.mark.slow  # among the slowest on 2 cores: CI runs it (scripts/test.sh), the default suite not
 def test_sigkill_then_resume(tmp_path):
     """Kill the process in the middle of training (after the first epoch is logged), then --resume."""
     args = [*TINY, "--epochs", "3", "--seed", "1"]
@@ -99,6 +100,7 @@ def test_sigkill_then_resume(tmp_path):
     assert rows[0] == rows[1]
 
 
+@pytest.mark.slow  # among the slowest on 2 cores: CI runs it (scripts/test.sh), the default suite not
 def test_demo_runs_the_whole_workflow_offline(tmp_path):
     """The README's main job: train -> prune -> quantize -> score -> report, falling back to synthetic data."""
     r = edlab("demo", "--epochs", "1", "--train-subset", "256", "--data-dir", tmp_path / "none",

@@ -106,6 +106,7 @@ if os.path.isdir("/proc/self/task"):  # Linux: the threads still alive, by name
 """
 
 
+@pytest.mark.slow  # among the slowest on 2 cores: CI runs it (scripts/test.sh), the default suite not
 @needs_gloo
 def test_rank_slices_with_averaged_gradients_equal_the_full_batch(tmp_path):
     """Without BN the only per-rank difference is which slice of the batch it sees: exact equality (fp32)."""

@@ -125,6 +125,7 @@ def test_quantize_fold_bn_cli(tiny_ckpt, tmp_path):
     assert len([row for row in s["rows"] if row["type"].startswith("BatchNorm")]) == len(kept)
 
 
+@pytest.mark.slow  # among the slowest on 2 cores: CI runs it (scripts/test.sh), the default suite not
 @pytest.mark.filterwarnings("ignore:structured pruning")
 def test_folding_a_pruned_model_does_not_pass_for_structured_pruning():
     from edlab.prune import prune_structured

@@ -66,6 +66,7 @@ def test_views_are_known_for_every_tta_and_formula_view_charges_them():
         profile(m, views=0)
 
 
+@pytest.mark.slow  # among the slowest on 2 cores: CI runs it (scripts/test.sh), the default suite not
 def test_quantize_stage_charges_and_compares_with_the_same_views(tta_run, tmp_path):
     out, s = tta_run
     q = quantize_checkpoint(out / "model.ckpt", "bf16", out=str(tmp_path / "bf16"))

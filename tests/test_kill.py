@@ -47,6 +47,7 @@ def _continue_after(recipe, out, kills: list[KillPoint]) -> list[str]:
     return run_until_done(cmd, cmd, kills)
 
 
+@pytest.mark.slow  # among the slowest on 2 cores: CI runs it (scripts/test.sh), the default suite not
 def test_pipeline_killed_at_chosen_points_ends_as_if_never_killed(pipeline_ref, tmp_path):
     recipe, ref = pipeline_ref
     out = tmp_path / "killed"

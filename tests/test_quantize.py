@@ -305,6 +305,7 @@ def test_quantize_cli_qat_end_to_end(tiny_ckpt, tmp_path):
     assert 4 < s["bits_w"] < 8 and 4 <= s["bits_a"] < 8  # 4-bit layers; float first/last, BN and steps
 
 
+@pytest.mark.slow  # among the slowest on 2 cores: CI runs it (scripts/test.sh), the default suite not
 def test_binaryconnect_and_bf16_stages_on_a_pruned_checkpoint(tiny_ckpt, tmp_path):
     """prune -> quantize: convs with odd channel counts (as structured pruning leaves them) are fine."""
     model = load_checkpoint(tiny_ckpt)

@@ -57,6 +57,7 @@ def complete_slots(rep: dict) -> list[int]:
 GRID4 = "name: g\nconfig: tiny.yaml\ngrid:\n  optim.lr: [0.05, 0.1]\n  data.augment: [none, crop-flip]\n"
 
 
+@pytest.mark.slow  # among the slowest on 2 cores: CI runs it (scripts/test.sh), the default suite not
 def test_two_workers_record_every_point_once(tmp_path):
     study = write(tmp_path, GRID4)
     out = tmp_path / "out"
@@ -76,6 +77,7 @@ def test_two_workers_record_every_point_once(tmp_path):
     assert len(trials(out / "study.db")) == 4
 
 
+@pytest.mark.slow  # among the slowest on 2 cores: CI runs it (scripts/test.sh), the default suite not
 def test_sigkill_then_same_command_finishes_only_the_rest(tmp_path):
     config = TINY.replace("epochs: 1", "epochs: 3").replace("train_subset: 256", "train_subset: 512")
     study = write(tmp_path, "name: k\nconfig: tiny.yaml\ngrid:\n  optim.lr: [0.02, 0.05, 0.1]\n", config)
@@ -172,6 +174,7 @@ print(json.dumps(got))
 """
 
 
+@pytest.mark.slow  # among the slowest on 2 cores: CI runs it (scripts/test.sh), the default suite not
 def test_workers_claiming_at_once_take_each_waiting_trial_once(tmp_path):
     """Optuna checks WAITING and sets RUNNING in two statements, atomic through row locks on PostgreSQL but
     not on SQLite: unguarded, two workers sometimes both took one trial and ran its point twice in the same

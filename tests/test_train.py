@@ -32,7 +32,9 @@ def _final_weights(model):
                       if p.is_floating_point()])
 
 
-@pytest.mark.parametrize("extra", [{}, {"ema": 0.9, "tta": "flip-shift"}], ids=["plain", "ema-tta"])
+@pytest.mark.parametrize("extra", [pytest.param({}, id="plain"),  # ema-tta: CI runs it (slow), the default suite not
+                                   pytest.param({"ema": 0.9, "tta": "flip-shift"}, id="ema-tta",
+                                                marks=pytest.mark.slow)])
 def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path, extra):
     full = tiny_cfg(epochs=3, out=str(tmp_path / "full"), **extra)
     m_full, s_full = train(full)
