@@ -158,7 +158,7 @@ def stage_kwargs(name: str, opts: dict, checkpoint: str | None = None, out_dir: 
         keyword, fixed = st.aliases.get(key, (key.replace("-", "_"), None))
         if keyword not in kinds or keyword in kw:
             options = sorted({k.replace("_", "-") for k in kinds if k != st.positional} | set(st.aliases))
-            raise EdlabError(f"no such option '{key}' (options: {', '.join(options)})")
+            raise EdlabError(f"No such option: {key} (options: {', '.join(options)})")  # click's words
         if value is False or value is None:  # as an absent flag: the default
             continue
         if fixed is not None:  # a negative flag (no-eval: true)
