@@ -1083,14 +1083,20 @@ def describe(st: Study) -> list[str]:
 
 def sweep(study_file: str, out: str | None = None, storage: str | None = None, workers: int = 1,
           quick: bool = False, sets: Sequence[str] = (), retry_failed: bool = False, stale_after: float = 600,
-          floor: float | None = None, worker_index: int | None = None, echo=print) -> dict | None:
+          floor: float | None = None, worker_index: int | None = None, dry_run: bool = False,
+          echo=print) -> dict | None:
     """``edlab sweep`` as a call: run (or continue) a study, one training or pipeline run per point or trial,
     then test the chosen points (``test: chosen``), pack the winner (``pack: true``) and write
     <out>/study.json. Returns the study report (what study.json holds); None for a worker (``worker_index``,
-    a process the sweep itself starts). ``echo(text)`` hears the progress lines."""
+    a process the sweep itself starts) and for ``dry_run`` (check the file, echo its points, run nothing).
+    ``echo(text)`` hears the progress lines."""
     if workers < 1:
         raise EdlabError(f"--workers must be >= 1, got {workers}")
     st = load_study(study_file, quick, tuple(sets), out, floor)
+    if dry_run:
+        for line in describe(st):
+            echo(line)
+        return None
     _optuna()
     if worker_index is None:
         _claim_out(st.out)

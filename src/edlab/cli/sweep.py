@@ -39,17 +39,12 @@ def sweep(study_file, out, storage, workers, quick, sets, retry_failed, stale_af
       edlab sweep studies/challenge.yaml --floor 0.865  # the course-equivalent floor: a separate study
       edlab sweep studies/resnets.yaml --storage postgresql://me@db/edlab --workers 4
     """
-    from ..study import describe, load_study
     from ..study import sweep as run_sweep
 
     c = console()
-    if dry_run:
-        for line in describe(load_study(study_file, quick, sets, out, floor)):
-            c.print(line)
-        return
     report = run_sweep(study_file, out, storage, workers, quick, sets, retry_failed, stale_after, floor,
-                       worker_index, echo=c.print)
-    if report is None:  # a worker: the sweep that started it reports
+                       worker_index, dry_run, echo=c.print)
+    if report is None:  # a dry run, or a worker (the sweep that started it reports)
         return
     render(report, c)
     c.print(f"-> {Path(report['out']) / 'study.json'}")
