@@ -396,6 +396,3 @@ def load_model(target: str | Path) -> nn.Module:
     if target in list_models():
         return create_model(target)
     raise EdlabError(f"'{target}' is neither a checkpoint file nor a model (models: {', '.join(list_models())})")
-
-
-load_model_arg = load_model  # the name the CLI used

@@ -80,7 +80,3 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main() -> None:
     warnings.formatwarning = _one_line_warning
     cli(prog_name="edlab")
-
-
-if __name__ == "__main__":
-    main()
