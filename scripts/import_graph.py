@@ -103,7 +103,6 @@ def cycles(g: dict[str, dict], key: str = "imports") -> list[list[str]]:
             if len(comp) > 1:
                 found.append(sorted(comp))
 
-    sys.setrecursionlimit(10000)
     for v in g:
         if v not in index:
             visit(v)
