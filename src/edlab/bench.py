@@ -10,12 +10,10 @@ ratio stays fair on a shared machine.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Sequence
 
-import click
 import torch
 import torch.nn as nn
 
@@ -135,76 +133,42 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-@click.command("bench")
-@click.argument("target")
-@click.option("--parent", help="Dense model to compare with (checkpoint or model name). Default: for a pruned "
-              "checkpoint, its architecture rebuilt dense from the checkpoint's spec.")
-@click.option("--no-parent", is_flag=True, help="Measure the target alone.")
-@click.option("--batch-sizes", default="1,32", show_default=True)
-@click.option("--threads", type=int, help="CPU threads (default: torch's, i.e. OMP_NUM_THREADS or all cores).")
-@click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs; the median is reported.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--input-size", default="3,32,32", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def bench_command(target, parent, no_parent, batch_sizes, threads, repeats, device, input_size, as_json):
-    """Measured inference latency and throughput of a model, against its dense parent.
-
-    \b
-    Examples:
-      edlab bench runs/r18-pruned/model.ckpt                 # vs the dense resnet18 it came from
-      edlab bench runs/r18-pruned/model.ckpt --threads 1 --batch-sizes 1,32,256 --repeats 30
-      edlab bench resnet20 --parent resnet56 --device cuda --json
-    """
+def bench_target(target: str, parent: str | None = None, no_parent: bool = False,
+                 batch_sizes: str | Sequence[int] = "1,32", threads: int | None = None, repeats: int = 20,
+                 device: str = "auto", input_size: str | Sequence[int] = "3,32,32", macs: bool = False) -> dict:
+    """``edlab bench`` as a call: the latency of a model file (or run folder, or zoo name) against its dense
+    parent (``parent``: a model to compare with; default: for a pruned checkpoint, its architecture rebuilt
+    dense). Returns {target, parent, speedup (per batch size), rows (see :func:`compare`)}; with ``macs``,
+    also {"macs": {row model name: MACs per image}}."""
     from pathlib import Path
 
-    from .cli import _parse_size, load_model_arg, resolve_model_path
+    from .checkpoint import load_model, resolve_model_path
+    from .score import parse_size
 
-    sizes, shape = _sizes(batch_sizes), _parse_size(input_size)
+    sizes = _sizes(batch_sizes) if isinstance(batch_sizes, str) else list(batch_sizes)
+    shape = parse_size(input_size)
     target = resolve_model_path(target)
-    model = load_model_arg(target)
+    model = load_model(target)
     onnx = getattr(model, "edlab_onnx", False)
     if onnx and device not in ("auto", "cpu"):
         raise EdlabError("an ONNX file is benchmarked with ONNX Runtime on the CPU (--device cpu)")
     device = "cpu" if onnx else device
     models = {}
     if parent and not no_parent:
-        models["parent"] = load_model_arg(parent)
+        models["parent"] = load_model(parent)
     elif not no_parent and Path(target).is_file() and not onnx:
         dense = dense_parent(target, model)
         if dense is not None:
             models["parent"] = dense.to(next(model.parameters()).dtype)
     models["model"] = model
     rows = compare(models, sizes, threads, repeats, device, shape)
-    if as_json:  # an object, not a bare list, so that callers (e.g. `edlab run` pipelines) can read keys
-        parent_desc = parent or ("dense architecture of the checkpoint" if "parent" in models else None)
-        speedups = {str(r["batch_size"]): r["speedup"] for r in rows if r["model"] == "model" and "speedup" in r}
-        click.echo(json.dumps({"target": target, "parent": parent_desc, "speedup": speedups, "rows": rows},
-                              indent=2))
-        return
-    _render(rows, models, shape)
+    parent_desc = parent or ("dense architecture of the checkpoint" if "parent" in models else None)
+    speedups = {str(r["batch_size"]): r["speedup"] for r in rows if r["model"] == "model" and "speedup" in r}
+    result = {"target": target, "parent": parent_desc, "speedup": speedups, "rows": rows}
+    if macs:
+        from .onnx_model import onnx_profile
+        from .score import profile
 
-
-def _render(rows: list[dict], models: dict[str, nn.Module], input_size: tuple[int, ...]) -> None:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    from .onnx_model import onnx_profile
-    from .score import profile
-
-    macs = {n: onnx_profile(m.path).macs if getattr(m, "edlab_onnx", False) else profile(m.to("cpu"), input_size).macs
-            for n, m in models.items()}
-    r0 = rows[0]
-    where = f"{r0['device']}, threads {r0['threads']}" if r0["threads"] else r0["device"]
-    table = Table(title=f"inference latency ({where}, median of {r0['repeats']}, input "
-                        f"{'x'.join(map(str, input_size))})", box=box.SIMPLE_HEAD)
-    header = ("model", "MACs/image", "batch", "latency ms", "p10-p90 ms", "images/s", "speed-up")
-    lines = [(r["model"], f"{macs[r['model']]:,}", str(r["batch_size"]), f"{r['latency_ms']:.2f}",
-              f"{r['p10_ms']:.2f}-{r['p90_ms']:.2f}", f"{r['images_per_s']:,.0f}",
-              f"{r['speedup']:.2f}x" if "speedup" in r else "-") for r in rows]
-    for i, col in enumerate(header):  # never cut a number, whatever the terminal width
-        table.add_column(col, justify="left" if i == 0 else "right", no_wrap=True,
-                         min_width=max(len(col), *(len(line[i]) for line in lines)))
-    for line in lines:
-        table.add_row(*line)
-    Console(highlight=False, soft_wrap=True).print(table)
+        result["macs"] = {n: onnx_profile(m.path).macs if getattr(m, "edlab_onnx", False)
+                          else profile(m.to("cpu"), shape).macs for n, m in models.items()}
+    return result

@@ -362,3 +362,37 @@ def stage_history(metadata: dict) -> list[dict]:
 def with_stage(model: nn.Module, entry: dict) -> list[dict]:
     """The model's stage history (from the checkpoint it was loaded from) plus ``entry``: what a stage saves."""
     return [*stage_history(getattr(model, "edlab_metadata", None) or {}), entry]
+
+
+RUN_MODEL_FILES = ("model.ckpt", "model.int8.onnx", "model.onnx", "model.pack")  # what a run folder holds
+
+
+def resolve_model_path(target: str | Path) -> str:
+    """A run folder -> the model file in it (a stage writes model.ckpt, the int8 stage model.int8.onnx);
+    anything else unchanged. So ``edlab score runs/latest`` and ``edlab.load_model("runs/latest")`` work."""
+    target = str(target)
+    p = Path(target)
+    if not p.is_dir():
+        return target
+    for name in RUN_MODEL_FILES:
+        if (p / name).is_file():
+            return str(p / name)
+    raise EdlabError(f"{target} is a folder without a model file ({', '.join(RUN_MODEL_FILES)}): give a run "
+                     f"folder or a checkpoint")
+
+
+def load_model(target: str | Path) -> nn.Module:
+    """A checkpoint, packed file or .onnx path, a run folder, or a registered model name -> nn.Module
+    (an .onnx file runs through ONNX Runtime, wrapped as a module; a model name gets fresh weights)."""
+    from .models import list_models
+
+    target = resolve_model_path(target)
+    if target.endswith(".onnx"):
+        from .onnx_model import OrtModule
+
+        return OrtModule(target)
+    if Path(target).exists() or target.endswith(".ckpt"):
+        return load_checkpoint(target)
+    if target in list_models():
+        return create_model(target)
+    raise EdlabError(f"'{target}' is neither a checkpoint file nor a model (models: {', '.join(list_models())})")

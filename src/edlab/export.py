@@ -27,7 +27,6 @@ import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import click
 import numpy as np
 import torch
 import torch.nn as nn
@@ -241,37 +240,21 @@ def int8_stage(model: nn.Module, data, run, calib_images: int = 1024, quant_form
                         "reduce_range": reduce_range, "activations": "uint8", "weights": "int8"}}
 
 
-@click.command("export")
-@click.argument("checkpoint", type=click.Path())  # a folder: one line from read_checkpoint
-@click.option("--format", "fmt", default="onnx", show_default=True, help="Export format (onnx).")
-@click.option("--int8", is_flag=True, help="Post-training static int8 (ONNX Runtime), calibrated on training images.")
-@click.option("--calib-images", type=int, default=1024, show_default=True)
-@click.option("--quant-format", default="qoperator", show_default=True, help="int8 graph: qoperator or qdq.")
-@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="int8 weight scales.")
-@click.option("--reduce-range", is_flag=True, help="7-bit weights, for CPUs without VNNI only.")
-@click.option("--out", help="Output .onnx file, or a folder for model[.int8].onnx (default: next to the "
-              "checkpoint, .onnx / .int8.onnx).")
-@click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "synthetic"]),
-              help="Calibration and evaluation data (default: the checkpoint's).")
-@click.option("--data-dir")
-@click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
-              help="Measure test accuracy of the exported model with ONNX Runtime.")
-@click.option("--threads", type=int, default=1, show_default=True, help="ONNX Runtime threads for --eval.")
-def export_command(checkpoint, fmt, int8, calib_images, quant_format, per_channel, reduce_range, out, dataset,
-                   data_dir, do_eval, threads):
-    """Export a checkpoint to ONNX (optionally int8) and measure its accuracy under ONNX Runtime.
-
-    \b
-    Examples:
-      edlab export runs/r20/model.ckpt --format onnx
-      edlab export runs/r20/model.ckpt --int8 --calib-images 2048 --out r20.int8.onnx
-      edlab export runs/r20/model.ckpt --int8 --quant-format qdq --no-eval --dataset cifar10
-    """
+def export_checkpoint(checkpoint: str, fmt: str = "onnx", int8: bool = False, calib_images: int = 1024,
+                      quant_format: str = "qoperator", per_channel: bool = True, reduce_range: bool = False,
+                      out: str | None = None, dataset: str | None = None, data_dir: str | None = None,
+                      do_eval: bool = True, threads: int = 1) -> dict:
+    """``edlab export`` as a call: write a checkpoint as ONNX (``int8``: static int8, calibrated on
+    ``calib_images`` training images) and, with ``do_eval``, measure its test accuracy under ONNX Runtime.
+    ``out``: the .onnx file, or a folder for model[.int8].onnx (default: next to the checkpoint). Returns
+    {path, bytes, test_accuracy, images} (the last two None without ``do_eval``)."""
     from .checkpoint import load_checkpoint
     from .data import get_data
 
     if fmt != "onnx":
         raise EdlabError(f"unknown export format '{fmt}' (choices: onnx)")
+    if dataset is not None and dataset not in ("cifar10", "cifar100", "synthetic"):
+        raise EdlabError(f"unknown dataset '{dataset}' (choices: cifar10, cifar100, synthetic)")
     if calib_images < 1 or threads < 1:
         raise EdlabError("--calib-images and --threads must be >= 1")
     _require_ort()
@@ -290,8 +273,8 @@ def export_command(checkpoint, fmt, int8, calib_images, quant_format, per_channe
     export_onnx(model, path, int8=int8, calib_loader=_plain_batches(data, calib_images) if int8 else None,
                 calib_images=calib_images, quant_format=quant_format, per_channel=per_channel,
                 reduce_range=reduce_range, dataset=dataset or (cfg.get("data") or {}).get("dataset"))
-    line = f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)"
+    result = {"path": str(path), "bytes": path.stat().st_size, "test_accuracy": None, "images": None}
     if do_eval:
         r = ort_evaluate(ort_session(path, threads), data.test)
-        line += f"  ONNX Runtime test accuracy {100 * r['accuracy']:.2f}% ({len(data.test.split)} images)"
-    click.echo(line)
+        result.update(test_accuracy=r["accuracy"], images=len(data.test.split))
+    return result

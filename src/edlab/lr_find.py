@@ -73,3 +73,31 @@ def plot(result: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def find_lr(config: str | None = None, steps: int = 100, start: float = 1e-6, end: float = 10.0,
+            plot_path: str | None = "lr_find.png", sets: list[str] | tuple[str, ...] = (), progress=None,
+            **options) -> dict:
+    """``edlab lr-find`` as a call: the training config (file, named options as in edlab.train_run, sets)
+    -> {'lrs', 'losses', 'suggested_lr', 'plot'}; the plot is written to ``plot_path`` unless it is None."""
+    from .config import TRAIN_FLAGS, flags_to_tree, load_train_config
+    from .errors import EdlabError
+    from .train import data_from_config, model_from_config, resolve_device
+
+    if not 0 < start < end:
+        raise EdlabError(f"--start must be > 0 and below --end (got {start}, {end})")
+    unknown = sorted(set(options) - set(TRAIN_FLAGS))
+    if unknown:
+        raise EdlabError(f"unknown training option(s) {', '.join(unknown)}")
+    cfg = load_train_config(config, flags_to_tree(options, TRAIN_FLAGS), list(sets))
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    data = data_from_config(cfg, device)
+    model = model_from_config(cfg, data.num_classes)
+    r = lr_range_test(model, data, cfg, start, end, steps, progress=progress)
+    if plot_path:
+        plot(r, plot_path)
+    return {**r, "plot": plot_path}

@@ -333,10 +333,13 @@ def counted_bytes(model: nn.Module) -> float:
 
 
 def pack(checkpoint: str | Path, out: str | Path) -> dict:
-    """Pack a checkpoint into ``out``; returns the sizes (file, header, weights, values, mask, other bytes), the
-    bytes the score counts, and a check that the packed model reloads with equal outputs."""
-    from .checkpoint import atomic_write_bytes, load_checkpoint
+    """Pack a checkpoint (or a run folder's) into ``out``; returns the sizes (file, header, weights, values, mask,
+    other bytes), the bytes the score counts, and a check that the packed model reloads with equal outputs."""
+    from .checkpoint import atomic_write_bytes, load_checkpoint, resolve_model_path
 
+    checkpoint = resolve_model_path(checkpoint)
+    if checkpoint.endswith(".onnx"):
+        raise EdlabError("edlab pack packs an edlab checkpoint; an .onnx file is already a deployment file")
     src, dst = Path(checkpoint), Path(out)
     if dst.exists() and dst.resolve() == src.resolve():
         raise EdlabError("--out must not be the checkpoint itself")

@@ -7,9 +7,9 @@
       - quantize: {method: bf16}
       - score:    {}
 
-Each stage runs the command of the same name in-process, with its options written as the CLI would take
-them (``finetune-epochs: 2`` -> ``--finetune-epochs 2``; ``true`` -> a bare flag; a list -> the option
-repeated; a key with a dot, e.g. ``optim.lr: 0.05``, -> ``--set optim.lr=0.05``). A stage that takes a
+Each stage calls the library function of the command of the same name (edlab.stages), with the options the
+CLI would take (``finetune-epochs: 2`` as ``--finetune-epochs 2``; ``true``: a flag; a key with a dot, e.g.
+``optim.lr: 0.05``, as ``--set optim.lr=0.05``); pipeline.json records the equivalent command line. A stage that takes a
 checkpoint gets the last ``model.ckpt`` written by an earlier stage. Every stage writes into
 ``<pipeline dir>/<NN>-<stage>/``; commands without a run directory (score, eval, bench, info) have their
 ``--json`` output saved there as ``result.json``. Running the same recipe with the same ``--out`` again
@@ -22,7 +22,6 @@ with the same files as an uninterrupted one (docs/guarantees.md).
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import time
@@ -32,11 +31,12 @@ from typing import Any
 from .config import parse_overrides, read_yaml, safe_name
 from .errors import EdlabError
 from .runs import check_out_path, write_json
+from .stages import STAGES, run_stage, stage_kwargs
 
-TAKES_CHECKPOINT = {"prune", "quantize", "export", "eval", "score", "bench", "info"}
-RESUMABLE = {"train", "quantize"}  # commands with --resume, used when the stage left a resume.pt
-WRITES_JSON = {"score", "eval", "bench"}  # their --json output is the stage's result
-NO_OUT = {"score", "eval", "bench", "info"}
+TAKES_CHECKPOINT = {n for n, st in STAGES.items() if st.takes_checkpoint}
+RESUMABLE = {n for n, st in STAGES.items() if st.resumable}  # used when the stage left a resume.pt
+WRITES_JSON = {n for n, st in STAGES.items() if st.writes_json}  # their result is the stage's result.json
+NO_OUT = {n for n, st in STAGES.items() if not st.takes_out}
 LOCK = ".edlab-pipeline.lock"
 
 
@@ -57,11 +57,10 @@ def load_recipe(path: str, sets: list[str] | None = None) -> dict:
         if opts is not None and not isinstance(opts, dict):
             raise EdlabError(f"recipe {path}: options of stage {i} ({name}) must be a mapping")
         parsed.append([str(name), dict(opts or {})])
-    commands = _commands()
     for i, (name, _) in enumerate(parsed):  # a typo in stage 3 must not surface after stages 0-2 ran
-        if name not in commands or name == "run":
+        if name not in STAGES:
             raise EdlabError(f"recipe {path}: stage {i} '{name}' is not an edlab command "
-                             f"(choices: {', '.join(c for c in commands if c != 'run')})")
+                             f"(choices: {', '.join(sorted(STAGES))})")
     for key, value in _flatten(parse_overrides(sets or [])):
         target, _, option = key.partition(".")
         idx = int(target) if target.isdigit() else next((i for i, (n, _) in enumerate(parsed) if n == target), None)
@@ -78,30 +77,21 @@ def load_recipe(path: str, sets: list[str] | None = None) -> dict:
 
 
 def check_stages(recipe: dict) -> None:
-    """Parse every stage's command line as the CLI would (unknown options, bad types, the train stage's
-    config, every stage's --set keys) before anything runs: a typo in stage 3 must not surface after
+    """Check every stage's options as its function takes them (unknown options, bad types, the train stage's
+    config, every stage's config edits) before anything runs: a typo in stage 3 must not surface after
     stages 0-2 ran for an hour."""
-    import click
+    from .config import TRAIN_FLAGS, TrainConfig, build, flags_to_tree, load_train_config, merge
 
-    from .cli import TRAIN_FLAGS, _flags_to_tree, cli
-    from .config import TrainConfig, build, load_train_config
-
-    ctx = click.Context(cli)
     for i, (name, opts) in enumerate(recipe["stages"]):
-        cmd = cli.get_command(ctx, name)
         made = any(n in ("train", "prune", "quantize") for n, _ in recipe["stages"][:i])
-        argv = stage_argv(name, opts, "model.ckpt" if made else None, Path("probe"))
         try:
-            sub = cmd.make_context(name, argv[1:], parent=ctx)
-        except click.ClickException as e:
-            raise EdlabError(f"stage {i} ({name}): {e.format_message()}") from None
-        p = sub.params
-        try:
+            kw = stage_kwargs(name, opts, "model.ckpt" if made else None, "probe")
             if name == "train":
-                load_train_config(p.get("config"), _flags_to_tree(p, TRAIN_FLAGS), list(p.get("sets") or ()))
-            elif p.get("sets"):  # keys and types of the stage's config edits (merged later with its checkpoint's)
-                try:
-                    build(TrainConfig, parse_overrides(list(p["sets"])))
+                load_train_config(kw.get("config"), flags_to_tree(kw, TRAIN_FLAGS), kw.get("sets"))
+            elif kw.get("sets") or STAGES[name].named:  # keys and types of the stage's config edits
+                mapping = STAGES[name].named_mapping()
+                try:  # (merged later with its checkpoint's config)
+                    build(TrainConfig, merge(flags_to_tree(kw, mapping), parse_overrides(kw.get("sets", []))))
                 except EdlabError as e:
                     if not str(e).startswith("config: "):  # a rule across keys needs the merged config
                         raise
@@ -155,14 +145,6 @@ def _folder_lock(root: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _commands() -> list[str]:
-    import click
-
-    from .cli import cli
-
-    return cli.list_commands(click.Context(cli))
-
-
 def _flatten(tree: dict, prefix: str = ""):
     """{'train': {'optim': {'lr': 1}}} -> ('train.optim.lr', 1)."""
     for k, v in tree.items():
@@ -206,24 +188,6 @@ def stage_argv(name: str, opts: dict, checkpoint: str | None, out_dir: Path) -> 
 
 def _scalar(v: Any) -> str:
     return json.dumps(v) if isinstance(v, bool) else str(v)
-
-
-def _invoke(argv: list[str]) -> tuple[int, str]:
-    import click
-
-    from .cli import cli
-
-    buf = io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(buf):
-        try:
-            cli.main(args=argv, prog_name="edlab", standalone_mode=False)
-        except SystemExit as e:
-            code = int(e.code or 0)
-        except click.ClickException as e:  # a bad option value of the stage: one line, like EdlabError
-            click.echo(f"edlab: error: {argv[0]}: {e.format_message()}", err=True)
-            code = e.exit_code
-    return code, buf.getvalue()
 
 
 def _open_root(root: Path, recipe_path: str, recipe: dict) -> tuple[list, bool]:
@@ -318,18 +282,16 @@ def _run_stages(recipe_path: str, recipe: dict, root: Path, echo) -> dict:
                 stage_dir.rename(stage_dir.with_name(f"{stage_dir.name}.interrupted-{k}"))
         echo(f"[{i}] edlab {' '.join(argv)}")
         t0 = time.perf_counter()
-        code, output = _invoke(argv)
-        if name in WRITES_JSON:
-            res = json.loads(output or "{}")
+        try:
+            res = run_stage(name, stage_kwargs(name, opts, checkpoint, stage_dir, "--resume" in argv), echo)
+        except EdlabError as e:
+            raise EdlabError(f"stage {i} ({name}) failed: {e}; fix it and run the same command again to "
+                             f"continue from this stage") from None
+        if isinstance(res, dict):
             echo(", ".join(f"{k} {res[k]:.4g}" for k in ("score", "test_accuracy") if isinstance(res.get(k), float)))
-        elif output.strip():
-            echo(output.rstrip())
-        if code != 0:
-            raise EdlabError(f"stage {i} ({name}) failed with exit code {code}; fix it and run the same "
-                             f"command again to continue from this stage")
         stage_dir.mkdir(parents=True, exist_ok=True)
         if name in WRITES_JSON:
-            (stage_dir / "result.json").write_text(output)
+            (stage_dir / "result.json").write_text(json.dumps(res, indent=2) + "\n")
         if (stage_dir / "model.ckpt").exists():
             checkpoint = str(stage_dir / "model.ckpt")
         summary = stage_dir / ("summary.json" if (stage_dir / "summary.json").exists() else "result.json")
@@ -341,3 +303,40 @@ def _run_stages(recipe_path: str, recipe: dict, root: Path, echo) -> dict:
     save_state(dir=str(root), checkpoint=checkpoint)
     return {"recipe": recipe_path, "name": recipe["name"], "dir": str(root), "stages": results,
             "checkpoint": checkpoint}
+
+
+def demo(model: str = "resnet20", epochs: int = 2, train_subset: int = 10000, data_dir: str | None = None,
+         out: str | None = None, echo=print) -> dict:
+    """``edlab demo`` as a call: train MODEL briefly, prune 30 % of its parameters as channels and zero 20 %
+    more, quantize it (int8 with ONNX Runtime, else bf16), score it, and write an HTML report beside the
+    stages; on the synthetic dataset when CIFAR-10 is unavailable. Returns the pipeline's result plus
+    ``dataset`` and ``report`` (the report's index.html)."""
+    import importlib.util
+
+    import yaml
+
+    from .data import load_splits
+    from .report import build_report
+
+    root = Path(out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    if root.exists() and any(root.iterdir()) and not (root / "pipeline.json").exists():
+        raise EdlabError(f"{root} exists and is not an earlier demo; choose another --out")
+    dataset = "cifar10"
+    try:
+        load_splits("cifar10", data_dir)
+    except EdlabError as e:
+        echo(f"CIFAR-10 unavailable ({e}); running the same pipeline on the synthetic dataset.")
+        dataset = "synthetic"
+    train = {"model": model, "dataset": dataset, "epochs": epochs, "train-subset": train_subset,
+             "sched.warmup_epochs": 0, **({"data-dir": data_dir} if data_dir else {}),
+             **({"data.val_size": 400} if dataset == "synthetic" else {})}
+    int8 = importlib.util.find_spec("onnxruntime") is not None
+    stages = [{"train": train},
+              {"prune": {"structured": 0.3, "unstructured": 0.2, "finetune-epochs": 1, "train-subset": train_subset}},
+              {"quantize": {"method": "int8", "calib-images": 512} if int8 else {"method": "bf16"}},
+              {"score": {}}]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "recipe.yaml").write_text(yaml.safe_dump({"name": "demo", "stages": stages}, sort_keys=False))
+    r = run_pipeline(str(root / "recipe.yaml"), out=str(root), echo=echo)
+    report = build_report([root], root / "report", title=f"edlab demo: {model} on {dataset}")
+    return {**r, "dataset": dataset, "report": str(Path(report["out"]) / "index.html")}

@@ -29,14 +29,12 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import click
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cli import DISTILL_FLAGS, distill_options
+from .config import DISTILL_FLAGS
 from .errors import EdlabError
 from .score import dense_reference, profile
 
@@ -718,78 +716,40 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
-# ----------------------------------------------------------------------------------------------- CLI
+# The fine-tuning options given by name (prune_checkpoint's **options, the CLI's flags): option -> config key.
 PRUNE_FLAGS = {"dataset": "data.dataset", "data_dir": "data.data_dir", "train_subset": "data.train_subset",
                "batch_size": "data.batch_size", "device": "device", "seed": "seed", "precision": "precision",
                "threads": "threads", **DISTILL_FLAGS}
 
 
-@click.command("prune")
-@click.argument("target")
-@click.option("--structured", type=float, default=0.0, show_default=True,
-              help="Total fraction of the dense params (or MACs, --target) to remove by deleting channels.")
-@click.option("--unstructured", type=float, default=0.0, show_default=True,
-              help="Total fraction of the dense params to set to zero (the score's pu).")
-@click.option("--steps", type=int, default=1, show_default=True, help="Pruning steps per kind, fine-tuning after each.")
-@click.option("--finetune-epochs", "--epochs", "finetune_epochs", type=int, default=5, show_default=True,
-              help="Fine-tuning epochs after each step (--epochs: the same, as in train and quantize).")
-@click.option("--schedule", default="linear", show_default=True, help="Targets of the steps: linear | cubic (AGP).")
-@click.option("--importance", default="l1", show_default=True, help="Channel importance: l1 | l2 | bn | taylor.")
-@click.option("--global", "global_pruning", is_flag=True, help="Rank channels of all layers together.")
-@click.option("--target", "target_kind", default="params", show_default=True,
-              help="What --structured is a fraction of: params | macs.")
-@click.option("--keep", default="", help="Comma-separated layers left untouched, e.g. fc,conv1 "
-              "(the classifier's outputs are always kept).")
-@click.option("--scope", default="global", show_default=True, help="Unstructured ranking: global | layer.")
-@click.option("--round-to", type=int, help="Keep channel counts multiples of N (fast kernels like 8).")
-@click.option("--distill", is_flag=True, help="Fine-tune with distillation from the unpruned model "
-              "(or give --teacher CKPT).")
-@click.option("--from-scratch", is_flag=True, help="Baseline: train the pruned architecture from random init.")
-@click.option("--scratch-epochs", type=int, help="Epochs of the --from-scratch training (default --finetune-epochs).")
-@click.option("--calib-batches", type=int, default=8, show_default=True, help="Training batches for taylor.")
-@click.option("--dataset", help="cifar10 | cifar100 | synthetic (default: the checkpoint's).")
-@click.option("--data-dir")
-@click.option("--train-subset", type=int, help="Fine-tune on only N training images.")
-@click.option("--batch-size", type=int)
-@click.option("--lr", type=float, help="Fine-tuning lr (default: 1/10 of the checkpoint's training lr).")
-@click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
-@click.option("--precision", help="auto | fp32 | bf16 | fp16.")
-@click.option("--seed", type=int)
-@click.option("--threads", type=int, help="CPU threads (default: all cores; 1 on a busy shared machine).")
-@click.option("--out", help="Run directory (default runs/<model>-pruned-<timestamp>).")
-@distill_options
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any fine-tuning config key.")
-def prune_command(target, structured, unstructured, steps, finetune_epochs, schedule, importance, global_pruning,
-                  target_kind, keep, scope, round_to, distill, from_scratch, scratch_epochs, calib_batches, lr,
-                  out, sets, **flags):
-    """Prune a checkpoint (structured, then unstructured), fine-tuning after every step.
-
-    --structured R removes channels until R of the dense model's parameters (--target params, the score's
-    ps) or MACs (--target macs) are gone; --unstructured S then zeroes weights until S of the dense
-    parameters are zero (the score's pu). Both are totals, so ps + pu < 1. Writes a run directory:
-    metrics.jsonl (one line per step), finetune.jsonl, config.yaml, summary.json and model.ckpt.
-
-    \b
-    Examples:
-      edlab prune runs/r20/model.ckpt --structured 0.3 --unstructured 0.2 --finetune-epochs 5
-      edlab prune runs/r20/model.ckpt --structured 0.5 --steps 3 --schedule cubic --global --distill
-      edlab prune runs/r18/model.ckpt --structured 0.75 --target macs --importance taylor --round-to 8
-      edlab prune runs/r20/model.ckpt --structured 0.5 --from-scratch --scratch-epochs 30
-      edlab prune runs/s/model.ckpt --unstructured 0.7 --teacher runs/r56/model.ckpt --temperature 4
-    """
-    from .cli import _console, _flags_to_tree, load_model_arg
+def prune_checkpoint(target: str, structured: float = 0.0, unstructured: float = 0.0, steps: int = 1,
+                     finetune_epochs: int = 5, schedule: str = "linear", importance: str = "l1",
+                     global_pruning: bool = False, target_kind: str = "params", keep: str = "",
+                     scope: str = "global", round_to: int | None = None, distill: bool = False,
+                     from_scratch: bool = False, scratch_epochs: int | None = None, calib_batches: int = 8,
+                     lr: float | None = None, out: str | None = None, sets: Sequence[str] = (), console=None,
+                     **options) -> dict:
+    """``edlab prune`` as a call: prune a checkpoint (structured, then unstructured), fine-tuning after every
+    step; write a run directory (metrics.jsonl, finetune.jsonl, config.yaml, summary.json, model.ckpt) and
+    return its summary. ``options``: the fine-tuning options of PRUNE_FLAGS (dataset, train_subset, threads,
+    teacher, ...); ``sets``: any fine-tuning config key ("optim.lr=0.01"). See :class:`Recipe` for the rest."""
+    from .checkpoint import load_model
+    from .config import flags_to_tree
     from .runs import Run
-    from .train import check_teacher, data_from_config, pct, resolve_device
+    from .train import check_teacher, data_from_config, resolve_device
 
+    unknown = sorted(set(options) - set(PRUNE_FLAGS))
+    if unknown:
+        raise EdlabError(f"unknown prune option(s) {', '.join(unknown)}")
     recipe = Recipe(structured, unstructured, steps, finetune_epochs, importance, global_pruning, target_kind,
                     tuple(k.strip() for k in keep.split(",") if k.strip()), schedule, scope, round_to, distill,
                     from_scratch, scratch_epochs, calib_batches)
     recipe.validate()
-    if flags.get("precision") not in (None, "auto", "fp32", "bf16", "fp16"):
-        raise EdlabError(f"unknown precision '{flags['precision']}' (choices: auto, fp32, bf16, fp16)")
-    model = load_model_arg(target)
+    if options.get("precision") not in (None, "auto", "fp32", "bf16", "fp16"):
+        raise EdlabError(f"unknown precision '{options['precision']}' (choices: auto, fp32, bf16, fp16)")
+    model = load_model(target)
     _resolve(model, recipe.keep)  # a wrong --keep fails now, not after the data is loaded
-    tree = _flags_to_tree(flags, PRUNE_FLAGS)
+    tree = flags_to_tree(options, PRUNE_FLAGS)
     if lr is not None:
         tree.setdefault("optim", {})["lr"] = lr
     sets = list(sets) + ([f"out={out}"] if out else [])
@@ -801,20 +761,17 @@ def prune_command(target, structured, unstructured, steps, finetune_epochs, sche
     if distill and cfg.distill.teacher:
         raise EdlabError("give --distill (the unpruned model teaches) or --teacher CKPT, not both")
     check_teacher(cfg.distill.teacher)  # before the data and the run folder
-    console = _console()
     data = data_from_config(cfg, resolve_device(cfg.device))
     run = Run.create(f"{name}-pruned", cfg.out)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="torch_pruning")
         _, s = run_recipe(model, recipe, cfg, data, run, console, scratch, source=target)
-    console.print(f"test accuracy {pct(s['test_accuracy'])}  ps {s['ps']:.3f}  pu {s['pu']:.3f}  "
-                  f"params {s['arch_params']:,} ({s['nonzero_params']:,} nonzero)  MACs {s['macs']:,}  "
-                  f"score {s['score']:.4f}  {s['seconds'] / 60:.1f} min  -> {Path(s['run_dir']) / 'model.ckpt'}")
+    return s
 
 
 __all__ = [
     "Recipe", "apply_masks", "ensure_dense_reference", "finetune_config", "fold_masks", "has_masks",
-    "hold_masks", "magnitude_masks", "output_layer", "prunable_layers", "prune_command", "prune_structured",
+    "hold_masks", "magnitude_masks", "output_layer", "prunable_layers", "prune_checkpoint", "prune_structured",
     "prune_unstructured", "reinitialize", "removed_fraction", "run_recipe", "schedule", "sparsity_of",
     "taylor_gradients",
 ]

@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-
 from .errors import EdlabError
 
 MARKER = ".edlab-report"
@@ -587,31 +585,3 @@ def build_report(paths: list[str | Path], out: str | Path, floor: float | list[f
     return {"runs": runs, "results": results, "skipped": skipped, "best": best, "rule": rule, "front": front,
             "best_per_dataset": {d: b.name if b else None for d, (b, _) in per_dataset.items()},
             "figures": [n for n, ok in figures.items() if ok], "out": out, "floors": floors}
-
-
-@click.command("report")
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--out", default="report", show_default=True,
-              help="Report folder; refused if it exists, is not empty and is not an earlier report.")
-@click.option("--floor", type=float, multiple=True, default=(0.9,), show_default=True,
-              help="Best model = lowest score with validation accuracy >= floor; none reach it: highest val. "
-              "Repeat it to draw more floors on the Pareto plot (the first one selects).")
-@click.option("--title", default="edlab report", show_default=True)
-def report_command(paths, out, floor, title):
-    """A static HTML page (plus PNGs and report.md) comparing runs found under run/pipeline/study folders.
-
-    Opens from disk with no server or network: learning curves, the runs table, score vs accuracy with the
-    Pareto front, and the per-layer score of the best model.
-
-    \b
-    Examples:
-      edlab report runs/ --out report          # then open report/index.html
-      edlab report runs/r20-compress studies/s1 --out cmp --floor 0.88
-      edlab report runs/study-challenge --floor 0.9 --floor 0.865   # both challenge floors drawn
-    """
-    r = build_report(list(paths), out, list(floor), title)
-    for name in r["skipped"]:  # one broken run costs its row, not the page
-        click.echo(f"edlab: warning: left out {name}", err=True)
-    best = f"; best: {r['best'].name} ({r['rule']})" if r["best"] else ""
-    click.echo(f"report: {len(r['runs'])} runs, figures {', '.join(r['figures']) or 'none'}{best} "
-               f"-> {Path(out) / 'index.html'}")

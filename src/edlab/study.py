@@ -34,12 +34,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import click
 
 from .config import TrainConfig, _set_dotted, build, read_yaml, safe_name
 from .errors import EdlabError
@@ -1003,7 +1002,7 @@ def test_chosen(st: Study, study, echo=print) -> list[int]:
     with the views it was validated with (``edlab eval``'s default: the ones its metadata records). The figure
     is stored in the study (``tested:<slot>``), so a re-run does not test the same point again; a point that a
     later run of a grown study selects instead is tested then, and both figures stay on record."""
-    from .pipeline import _invoke
+    from .train import evaluate_checkpoint
 
     rows = trial_rows(study)
     done = _retry(lambda: study.user_attrs)
@@ -1014,10 +1013,11 @@ def test_chosen(st: Study, study, echo=print) -> list[int]:
             continue
         path = row.get("model_file") or str(Path(row["run_dir"]) / "model.ckpt")
         echo(f"testing chosen point {slot:04d} once: edlab eval {path}")
-        code, output = _invoke(["eval", path, "--json"])
-        if code != 0:
-            raise EdlabError(f"testing point {slot:04d} ({path}) failed; run the same command again to retry")
-        r = json.loads(output)
+        try:
+            r = evaluate_checkpoint(path)
+        except EdlabError as e:
+            raise EdlabError(f"testing point {slot:04d} ({path}) failed: {e}; run the same command again to "
+                             f"retry") from None
         _retry(study.set_user_attr, f"tested:{slot}", {k: r[k] for k in ("test_accuracy", "test_loss", "views",
                                                                           "tta", "images", "checkpoint")})
         tested.append(slot)
@@ -1071,133 +1071,58 @@ def write_report(st: Study, study, url: str) -> dict:
     return report
 
 
-def _short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+def describe(st: Study) -> list[str]:
+    """What ``edlab sweep --dry-run`` prints: the study as read, and its points (or search space)."""
+    lines = [f"study {st.name}: {st.mode}, {len(st.points) or st.trials} trials, base {st.kind} "
+             f"{st.base or 'inline'}, objective {st.objective}, fixed {st.fixed}, out {st.out}, "
+             f"test {st.test}" + (f", teacher {st.teacher}" if st.teacher else "")]
+    lines += [f"  {i:04d} " + ", ".join(f"{k}={v}" for k, v in p.items()) for i, p in enumerate(st.points)]
+    lines += [f"  {k}: " + ", ".join(f"{f}={v}" for f, v in spec.items()) for k, spec in st.params.items()]
+    return lines
 
 
-def render(report: dict, console) -> None:
-    from rich.table import Table
-
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.2f}"
-
-    b = report["best"]
-    chosen = set(b.get("pareto_front", [])) | ({b["slot"]} if "slot" in b else set())
-    keys = list(dict.fromkeys(k for r in report["trials"] for k in (r["point"] or {})))
-    table = Table(title=f"study {report['name']} ({report['mode']}, objective {report['objective']})")
-    tails = [k.rsplit(".", 1)[-1] for k in keys]  # short headers where they stay unambiguous
-    heads = [t if tails.count(t) == 1 else k for k, t in zip(keys, tails)]
-    table.add_column("point", justify="right", no_wrap=True)
-    table.add_column("state")
-    for h in heads:
-        table.add_column(h, overflow="fold")
-    for col in ("val %", "test %", "views", "score", "MACs", "s"):
-        table.add_column(col, justify="right", no_wrap=True)
-    for r in report["trials"]:
-        if r["state"] == "FAIL" and r["interrupted"]:
-            continue  # re-run under another trial number
-        mark = " *" if r["slot"] in chosen and r["state"] == "COMPLETE" else ""
-        point = r["point"] or {}
-        state = r["state"].lower().replace("complete", "done")
-        table.add_row(f"{r['slot']:04d}{mark}" if r["slot"] is not None else "-",
-                      state if not r["error"] else f"fail: {r['error']}",
-                      *(_short(point.get(k, "")) for k in keys), pct(r["val_accuracy"]),
-                      pct(r["test_accuracy"]), str(r.get("views") or 1),
-                      "-" if r["score"] is None else f"{r['score']:.4f}",
-                      "-" if r["macs"] is None else f"{r['macs'] / 1e6:.1f}M",
-                      "-" if r["seconds"] is None else f"{r['seconds']:.0f}")
-    width = console.width
-    if not console.is_terminal:  # a log file or pipe: no 80-column wrapping of a wide table
-        console.width = 250
-    console.print(table)
-    console.width = width
-    counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(report["counts"].items()))
-    rule = b.get("rule", "pareto front")
-    tested = "; test split read for * only, after the trials" if report.get("test") == "chosen" else ""
-    console.print(f"{counts} of {report['size']}; * = selected on validation accuracy ({rule}){tested}")
-    w = report.get("winner")
-    if w:
-        console.print(f"winner: point {w['slot']:04d}, score {w['score']:.4f}, " +
-                      (f"packed {w['pack']} ({w['sizes']['file']:,} bytes)" if w.get("pack") else
-                       f"not packed: {w.get('error')}"))
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-@click.command("sweep")
-@click.argument("study_file", type=click.Path())  # a folder: one line from the reader
-@click.option("--out", help="Study directory (default: the file's out:, else runs/study-<name>).")
-@click.option("--storage", help="Optuna storage URL, e.g. postgresql://user@host/db (default: SQLite in --out).")
-@click.option("--workers", type=int, default=1, show_default=True,
-              help="Processes running trials at once on this machine, sharing the storage.")
-@click.option("--quick", is_flag=True, help="Apply the file's quick: overrides (a separate study, out <out>-quick).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Extra fixed override of every trial.")
-@click.option("--retry-failed", is_flag=True, help="Run again the points whose trials failed with an error.")
-@click.option("--stale-after", type=float, default=600, show_default=True,
-              help="Seconds without heartbeat after which another machine's RUNNING trial counts as dead.")
-@click.option("--floor", type=float, help="The objective's accuracy floor (min_score_with_val_at_least), e.g. "
-              "0.865; trials are selected at val >= floor + floor_margin. Another floor is another study "
-              "(<name>-floor<F>).")
-@click.option("--dry-run", is_flag=True, help="Check the study file and list its points; run nothing.")
-@click.option("--worker", "worker_index", type=int, hidden=True)
-def sweep_command(study_file, out, storage, workers, quick, sets, retry_failed, stale_after, floor, dry_run,
-                  worker_index):
-    """Run a study: one training (config:) or pipeline (recipe:) run per grid/list point or search trial.
-
-    The study lives in an Optuna storage; run the same command again after any interruption and it
-    finishes the remaining trials (finished ones are never repeated; a killed one is re-run). At the end
-    it prints a table and writes <out>/study.json. See docs/studies.md.
-
-    \b
-    Examples:
-      edlab sweep studies/learning-rate.yaml        # GPU-sized
-      edlab sweep studies/learning-rate.yaml --quick # minutes per trial on a CPU
-      edlab sweep studies/challenge.yaml --workers 2
-      edlab sweep studies/challenge.yaml --floor 0.865  # the course-equivalent floor: a separate study
-      edlab sweep studies/resnets.yaml --storage postgresql://me@db/edlab --workers 4
-    """
-    from .cli import _console
-
+def sweep(study_file: str, out: str | None = None, storage: str | None = None, workers: int = 1,
+          quick: bool = False, sets: Sequence[str] = (), retry_failed: bool = False, stale_after: float = 600,
+          floor: float | None = None, worker_index: int | None = None, dry_run: bool = False,
+          echo=print) -> dict | None:
+    """``edlab sweep`` as a call: run (or continue) a study, one training or pipeline run per point or trial,
+    then test the chosen points (``test: chosen``), pack the winner (``pack: true``) and write
+    <out>/study.json. Returns the study report (what study.json holds); None for a worker (``worker_index``,
+    a process the sweep itself starts) and for ``dry_run`` (check the file, echo its points, run nothing).
+    ``echo(text)`` hears the progress lines."""
     if workers < 1:
         raise EdlabError(f"--workers must be >= 1, got {workers}")
-    st = load_study(study_file, quick, sets, out, floor)
-    console = _console()
+    st = load_study(study_file, quick, tuple(sets), out, floor)
     if dry_run:
-        console.print(f"study {st.name}: {st.mode}, {len(st.points) or st.trials} trials, base {st.kind} "
-                      f"{st.base or 'inline'}, objective {st.objective}, fixed {st.fixed}, out {st.out}, "
-                      f"test {st.test}" + (f", teacher {st.teacher}" if st.teacher else ""))
-        for i, p in enumerate(st.points):
-            console.print(f"  {i:04d} " + ", ".join(f"{k}={v}" for k, v in p.items()))
-        for k, spec in st.params.items():
-            console.print(f"  {k}: " + ", ".join(f"{f}={v}" for f, v in spec.items()))
-        return
+        for line in describe(st):
+            echo(line)
+        return None
     _optuna()
     if worker_index is None:
         _claim_out(st.out)
     url = storage_url(st, storage)
     if st.kind == "recipe":
         _recipe_path(st)
-    ensure_teacher(st, echo=console.print)  # before any trial; a worker finds it made (or waits on its lock)
+    ensure_teacher(st, echo=echo)  # before any trial; a worker finds it made (or waits on its lock)
     if worker_index is not None:  # a worker started by the sweep below
         study = open_study(st, url, worker_index, create=False)
         run_worker(st, study, worker_index, echo=lambda m: print(m, flush=True))
-        return
+        return None
     study = open_study(st, url)
     recovered = recover(study, stale_after)
     added = enqueue_missing(st, study, retry_failed)
-    console.print(f"study {st.name} in {_redact(url)}: {recovered} interrupted trial(s) to re-run, "
-                  f"{added} point(s) enqueued, {workers} worker(s); logs in {st.out / 'logs'}")
+    echo(f"study {st.name} in {_redact(url)}: {recovered} interrupted trial(s) to re-run, "
+         f"{added} point(s) enqueued, {workers} worker(s); logs in {st.out / 'logs'}")
     if workers == 1:
-        run_worker(st, study, 0, echo=console.print)
+        run_worker(st, study, 0, echo=echo)
     else:
         _spawn(study_file, st, url, workers, quick, sets, stale_after, floor)
         recover(study, stale_after)  # a worker that crashed left its trial RUNNING: the next run re-does it
     if st.test == "chosen":  # the trials never read the test split: the selected points are read now, once
-        test_chosen(st, study, echo=console.print)
+        test_chosen(st, study, echo=echo)
     if st.pack:
-        pack_winner(st, study, echo=console.print)
-    report = write_report(st, study, url)
-    render(report, console)
-    console.print(f"-> {st.out / 'study.json'}")
+        pack_winner(st, study, echo=echo)
+    return {**write_report(st, study, url), "out": str(st.out)}
 
 
 STUDY_MARK = ".edlab-study"

@@ -757,3 +757,67 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     distributed.barrier(d)
     distributed.teardown(d)
     return model, summary
+
+
+def train_run(config: str | None = None, resume: bool = False, sets: list[str] | tuple[str, ...] = (),
+              console=None, **options) -> dict | None:
+    """``edlab train`` as a call: the config file (optional), named options (``model``, ``epochs``, ``lr``,
+    ... as in edlab.config.TRAIN_FLAGS) and ``sets`` (["optim.nesterov=false"]) -> the run's summary
+    (None on a torchrun rank other than 0). ``console``: anything with ``.print(text)`` hears the epochs."""
+    from .config import TRAIN_FLAGS, flags_to_tree, load_train_config
+
+    unknown = sorted(set(options) - set(TRAIN_FLAGS))
+    if unknown:
+        raise EdlabError(f"unknown training option(s) {', '.join(unknown)} (named options: {', '.join(TRAIN_FLAGS)}; "
+                         f"any other config key goes in sets)")
+    if resume and not options.get("out"):
+        raise EdlabError("--resume needs --out RUN_DIR: the run to continue")
+    cfg = load_train_config(config, flags_to_tree(options, TRAIN_FLAGS), list(sets))
+    return train(cfg, resume=resume, console=console)[1]  # the module's train: monkeypatched in tests
+
+
+DATASETS = ("cifar10", "cifar100", "synthetic")
+
+
+def evaluate_checkpoint(checkpoint: str, dataset: str | None = None, data_dir: str | None = None,
+                        half: bool = False, batch_size: int = 1000, device: str = "auto", tta: str = "trained",
+                        progress=None) -> dict:
+    """``edlab eval`` as a call: re-measure the test accuracy of a checkpoint, packed or .onnx file (or run
+    folder) on the dataset it was trained on, with the views it was measured with (``tta="trained"``).
+    Returns {checkpoint, dataset, precision, tta, views, test_accuracy, test_loss, images}.
+    ``progress(text)``, if given, hears what is about to be evaluated."""
+    from .checkpoint import load_model, resolve_model_path, trained_with
+
+    if dataset is not None and dataset not in DATASETS:
+        raise EdlabError(f"unknown dataset '{dataset}' (choices: {', '.join(DATASETS)})")
+    if tta != "trained" and tta not in TTA_VIEWS:
+        raise EdlabError(f"unknown tta '{tta}' (choices: {', '.join(TTA_VIEWS)}, trained)")
+    checkpoint = resolve_model_path(checkpoint)
+    onnx = checkpoint.endswith(".onnx")
+    model = load_model(checkpoint) if onnx else load_checkpoint(checkpoint)
+    meta = model.edlab_metadata if isinstance(getattr(model, "edlab_metadata", None), dict) else {}
+    trained = trained_with(model)  # checked metadata: never a folder to create or a download to try
+    recorded = meta.get("dataset") if meta.get("dataset") in DATASETS else None
+    dataset = dataset or recorded or trained["dataset"] or "cifar10"
+    dev = resolve_device("cpu" if onnx else device)  # ONNX Runtime runs here on the CPU
+    if onnx and half:
+        raise EdlabError("--half applies to checkpoints; an ONNX file runs in the precision it was exported in")
+    data = get_data(dataset, data_dir or trained["data_dir"], batch_size=batch_size, val_size=0,
+                    eval_batch_size=batch_size, device=dev, download=False)
+    model.to(dev)
+    precision = "fp32"
+    if half:
+        dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
+        model.to(dtype)
+        precision = str(dtype).replace("torch.", "")
+    if tta == "trained":
+        inference = meta.get("inference") if isinstance(meta.get("inference"), dict) else {}
+        tta = inference.get("tta") if inference.get("tta") in TTA_VIEWS else trained["tta"]
+    if progress is not None:
+        progress(f"evaluating {len(data.test.split):,} test images x {TTA_VIEWS[tta]} view(s) on {dev}")
+    r = evaluate(model, data.test, tta=tta)
+    if onnx:
+        precision = (model.edlab_metadata.get("inference") or {}).get("precision", "fp32") + " (ONNX Runtime)"
+    return {"checkpoint": checkpoint, "dataset": dataset, "precision": precision, "tta": tta,
+            "views": TTA_VIEWS[tta],
+            "test_accuracy": r["accuracy"], "test_loss": r["loss"], "images": len(data.test.split)}

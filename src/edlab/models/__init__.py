@@ -38,3 +38,8 @@ def create_model(name: str, num_classes: int = 10, **options) -> nn.Module:
 
 
 from . import airbench, resnet  # noqa: E402,F401  (each registers its family)
+
+
+def model_sizes() -> dict[str, int]:
+    """Parameter count of every registered model (10 classes): what ``edlab models`` lists."""
+    return {name: sum(p.numel() for p in create_model(name).parameters()) for name in list_models()}

@@ -1,0 +1,52 @@
+"""edlab train -> edlab.train.train_run."""
+
+import click
+
+from ._common import DATASETS, console, distill_options
+
+
+@click.command()
+@click.argument("config", required=False, type=click.Path())  # a folder: one line from the reader
+@click.option("--model", help="Registered model name (see `edlab models`).")
+@click.option("--dataset", type=click.Choice(DATASETS))
+@click.option("--data-dir", help="Folder holding cifar-10-batches-py/ (else $EDLAB_DATA_DIR, else ./data).")
+@click.option("--train-subset", type=int, help="Train on only N images (quick runs).")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]))
+@click.option("--lr", type=float)
+@click.option("--weight-decay", type=float)
+@click.option("--scheduler", type=click.Choice(["none", "cosine", "onecycle", "step", "plateau"]))
+@click.option("--augment", type=click.Choice(["none", "crop-flip", "scale-rotate", "fancy"]))
+@click.option("--seed", type=int)
+@click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--threads", type=int, help="CPU threads (default: all cores; 1 on a busy shared machine).")
+@click.option("--tracker", type=click.Choice(["tensorboard", "wandb", "mlflow"]),
+              help="Also log to W&B or MLflow (TensorBoard always); needs pip install edlab[wandb] / edlab[mlflow].")
+@click.option("--out", help="Run directory (default runs/<name>-<timestamp>).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
+@distill_options
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any config key, e.g. optim.nesterov=false.")
+def train(config, resume, sets, **flags):
+    """Train a model; write a run directory (config, metrics, summary, TensorBoard, model.ckpt).
+
+    \b
+    Examples:
+      edlab train configs/resnet20-cifar10.yaml
+      edlab train --model resnet20 --dataset synthetic --epochs 2
+      edlab train cfg.yaml --lr 0.05 --set data.cutout=8 --set sched.warmup_epochs=1
+      edlab train configs/airbench94.yaml --set lookahead=null   # airbench's recipe, one trick off
+      edlab train cfg.yaml --out runs/r20 --resume      # continue a killed run
+      edlab train --model resnet20 --set model.blocks=[2,3,3] --teacher runs/r56/model.ckpt --temperature 4
+      WANDB_MODE=offline edlab train cfg.yaml --tracker wandb
+    """
+    from ..train import pct, train_run
+
+    out = console()
+    s = train_run(config, resume=resume, sets=list(sets), console=out, **flags)
+    if s is None:  # a torchrun rank other than 0: rank 0 reports
+        return
+    out.print(f"test accuracy {pct(s['test_accuracy'])}  (best val {100 * s['best_val_accuracy']:.2f}%"
+              f" @ epoch {s['best_epoch']})  params {s['params']:,}  MACs {s['macs']:,}  "
+              f"score {s['score']:.4f}  {s['seconds'] / 60:.1f} min  -> {s['run_dir']}")
