@@ -78,6 +78,8 @@ def test_test_chosen_reads_test_only_for_the_selected_point(tmp_path):
     ev = CliRunner().invoke(cli, ["eval", str(pack), "--json"])
     assert ev.exit_code == 0, ev.output
     assert json.loads(ev.stdout)["test_accuracy"] == chosen["test_accuracy"]
+    from edlab.pack import read_pack_header  # the file itself records the figure read once (its checkpoint could not)
+    assert read_pack_header(pack)["metadata"]["test_accuracy"] == chosen["test_accuracy"]
     # finished: nothing trains, nothing is tested again
     again = sweep_in(tmp_path, PRUNE2 + "test: chosen\npack: true\n")
     assert again.exit_code == 0 and "testing chosen point" not in again.output

@@ -332,9 +332,11 @@ def counted_bytes(model: nn.Module) -> float:
     return profile(model).score_params_term * RULES["course"].ref_params * 32 / 8
 
 
-def pack(checkpoint: str | Path, out: str | Path) -> dict:
+def pack(checkpoint: str | Path, out: str | Path, metadata: dict | None = None) -> dict:
     """Pack a checkpoint (or a run folder's) into ``out``; returns the sizes (file, header, weights, values, mask,
-    other bytes), the bytes the score counts, and a check that the packed model reloads with equal outputs."""
+    other bytes), the bytes the score counts, and a check that the packed model reloads with equal outputs.
+    ``metadata`` is merged over the checkpoint's: a study that tested its chosen point after training (``test:
+    chosen``) records that figure in the packed file, so `edlab info` on it shows the test accuracy."""
     from .checkpoint import atomic_write_bytes, load_checkpoint, resolve_model_path
 
     checkpoint = resolve_model_path(checkpoint)
@@ -346,7 +348,8 @@ def pack(checkpoint: str | Path, out: str | Path) -> dict:
     if dst.is_dir():
         raise EdlabError(f"--out {dst} is a folder; give a file name (e.g. {dst / 'model.pack'})")
     model = load_checkpoint(src)
-    blob, sizes = pack_model(model)
+    meta = {**getattr(model, "edlab_metadata", {}), **(metadata or {})}
+    blob, sizes = pack_model(model, meta)
     again = unpack_model(blob, dst)
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

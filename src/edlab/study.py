@@ -1043,7 +1043,8 @@ def pack_winner(st: Study, study, echo=print) -> dict | None:
         winner["error"] = "an int8 ONNX file: edlab pack takes checkpoints"
     else:
         try:
-            sizes = pack(path, st.out / "winner.pack")
+            tested = {k: row[k] for k in ("test_accuracy", "views") if row.get(k) is not None}
+            sizes = pack(path, st.out / "winner.pack", metadata=tested)
             winner.update(pack=sizes.pop("out"), sizes=sizes)
             echo(f"packed point {row['slot']:04d} -> {winner['pack']} ({sizes['file']:,} bytes, score "
                  f"{row['score']:.4f})")
