@@ -717,7 +717,8 @@ def story_lines(target: str, kind: str, meta: dict, p: Profile) -> list[str]:
                                                 else ""))
     inference = meta.get("inference") or {}
     acc = [f"{k} {100 * meta[k + '_accuracy']:.2f} %" for k in ("test", "val")
-           if isinstance(meta.get(k + "_accuracy"), (int, float))]
+           if isinstance(meta.get(k + "_accuracy"), (int, float)) and 0 <= meta[k + "_accuracy"] <= 1]
+    # (an accuracy outside [0, 1]: the -1 "no validation split" of checkpoints written before it was None)
     if acc or inference:
         how = f"tta {inference.get('tta', cfg.get('tta', 'none'))} ({p.views} view{'s' * (p.views > 1)} per image)"
         how += f", {inference['precision']}" if inference.get("precision") else ""

@@ -735,17 +735,21 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     test = final_test(model, data, amp, cfg)  # the only time the test split is read
     model = model.to("cpu").to(memory_format=torch.contiguous_format).float().eval()
     inference = inference_record(cfg, amp)
-    stages = with_stage(model, {"stage": "train", "model": cfg.model.name, "epochs": state.epoch,
+    # the stage's epochs: 9.9 when a fractional run ran to its end, the epochs run when it stopped early
+    epochs = cfg.epochs if state.epoch >= math.ceil(cfg.epochs) else state.epoch
+    stages = with_stage(model, {"stage": "train", "model": cfg.model.name, "epochs": epochs,
                                 "test_accuracy": test["accuracy"], "views": inference["views"]})
-    meta = dict(test_accuracy=test["accuracy"], val_accuracy=state.best_val, config=cfg.model_dump(mode="json"),
+    best_val = state.best_val if state.best_epoch > 0 else None  # None: no validation split (val_size 0)
+    meta = dict(test_accuracy=test["accuracy"], val_accuracy=best_val, config=cfg.model_dump(mode="json"),
                 inference=inference, stages=stages)
     save_checkpoint(model, run.file("model.ckpt"), **meta)
     model.edlab_metadata = meta
     last = state.history[-1] if state.history else {}
     summary = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-        "val_accuracy": last.get("val_accuracy"), "best_val_accuracy": state.best_val,
-        "best_epoch": state.best_epoch, "epochs": state.epoch, "seconds": state.seconds,
+        "val_accuracy": last.get("val_accuracy"), "best_val_accuracy": best_val,
+        "best_epoch": state.best_epoch if best_val is not None else None, "epochs": state.epoch,
+        "seconds": state.seconds,
         "wall_seconds_this_process": time.perf_counter() - t0, "skipped_steps": state.skipped_steps,
         "tta": cfg.tta, "ema": cfg.ema, "device": str(device), "world_size": d.world,
         "precision": inference["precision"], "inference": inference,

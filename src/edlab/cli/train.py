@@ -47,6 +47,7 @@ def train(config, resume, sets, **flags):
     s = train_run(config, resume=resume, sets=list(sets), console=out, **flags)
     if s is None:  # a torchrun rank other than 0: rank 0 reports
         return
-    out.print(f"test accuracy {pct(s['test_accuracy'])}  (best val {100 * s['best_val_accuracy']:.2f}%"
-              f" @ epoch {s['best_epoch']})  params {s['params']:,}  MACs {s['macs']:,}  "
+    val = (f"best val {pct(s['best_val_accuracy'])} @ epoch {s['best_epoch']}" if s["best_val_accuracy"] is not None
+           else "no validation split")
+    out.print(f"test accuracy {pct(s['test_accuracy'])}  ({val})  params {s['params']:,}  MACs {s['macs']:,}  "
               f"score {s['score']:.4f}  {s['seconds'] / 60:.1f} min  -> {s['run_dir']}")
