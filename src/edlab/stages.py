@@ -45,14 +45,17 @@ def _resolve(target: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def _info(target: str, input_size: str = "3,32,32", layers: bool = False, echo=print) -> dict:
+def _info(target: str, input_size: str = "3,32,32", layers: bool = False, echo=print,
+          table_console=None) -> dict:
+    """`edlab info` (the command and a recipe's info stage): the story lines, and the layer table with --layers
+    (drawn on ``table_console``, the command's rich console, when given)."""
     from .score import describe, render
 
     lines, p = describe(target, input_size)
     for line in lines:
         echo(line)
     if layers:
-        render(p)
+        render(p, table_console)
     return p.to_dict()
 
 
@@ -88,7 +91,8 @@ STAGES: dict[str, Stage] = {
                      aliases={"plot": ("plot_path", None)}),
     "models": Stage("edlab.stages:_models", takes_out=False),
 }
-INTERNAL = {"console", "echo", "progress", "options", "sets", "macs", "worker_index"}  # not stage options
+# keywords the pipeline fills in itself, not stage options
+INTERNAL = {"console", "table_console", "echo", "progress", "options", "sets", "macs", "worker_index"}
 
 
 def _kind(annotation: Any) -> str:

@@ -1,4 +1,4 @@
-"""edlab info -> edlab.score.describe."""
+"""edlab info -> edlab.stages._info (edlab.score.describe, printed)."""
 
 import click
 
@@ -20,11 +20,7 @@ def info(target, input_size, layers):
       edlab info r20-qat4.pack --layers
       edlab info resnet20
     """
-    from ..score import describe, render
+    from ..stages import _info
 
-    lines, p = describe(target, input_size)
     out = console()
-    for line in lines:
-        out.print(line)
-    if layers:
-        render(p, out)
+    _info(target, input_size, layers, echo=out.print, table_console=out)

@@ -1,4 +1,4 @@
-"""edlab models -> edlab.models.model_sizes."""
+"""edlab models -> edlab.stages._models (edlab.models.model_sizes, printed)."""
 
 import click
 
@@ -6,7 +6,6 @@ import click
 @click.command()
 def models():
     """List the registered models with their parameter counts (10 classes)."""
-    from ..models import model_sizes
+    from ..stages import _models
 
-    for name, n in model_sizes().items():
-        click.echo(f"{name:<18} {n:>12,} params")
+    _models(echo=click.echo)
