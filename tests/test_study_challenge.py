@@ -281,3 +281,25 @@ def test_report_shows_the_test_figure_a_study_read_for_its_chosen_point(tmp_path
     runs, _, _ = discover([tmp_path])
     got = {r.path.name: r.test for r in runs}
     assert got == {"0000": None, "0001": 0.42}
+
+
+@pytest.mark.slow
+def test_challenge_course_study_quantizes_one_student_and_packs_the_chosen_point(tmp_path):
+    """studies/challenge-course.yaml on a tiny depthwise [2, 3, 3] student: its three bit-width points in the
+    deployment form (first/last 8 bits, BN folded), the lowest-score point at the floor tested once, packed."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "studies" / "challenge-course.yaml").read_text().replace("2000", "256")
+    student = TINY.replace("width: 0.25}", "width: 0.5, conv: depthwise, blocks: [2, 3, 3]}").replace("tta: flip\n", "")
+    (tmp_path / "student.yaml").write_text(student)
+    r = CliRunner().invoke(cli, ["train", str(tmp_path / "student.yaml"), "--out", str(tmp_path / "student")])
+    assert r.exit_code == 0, r.output
+    ckpt = str(tmp_path / "student" / "model.ckpt")
+    r = sweep_in(tmp_path, text, "--quick", "--floor", "0.0", "--set", f"quantize.checkpoint={ckpt}")
+    assert r.exit_code == 0, r.output
+    rep = report(tmp_path)
+    done = [t for t in rep["trials"] if t["state"] == "COMPLETE"]
+    assert len(done) == 3
+    assert [t["tested"] is not None for t in sorted(done, key=lambda t: t["slot"])] == [False, False, True]
+    scores = [t["score"] for t in sorted(done, key=lambda t: t["slot"])]
+    assert scores[0] > scores[1] > scores[2]  # 5/5 > 4/5 > 4/4 bits
+    assert rep["winner"]["slot"] == 2 and (tmp_path / "out" / "winner.pack").is_file()
