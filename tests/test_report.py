@@ -234,3 +234,14 @@ def test_browser_check_sees_broken_pages(tmp_path):
     assert seen["images"] == [{"src": "missing.png", "complete": True, "w": 0}]
     assert any("boom" in e for e in seen["errors"]), seen["errors"]
     assert any("missing.png" in e or "ERR_FILE_NOT_FOUND" in e for e in seen["errors"]), seen["errors"]
+
+
+def test_a_run_without_validation_split_has_no_val(tmp_path):
+    """Runs made before the no-validation fix stored best_val_accuracy -1: the report shows no val (not -100 %)
+    and keeps it off the Pareto plot, rather than drawing a point at accuracy -1."""
+    run = tmp_path / "old" / "ab94"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"val_accuracy": None, "best_val_accuracy": -1.0,
+                                                 "test_accuracy": 0.9, "score": 2.9}))
+    runs, _, _ = discover([tmp_path])
+    assert [(r.val, r.test) for r in runs] == [(None, 0.9)]

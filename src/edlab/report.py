@@ -59,10 +59,12 @@ class RunInfo:
     def val(self) -> float | None:
         """Validation accuracy of the model the run kept (keep=best keeps the best epoch's weights)."""
         s = self.summary
-        if self.get("keep") == "best" and isinstance(s.get("best_val_accuracy"), int | float):
-            return s["best_val_accuracy"]
-        v = s.get("val_accuracy")
-        return v if isinstance(v, int | float) else s.get("best_val_accuracy")
+        best = _num(s.get("best_val_accuracy"))
+        best = best if best is not None and best >= 0 else None  # runs made before the fix stored -1: no val split
+        if self.get("keep") == "best" and best is not None:
+            return best
+        v = _num(s.get("val_accuracy"))
+        return v if v is not None else best
 
     @property
     def test(self) -> float | None:
