@@ -3,6 +3,7 @@
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -244,3 +245,21 @@ def test_a_recipe_distils_in_every_stage(tiny_ckpt, tmp_path, monkeypatch):
     assert [len(s) for s in final.layers] == [1, 1, 1] and final.conv1.weight_bits == 8
     kept = json.loads((tmp_path / "run" / "02-quantize" / "summary.json").read_text())["options"]["fold_bn"]["kept"]
     assert sum(isinstance(m, nn.BatchNorm2d) for m in final.modules()) == len(kept)
+
+
+def test_a_teacher_that_trained_on_the_validation_images_is_warned_about_and_counted(tiny_cfg, tmp_path):
+    """Evaluation hygiene: the student's validation split must be held out from its teacher too. A teacher
+    trained beside the same split passes quietly (0 images); one trained on every image is named, with the
+    count of validation images it saw, in a warning and in the summary."""
+    _, same = train(tiny_cfg(epochs=1, out=str(tmp_path / "t-same")))
+    _, whole = train(tiny_cfg(epochs=1, **{"data.val_size": 0, "out": str(tmp_path / "t-whole")}))
+    assert whole["best_val_accuracy"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning for a teacher of the same split
+        _, s = train(tiny_cfg(epochs=1, **{"distill.teacher": str(tmp_path / "t-same" / "model.ckpt"),
+                                            "out": str(tmp_path / "s-same")}))
+    assert s["teacher_val_leak"] == 0
+    with pytest.warns(UserWarning, match=r"200 of its images were training images of the teacher .*t-whole"):
+        _, s = train(tiny_cfg(epochs=1, **{"distill.teacher": str(tmp_path / "t-whole" / "model.ckpt"),
+                                            "out": str(tmp_path / "s-whole")}))
+    assert s["teacher_val_leak"] == 200 and s["teacher"].endswith("model.ckpt")

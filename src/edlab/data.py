@@ -207,9 +207,10 @@ def source_split(config: dict) -> dict:
             "split_seed": config.get("seed", 0) if seed is None else seed}
 
 
-def check_split(source: dict, dataset: str, val_size: int, split_seed: int) -> int:
-    """Warn when a stage validates on another split than its source's: the images of the new validation split
-    that the source was trained on make validation (and every choice it drives) optimistic. Returns them."""
+def check_split(source: dict, dataset: str, val_size: int, split_seed: int, who: str = "the source model") -> int:
+    """Warn when a stage validates on another split than its source's (or its teacher's, ``who``): the images
+    of the new validation split that the source was trained on make validation (and every choice it drives)
+    optimistic. Returns them."""
     if dataset != source["dataset"] or (val_size, split_seed) == (source["val_size"], source["split_seed"]):
         return 0
     n = TRAIN_IMAGES.get(dataset)
@@ -218,10 +219,13 @@ def check_split(source: dict, dataset: str, val_size: int, split_seed: int) -> i
     clip = (lambda v: min(v, n // 5)) if dataset == "synthetic" else (lambda v: v)
     leak = split_leak(n, clip(val_size), split_seed, clip(source["val_size"]), source["split_seed"])
     if leak:
-        warnings.warn(f"the validation split (val_size {val_size}, split_seed {split_seed}) differs from the "
-                      f"source's (val_size {source['val_size']}, split_seed {source['split_seed']}): {leak:,} of its "
-                      f"images were training images of the source model; drop the data.split_seed/val_size "
-                      f"change to validate on held-out images", stacklevel=2)
+        mine = "the source's" if who == "the source model" else "the teacher's"
+        warnings.warn(f"the validation split (val_size {val_size}, split_seed {split_seed}) differs from "
+                      f"{mine} (val_size {source['val_size']}, split_seed {source['split_seed']}): {leak:,} of its "
+                      f"images were training images of {who}; " + (
+                          "drop the data.split_seed/val_size change" if who == "the source model" else
+                          "distil from a teacher trained beside the same split") +
+                      " to validate on held-out images", stacklevel=2)
     return leak
 
 

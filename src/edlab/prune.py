@@ -605,7 +605,7 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
     model.to(device).float()
     ensure_dense_reference(model)
     teacher = copy.deepcopy(model).eval() if recipe.distill else \
-        load_teacher(cfg.distill.teacher, data.num_classes) if cfg.distill.teacher else None
+        load_teacher(cfg.distill.teacher, data.num_classes, cfg.data) if cfg.distill.teacher else None
     if sparsity_of(model) > 1e-4:
         hold_masks(model)  # a sparse checkpoint: its zeros are pruned weights, kept through fine-tuning
     run.write_text("config.yaml", to_yaml(cfg))

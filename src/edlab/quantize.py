@@ -543,7 +543,7 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
     device = data.train.device
     model = copy.deepcopy(source)
     teacher = copy.deepcopy(source).eval() if how["distill"] else \
-        load_teacher(cfg.distill.teacher, data.num_classes) if cfg.distill.teacher else None
+        load_teacher(cfg.distill.teacher, data.num_classes, cfg.data) if cfg.distill.teacher else None
     if teacher is not None:
         options.update(teacher="source" if how["distill"] else cfg.distill.teacher,
                        temperature=cfg.distill.temperature, alpha=cfg.distill.alpha)
