@@ -411,6 +411,15 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
+def teacher_leak(r: RunInfo) -> int:
+    """Validation images of this run that its distillation teacher trained on (its val reads high)."""
+    return int(_num(r.summary.get("teacher_val_leak")) or 0)
+
+
+LEAK_NOTE = ("‡ distilled from a teacher that trained on images of this run's validation split: its val reads "
+             "high (docs/training.md, Distillation)")
+
+
 def run_cells(r: RunInfo) -> list[str]:
     s = r.summary
     bits = f"{_bits(s.get('bits_w'))}/{_bits(s.get('bits_a'))}" if s.get("bits_w") is not None else ""
@@ -422,7 +431,8 @@ def run_cells(r: RunInfo) -> list[str]:
             _g(r.get("model", "width")),
             _g(r.get("model", "conv")), _g(r.get("optim", "name")), _g(r.get("optim", "lr")),
             _g(r.get("data", "batch_size")), _g(r.get("optim", "weight_decay")), _g(r.get("data", "augment")),
-            _g(_first(s.get("epochs"), s.get("finetune_epochs_total"), r.get("epochs"))), _pct(_num(r.val)),
+            _g(_first(s.get("epochs"), s.get("finetune_epochs_total"), r.get("epochs"))),
+            _pct(_num(r.val)) + (" ‡" if r.val is not None and teacher_leak(r) else ""),
             _pct(r.test), _g(views), _int(s.get("params")), _int(s.get("macs")), bits, ps_pu,
             "" if r.score is None else f"{r.score:.4g}", "" if seconds is None else f"{seconds / 60:.3g}"]
 
@@ -546,6 +556,9 @@ def build_report(paths: list[str | Path], out: str | Path, floor: float | list[f
                      for d, (b, rl) in per_dataset.items()]
     md = [f"# {title}\n", f"{len(runs)} runs{in_groups}.\n", best_line + "\n",
           *(line + "\n" for line in dataset_lines), markdown_table(COLUMNS, table_rows)]
+    leaky = any(teacher_leak(r) for r in runs)
+    if leaky:
+        md.append("\n" + LEAK_NOTE + "\n")
     md += [f"\n![{n}]({n}.png)\n" for n in ("curves", "pareto", "layers") if figures[n]]
     (out / "report.md").write_text("\n".join(md))
 
@@ -560,6 +573,8 @@ def build_report(paths: list[str | Path], out: str | Path, floor: float | list[f
             "<h2>Runs</h2><p class='note'>val: validation accuracy of the kept model; test: read once at the "
             "end of each run. Red row: best model; &#9733;: on the Pareto front (validation).</p>",
             f"<div class='wide'>{html_table(COLUMNS, table_rows, marks)}</div>"]
+    if leaky:
+        page.append(f"<p class='note'>{e(LEAK_NOTE)}</p>")
     if skipped:
         page.append(f"<p class='note'>Left out: {e('; '.join(skipped))}</p>")
     page.append("<h2>Learning curves</h2>")
