@@ -263,3 +263,33 @@ def test_a_teacher_that_trained_on_the_validation_images_is_warned_about_and_cou
         _, s = train(tiny_cfg(epochs=1, **{"distill.teacher": str(tmp_path / "t-whole" / "model.ckpt"),
                                             "out": str(tmp_path / "s-whole")}))
     assert s["teacher_val_leak"] == 200 and s["teacher"].endswith("model.ckpt")
+
+
+def test_a_leaky_teacher_is_remembered_by_every_later_stage(tiny_cfg, tmp_path):
+    """What a teacher learnt of the validation images stays in its student and in every model made from it:
+    the student's checkpoint records the count in its stage history, and a prune and a quantization of it
+    (no teacher of their own) report it as val_leak; a quantization given the leaky teacher directly counts
+    it as its own (options.teacher_val_leak). A student of a clean teacher passes on 0."""
+    train(tiny_cfg(epochs=1, **{"data.val_size": 0, "out": str(tmp_path / "t-whole")}))
+    teacher = str(tmp_path / "t-whole" / "model.ckpt")
+    with pytest.warns(UserWarning, match="training images of the teacher"):
+        _, s = train(tiny_cfg(epochs=1, **{"distill.teacher": teacher, "out": str(tmp_path / "s")}))
+    assert s["teacher_val_leak"] == 200 and s["val_leak"] == 200
+    student = tmp_path / "s" / "model.ckpt"
+    assert load_checkpoint(student).edlab_metadata["stages"][-1]["teacher_val_leak"] == 200
+
+    r = invoke("prune", student, "--unstructured", "0.3", "--finetune-epochs", "0", "--out", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    p = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert p["val_leak"] == 200 and "teacher" not in p
+    r = invoke("quantize", tmp_path / "p" / "model.ckpt", "--method", "fp16", "--out", tmp_path / "q")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "q" / "summary.json").read_text())["val_leak"] == 200
+
+    _, clean = train(tiny_cfg(epochs=1, out=str(tmp_path / "c")))
+    assert clean["val_leak"] == 0 and "teacher" not in clean
+    r = invoke("quantize", tmp_path / "c" / "model.ckpt", "--method", "qat", "--bits-w", "4", "--epochs", "1",
+               "--teacher", teacher, "--set", "data.train_subset=64", "--out", tmp_path / "qt")
+    assert r.exit_code == 0, r.output
+    q = json.loads((tmp_path / "qt" / "summary.json").read_text())
+    assert q["options"]["teacher_val_leak"] == 200 and q["val_leak"] == 200

@@ -248,15 +248,17 @@ def test_a_run_without_validation_split_has_no_val(tmp_path):
 
 
 def test_a_run_whose_teacher_saw_its_validation_images_is_marked(tmp_path):
-    """A summary with teacher_val_leak > 0 gets its val marked and the note under the table; a clean one not."""
-    for name, leak in (("leaky", 5000), ("clean", 0)):
+    """A summary with teacher_val_leak > 0 (its own teacher) or val_leak > 0 (a teacher of an earlier stage)
+    gets its val marked and the note under the table; a clean one not."""
+    for name, leak in (("leaky", {"teacher_val_leak": 5000}), ("clean", {"teacher_val_leak": 0, "val_leak": 0}),
+                       ("inherited", {"val_leak": 5000})):
         run = tmp_path / "runs" / name
         run.mkdir(parents=True)
         (run / "summary.json").write_text(json.dumps({"best_val_accuracy": 0.87, "test_accuracy": 0.85,
-                                                     "score": 0.03, "teacher_val_leak": leak}))
+                                                     "score": 0.03, **leak}))
     build_report([tmp_path / "runs"], tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
-    assert "87.00 ‡" in rows["leaky"] and "‡" not in rows["clean"]
+    assert "87.00 ‡" in rows["leaky"] and "87.00 ‡" in rows["inherited"] and "‡" not in rows["clean"]
     assert "teacher that trained on images of this run's validation split" in md
     assert "teacher that trained" in (tmp_path / "out" / "index.html").read_text()

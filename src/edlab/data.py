@@ -207,10 +207,10 @@ def source_split(config: dict) -> dict:
             "split_seed": config.get("seed", 0) if seed is None else seed}
 
 
-def check_split(source: dict, dataset: str, val_size: int, split_seed: int, who: str = "the source model") -> int:
-    """Warn when a stage validates on another split than its source's (or its teacher's, ``who``): the images
-    of the new validation split that the source was trained on make validation (and every choice it drives)
-    optimistic. Returns them."""
+def check_split(source: dict, dataset: str, val_size: int, split_seed: int, teacher: str | None = None) -> int:
+    """Warn when a stage validates on another split than its source's (or, given ``teacher``, a checkpoint
+    path, than that teacher's): the images of the new validation split that the source was trained on make
+    validation (and every choice it drives) optimistic. Returns them."""
     if dataset != source["dataset"] or (val_size, split_seed) == (source["val_size"], source["split_seed"]):
         return 0
     n = TRAIN_IMAGES.get(dataset)
@@ -219,13 +219,12 @@ def check_split(source: dict, dataset: str, val_size: int, split_seed: int, who:
     clip = (lambda v: min(v, n // 5)) if dataset == "synthetic" else (lambda v: v)
     leak = split_leak(n, clip(val_size), split_seed, clip(source["val_size"]), source["split_seed"])
     if leak:
-        mine = "the source's" if who == "the source model" else "the teacher's"
-        warnings.warn(f"the validation split (val_size {val_size}, split_seed {split_seed}) differs from "
-                      f"{mine} (val_size {source['val_size']}, split_seed {source['split_seed']}): {leak:,} of its "
-                      f"images were training images of {who}; " + (
-                          "drop the data.split_seed/val_size change" if who == "the source model" else
-                          "distil from a teacher trained beside the same split") +
-                      " to validate on held-out images", stacklevel=2)
+        whose, who, fix = (
+            ("the source's", "the source model", "drop the data.split_seed/val_size change") if teacher is None
+            else ("the teacher's", f"the teacher {teacher}", "distil from a teacher trained beside the same split"))
+        warnings.warn(f"the validation split (val_size {val_size}, split_seed {split_seed}) differs from {whose} "
+                      f"(val_size {source['val_size']}, split_seed {source['split_seed']}): {leak:,} of its images "
+                      f"were training images of {who}; {fix} to validate on held-out images", stacklevel=2)
     return leak
 
 

@@ -587,10 +587,19 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
                source: str | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` by ``recipe``, fine-tuning with ``cfg`` (a TrainConfig) after every step; write one
     metrics line per step, finetune.jsonl (the epochs), model.ckpt and summary.json into ``run``."""
-    from .checkpoint import save_checkpoint, with_stage
+    from .checkpoint import save_checkpoint, upstream_val_leak, with_stage
     from .config import to_yaml
     from .runs import command_line
-    from .train import evaluate, final_test, fit, inference_record, load_teacher, resolve_device, resolve_precision
+    from .train import (
+        evaluate,
+        final_test,
+        fit,
+        inference_record,
+        leak_record,
+        load_teacher,
+        resolve_device,
+        resolve_precision,
+    )
 
     recipe.validate()
     if recipe.distill and cfg.distill.teacher:
@@ -606,6 +615,8 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
     ensure_dense_reference(model)
     teacher = copy.deepcopy(model).eval() if recipe.distill else \
         load_teacher(cfg.distill.teacher, data.num_classes, cfg.data) if cfg.distill.teacher else None
+    leak = leak_record(teacher, "source" if recipe.distill else cfg.distill.teacher,
+                       upstream_val_leak(getattr(model, "edlab_metadata", None) or {}))
     if sparsity_of(model) > 1e-4:
         hold_masks(model)  # a sparse checkpoint: its zeros are pruned weights, kept through fine-tuning
     run.write_text("config.yaml", to_yaml(cfg))
@@ -693,7 +704,9 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
             "inference": inference,
             "stages": with_stage(model, {"stage": "prune", "structured": recipe.structured,
                                          "unstructured": recipe.unstructured, "ps": p.ps, "pu": p.pu,
-                                         "test_accuracy": test["accuracy"], "views": inference["views"]})}
+                                         "test_accuracy": test["accuracy"], "views": inference["views"],
+                                         **({"teacher_val_leak": leak["teacher_val_leak"]}
+                                            if "teacher" in leak else {})})}
     save_checkpoint(model, run.file("model.ckpt"), **meta)
     model.edlab_metadata = meta
     summary = {
@@ -701,7 +714,7 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
         "dense_val_accuracy": dense_val, "finetune_epochs_total": epochs_done, "steps": run.metrics(),
         "recipe": asdict(recipe), "source": source, "device": str(device),
         "precision": inference["precision"], "inference": inference, **p.to_dict(),
-        "seconds": time.perf_counter() - t_start, "command": command_line(), "run_dir": str(run.path),
+        "seconds": time.perf_counter() - t_start, "command": command_line(), "run_dir": str(run.path), **leak,
     }
     run.write_summary(summary)
     run.close()

@@ -546,6 +546,7 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
         load_teacher(cfg.distill.teacher, data.num_classes, cfg.data) if cfg.distill.teacher else None
     if teacher is not None:
         options.update(teacher="source" if how["distill"] else cfg.distill.teacher,
+                       teacher_val_leak=getattr(teacher, "edlab_val_leak", None),
                        temperature=cfg.distill.temperature, alpha=cfg.distill.alpha)
     if method == "binaryconnect":
         options.update(keep_first_last=how["keep_first_last"], scale=how["scale"], stochastic=how["stochastic"])
@@ -622,7 +623,7 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     layers into the convs before them (``edlab.fold``): after fine-tuning (binaryconnect, qat) or before the
     cast (fp16, bf16, int8), so that what is tested, scored and saved is the deployment form.
     ``train_subset``, ``threads``: as ``sets`` data.train_subset=N and threads=N (an entry of ``sets`` wins)."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, upstream_val_leak
     from .config import to_yaml
     from .runs import Run, command_line
     from .score import profile
@@ -707,6 +708,9 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
         "options": options, "inference": r["inference"], "reference_views": TTA_VIEWS[r["reference_tta"]],
         **r["extra"], **profile(r["scored"]).to_dict(), "command": command_line(),
         "run_dir": str(run.path),
+        # a teacher of this stage or of an earlier one that saw the validation images makes val read high
+        "val_leak": max(upstream_val_leak(getattr(source, "edlab_metadata", None) or {}),
+                        options.get("teacher_val_leak") or 0),
     }
     run.write_summary(summary)
     run.close()

@@ -412,12 +412,13 @@ def _first(*values: Any) -> Any:
 
 
 def teacher_leak(r: RunInfo) -> int:
-    """Validation images of this run that its distillation teacher trained on (its val reads high)."""
-    return int(_num(r.summary.get("teacher_val_leak")) or 0)
+    """Validation images of this run that a distillation teacher, of this stage or an earlier one, trained on
+    (its val reads high)."""
+    return int(max(_num(r.summary.get("teacher_val_leak")) or 0, _num(r.summary.get("val_leak")) or 0))
 
 
-LEAK_NOTE = ("‡ distilled from a teacher that trained on images of this run's validation split: its val reads "
-             "high (docs/training.md, Distillation)")
+LEAK_NOTE = ("‡ distilled, in this stage or an earlier one, from a teacher that trained on images of this run's "
+             "validation split: its val reads high (docs/training.md, Distillation)")
 
 
 def run_cells(r: RunInfo) -> list[str]:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import mixup
-from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint, with_stage
+from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint, upstream_val_leak, with_stage
 from .config import OptimConfig, SchedConfig, TrainConfig, to_yaml
 from .data import Data, get_data
 from .distributed import Dist
@@ -320,7 +320,16 @@ def teacher_split_leak(teacher: nn.Module, path: str, data_cfg) -> int | None:
     if not isinstance(config, dict) or not isinstance(config.get("data"), dict) or data_cfg.split_seed is None:
         return None
     return check_split(source_split(config), data_cfg.dataset, data_cfg.val_size, data_cfg.split_seed,
-                       who=f"the teacher {path}")
+                       teacher=path)
+
+
+def leak_record(teacher: nn.Module | None, path: str | None, upstream: int) -> dict:
+    """What a stage's summary says of its teacher: the checkpoint, how many validation images it trained on
+    (None: its checkpoint does not say) and ``val_leak``, the most images any teacher, this stage's or an
+    earlier stage's, trained on (``edlab report`` marks the val of such a run)."""
+    own = getattr(teacher, "edlab_val_leak", None) if teacher is not None else None
+    out = {"teacher": path, "teacher_val_leak": own} if teacher is not None else {}
+    return {**out, "val_leak": max(upstream, own or 0)}
 
 
 def plain_batches(loader) -> bool:
@@ -739,6 +748,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
         if not cfg.model.checkpoint:
             init_model(model, cfg, data)
         teacher = load_teacher(cfg.distill.teacher, data.num_classes, cfg.data) if cfg.distill.teacher else None
+        upstream = upstream_val_leak(getattr(model, "edlab_metadata", None) or {})  # a checkpoint's earlier stages
     except EdlabError:
         if d.main and fresh:  # nothing trained yet: the same command must work once the cause is fixed
             run.discard()
@@ -759,8 +769,10 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     inference = inference_record(cfg, amp)
     # the stage's epochs: 9.9 when a fractional run ran to its end, the epochs run when it stopped early
     epochs = cfg.epochs if state.epoch >= math.ceil(cfg.epochs) else state.epoch
+    leak = leak_record(teacher, cfg.distill.teacher, upstream)
     stages = with_stage(model, {"stage": "train", "model": cfg.model.name, "epochs": epochs,
-                                "test_accuracy": test["accuracy"], "views": inference["views"]})
+                                "test_accuracy": test["accuracy"], "views": inference["views"],
+                                **({"teacher_val_leak": leak["teacher_val_leak"]} if teacher is not None else {})})
     best_val = state.best_val if state.best_epoch > 0 else None  # None: no validation split (val_size 0)
     meta = dict(test_accuracy=test["accuracy"], val_accuracy=best_val, config=cfg.model_dump(mode="json"),
                 inference=inference, stages=stages)
@@ -778,8 +790,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
         "model": cfg.model.name, "dataset": cfg.data.dataset, **model_summary(model),
         "command": command_line(), "run_dir": str(run.path),
     }
-    if teacher is not None:  # a teacher that saw the validation images makes val read high: say so
-        summary.update(teacher=cfg.distill.teacher, teacher_val_leak=getattr(teacher, "edlab_val_leak", None))
+    summary.update(leak)  # a teacher (here or upstream) that saw the validation images makes val read high
     run.write_summary(summary)
     run.close()
     distributed.barrier(d)
