@@ -19,6 +19,13 @@ python3 .gpu/prepare_cifar10.py /tmp/data > /dev/null && echo "data ready after 
 timeout ${BENCH_LIMIT:-330} python3 benchmarks/bench_gpu.py --data-dir /tmp/data --json "$OUT/bench_gpu.json" \
   --parts ${PARTS:-resnet18,airbench,resnet18-compiled,throughput} 2>&1 | tee "$OUT/bench_gpu.log" | grep -v "^\s*$"
 
+# issue 13: edlab's configs/airbench94.yaml beside the airbench package (its wheel in .whl/: `pip wheel --no-deps
+# airbench==0.1.8 -w .whl`), same GPU, same pixels; skipped when the package is not there
+if python3 -c "import airbench" 2>/dev/null; then
+  timeout ${AB_LIMIT:-240} python3 benchmarks/bench_airbench_pkg.py --data-dir /tmp/data --runs ${AB_RUNS:-5} \
+    --work /tmp/abpkg --json "$OUT/airbench_pkg.json" 2>&1 | tee "$OUT/airbench_pkg.log" | grep -v "^\s*$"
+fi
+
 # resnet20 recipe scan (issue 2's CPU target): variants of configs/resnet20-cifar10.yaml side by side on the GPU,
 # to choose on validation which one the CPU run should use. Each process: 2 CPU threads.
 left=$(( LIMIT - ($(date +%s) - start) - 15 ))
