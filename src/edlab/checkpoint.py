@@ -359,11 +359,11 @@ def stage_history(metadata: dict) -> list[dict]:
     return out
 
 
-def upstream_val_leak(metadata: dict) -> int:
-    """Validation images that the teacher of any stage a model went through had trained on (each stage records
+def upstream_val_leak(model: nn.Module) -> int:
+    """Validation images that the teacher of any stage ``model`` went through had trained on (each stage records
     its teacher's count as ``teacher_val_leak``). What a teacher carried into a model stays in every model made
     from it, so a later stage validating on the same split reads high as well."""
-    counts = [s.get("teacher_val_leak") for s in stage_history(metadata)]
+    counts = [s.get("teacher_val_leak") for s in stage_history(getattr(model, "edlab_metadata", None) or {})]
     return max((int(c) for c in counts if isinstance(c, int | float) and not isinstance(c, bool) and c > 0),
                default=0)
 

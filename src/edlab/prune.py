@@ -616,7 +616,7 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
     teacher = copy.deepcopy(model).eval() if recipe.distill else \
         load_teacher(cfg.distill.teacher, data.num_classes, cfg.data) if cfg.distill.teacher else None
     leak = leak_record(teacher, "source" if recipe.distill else cfg.distill.teacher,
-                       upstream_val_leak(getattr(model, "edlab_metadata", None) or {}))
+                       upstream_val_leak(model))
     if sparsity_of(model) > 1e-4:
         hold_masks(model)  # a sparse checkpoint: its zeros are pruned weights, kept through fine-tuning
     run.write_text("config.yaml", to_yaml(cfg))

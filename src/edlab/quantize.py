@@ -709,7 +709,7 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
         **r["extra"], **profile(r["scored"]).to_dict(), "command": command_line(),
         "run_dir": str(run.path),
         # a teacher of this stage or of an earlier one that saw the validation images makes val read high
-        "val_leak": max(upstream_val_leak(getattr(source, "edlab_metadata", None) or {}),
+        "val_leak": max(upstream_val_leak(source),
                         options.get("teacher_val_leak") or 0),
     }
     run.write_summary(summary)

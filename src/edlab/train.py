@@ -748,7 +748,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
         if not cfg.model.checkpoint:
             init_model(model, cfg, data)
         teacher = load_teacher(cfg.distill.teacher, data.num_classes, cfg.data) if cfg.distill.teacher else None
-        upstream = upstream_val_leak(getattr(model, "edlab_metadata", None) or {})  # a checkpoint's earlier stages
+        leak = leak_record(teacher, cfg.distill.teacher, upstream_val_leak(model))  # before fit: earlier stages
     except EdlabError:
         if d.main and fresh:  # nothing trained yet: the same command must work once the cause is fixed
             run.discard()
@@ -769,7 +769,6 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     inference = inference_record(cfg, amp)
     # the stage's epochs: 9.9 when a fractional run ran to its end, the epochs run when it stopped early
     epochs = cfg.epochs if state.epoch >= math.ceil(cfg.epochs) else state.epoch
-    leak = leak_record(teacher, cfg.distill.teacher, upstream)
     stages = with_stage(model, {"stage": "train", "model": cfg.model.name, "epochs": epochs,
                                 "test_accuracy": test["accuracy"], "views": inference["views"],
                                 **({"teacher_val_leak": leak["teacher_val_leak"]} if teacher is not None else {})})
