@@ -45,6 +45,18 @@ def test_flip_flips_about_half():
     assert 140 < flipped < 260
 
 
+def test_augment_remembers_which_images_it_mirrored():
+    """crop-flip with crop_pad 0 shows each image or its mirror, and says which (the teacher cache reads it)."""
+    x = torch.randint(0, 255, (64, 3, 6, 6), dtype=torch.uint8)
+    aug = Augment("crop-flip", (0.0,) * 3, (1 / 255,) * 3, crop_pad=0)
+    out = aug(x, gen())
+    m = aug.mirrored
+    assert m is not None and 10 < int(m.sum()) < 54
+    assert torch.equal(out[m], x[m].flip(3).float()) and torch.equal(out[~m], x[~m].float())
+    aug(x, None)
+    assert aug.mirrored is None  # evaluation: nothing mirrored
+
+
 def test_cutout_erases_a_square():
     x = torch.ones(16, 3, 32, 32)
     out = cutout(x, gen(), 8)

@@ -4,6 +4,7 @@
 import json
 import math
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -76,7 +77,8 @@ def test_distillation_changes_what_the_student_learns(tiny_cfg):
 
 
 def _fit_with_teacher(cfg, teacher, cache: bool, monkeypatch):
-    monkeypatch.setattr(train_mod, "plain_batches", lambda loader: cache and loader.augment.policy == "none")
+    views = train_mod.cached_views
+    monkeypatch.setattr(train_mod, "cached_views", lambda loader: views(loader) if cache else 0)
     data = data_from_config(cfg, torch.device("cpu"))
     torch.manual_seed(0)
     model = create_model("resnet20", width=0.25)
@@ -101,6 +103,37 @@ def test_teacher_logits_cached_without_augmentation_equal_on_the_fly(tiny_cfg, m
     for a, b in zip(cached.state_dict().values(), fly.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-4)
     assert s1.history[-1]["train_loss"] == pytest.approx(s2.history[-1]["train_loss"], rel=1e-4)
+
+
+@pytest.mark.slow  # tens of seconds on 2 cores: CI runs it (scripts/test.sh), the default suite not
+def test_teacher_logits_cached_for_flips_only_equal_on_the_fly(tiny_cfg, monkeypatch):
+    """crop-flip with crop_pad 0 (mirrors only, random or alternating): the teacher runs once on every image
+    and once on its mirror, and the training is the same as running it on every batch."""
+    teacher = create_model("resnet20", width=0.25).eval()
+    for flip in ("random", "alternate"):
+        cfg = tiny_cfg(epochs=2, **{"data.augment": "crop-flip", "data.crop_pad": 0, "data.flip": flip,
+                                    "distill.temperature": 2.0, "data.train_subset": 256})
+        cached, s1, in1, data = _fit_with_teacher(cfg, teacher, True, monkeypatch)
+        fly, s2, in2, _ = _fit_with_teacher(cfg, teacher, False, monkeypatch)
+        n, steps = len(data.train.split), len(data.train)
+        assert sum(len(x) for x in in1) == 2 * n  # every image and its mirror, once
+        assert len(in2) == 2 * steps
+        for a, b in zip(cached.state_dict().values(), fly.state_dict().values()):
+            assert torch.allclose(a.float(), b.float(), atol=1e-4)
+        assert s1.history[-1]["train_loss"] == pytest.approx(s2.history[-1]["train_loss"], rel=1e-4)
+
+
+def test_which_batches_can_cache_the_teacher():
+    """Only batches whose views are fixed: stored images (1 view) or image and mirror (2); a crop, a warp or
+    cutout makes every epoch's view new."""
+    from edlab.augment import Augment
+
+    def views(policy, **kw):
+        return train_mod.cached_views(SimpleNamespace(augment=Augment(policy, (0.5,) * 3, (0.25,) * 3, **kw)))
+    assert views("none") == 1
+    assert views("crop-flip", crop_pad=0) == 2 and views("crop-flip", crop_pad=0, flip="alternate") == 2
+    assert views("crop-flip") == 0 and views("fancy") == 0 and views("scale-rotate") == 0
+    assert views("none", cutout=8) == 0 and views("crop-flip", crop_pad=0, cutout=8) == 0
 
 
 @pytest.mark.slow  # tens of seconds on 2 cores: CI runs it (scripts/test.sh), the default suite not

@@ -40,9 +40,17 @@ def random_crop(x: torch.Tensor, gen: torch.Generator, pad: int = PAD, fill: str
     return windows[torch.arange(b, device=x.device), :, dy, dx]
 
 
+def flip_mask(n: int, gen: torch.Generator, device) -> torch.Tensor:
+    """Which of n images random flipping mirrors (each with probability 1/2)."""
+    return _rand(n, gen, device) < 0.5
+
+
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    flip = _rand(x.shape[0], gen, x.device) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    return mirror_where(x, flip_mask(x.shape[0], gen, x.device))
+
+
+def mirror_where(x: torch.Tensor, mirror: torch.Tensor) -> torch.Tensor:
+    return torch.where(mirror.view(-1, 1, 1, 1), x.flip(3), x)
 
 
 def alternate_mirror(index: torch.Tensor, n: int, epoch: int, seed: int) -> torch.Tensor:
@@ -123,15 +131,20 @@ class Augment:
             raise ValueError(f"unknown augmentation '{policy}' (choices: {', '.join(POLICIES)})")
         self.policy, self.cutout = policy, cutout
         self.crop_pad, self.crop_fill, self.flip = crop_pad, crop_fill, flip
+        self.mirrored: torch.Tensor | None = None  # which images of the last batch were mirrored (None: no flip)
         self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator | None, mirror: torch.Tensor | None = None
                  ) -> torch.Tensor:
-        """``mirror``: which images to flip (alternating flip); None = crop-flip flips at random."""
+        """``mirror``: which images to flip (alternating flip); None = crop-flip flips at random. The mask used
+        is kept in ``self.mirrored``: with crop_pad 0 an image and its mirror are the only two views, so a
+        teacher's logits can be cached for both and read by (index, mirrored)."""
+        self.mirrored = None
         if gen is not None and self.policy == "crop-flip":  # on uint8: cheap gathers
             x = random_crop(x, gen, self.crop_pad, self.crop_fill)
-            x = random_flip(x, gen) if mirror is None else torch.where(mirror.view(-1, 1, 1, 1), x.flip(3), x)
+            self.mirrored = flip_mask(x.shape[0], gen, x.device) if mirror is None else mirror
+            x = mirror_where(x, self.mirrored)
         x = x.float()
         if gen is not None and self.policy in ("scale-rotate", "fancy"):  # before normalising: black fill
             fancy = self.policy == "fancy"  # crop and flip folded into the same warp

@@ -55,7 +55,7 @@ class DataConfig(Section):
     batch_size: int = Field(128, ge=1, le=65536)
     eval_batch_size: int = Field(1000, ge=1, le=65536)
     # crop-flip's knobs (airbench94: crop_pad 2, crop_fill reflect, flip alternate):
-    crop_pad: int = Field(4, ge=0, le=16)  # crop-flip: largest shift in pixels (pad by it, crop back)
+    crop_pad: int = Field(4, ge=0, le=16)  # crop-flip: largest shift in pixels (0: mirrors only; a teacher is cached)
     crop_fill: Literal["zeros", "reflect"] = "zeros"  # crop-flip: what the padded border holds
     flip: Literal["random", "alternate"] = "random"  # crop-flip: mirror at random each epoch, or each image
     # mirrored on alternate epochs (a seeded half mirrored on even epochs, the other half on odd ones)

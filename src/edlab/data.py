@@ -279,6 +279,7 @@ class Loader:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             self.index = idx  # which images of the split this batch holds (distillation's logit cache)
+            self.mirrored = self.augment.mirrored  # and which of them are mirrored (None: none)
             yield x, self.split.labels[idx]
 
 

@@ -332,24 +332,43 @@ def leak_record(teacher: nn.Module | None, path: str | None, upstream: int) -> d
     return {**out, "val_leak": max(upstream, own or 0)}
 
 
-def plain_batches(loader) -> bool:
-    """Whether the training batches are the images as stored (no augmentation, no cutout): then the teacher's
-    logits depend on the image alone and can be computed once (``teacher_table``)."""
+def cached_views(loader) -> int:
+    """How many fixed views of each training image the batches can show: 1 when they are the images as
+    stored (augment none), 2 when the only augmentation is a mirror (crop-flip with crop_pad 0), 0 when they
+    vary more (crops, warps, cutout). With 1 or 2 the teacher's logits depend on (image, mirrored) alone and
+    are computed once (``teacher_table``) instead of on every step."""
     aug = loader.augment
-    return getattr(aug, "policy", None) == "none" and not getattr(aug, "cutout", 0)
+    if getattr(aug, "cutout", 0):
+        return 0
+    policy = getattr(aug, "policy", None)
+    if policy == "none":
+        return 1
+    return 2 if policy == "crop-flip" and getattr(aug, "crop_pad", None) == 0 else 0
 
 
 @torch.no_grad()
-def teacher_table(teacher: nn.Module, loader, amp: torch.dtype | None, batch: int = 1000) -> torch.Tensor:
-    """The teacher's logits of every training image (plain, as ``plain_batches`` batches see them), one row
-    per image of the split: a step then reads its rows by index instead of running the teacher."""
+def teacher_table(teacher: nn.Module, loader, amp: torch.dtype | None, views: int = 1, batch: int = 1000
+                  ) -> torch.Tensor:
+    """The teacher's logits of every training image, one row per image of the split (views 1), or of every
+    image and its mirror ([N, 2, classes], views 2): a step then reads its rows by (index, mirrored)."""
     images = loader.split.images
     rows = []
     for i in range(0, len(images), batch):
-        x = loader.augment(images[i:i + batch], None)
+        x = loader.augment(images[i:i + batch], None)  # normalised, unaugmented (mirroring commutes with it)
         with autocast(loader.device, amp):
-            rows.append(teacher(x).float())
+            out = teacher(x).float()
+            rows.append(out if views == 1 else torch.stack([out, teacher(x.flip(3)).float()], 1))
     return torch.cat(rows) if rows else torch.zeros(0, 0, device=loader.device)
+
+
+def table_rows(table: torch.Tensor, loader) -> torch.Tensor:
+    """The cached teacher logits of the loader's last batch."""
+    rows = table[loader.index]
+    if table.dim() == 3:  # image and mirror: pick the view the batch shows
+        mirrored = loader.mirrored
+        pick = mirrored.long() if mirrored is not None else torch.zeros(len(rows), dtype=torch.long)
+        rows = rows[torch.arange(len(rows), device=rows.device), pick.to(rows.device)]
+    return rows
 
 
 RESUME_MAGIC = b"edlab-resume/1\n"  # then the sha256 of the rest (32 bytes), then torch.save's bytes
@@ -472,10 +491,12 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
     table = None
     if teacher is not None:
         teacher.to(device).eval()
-        # step: the teacher's logits once per image when every epoch shows the same plain images (no
-        # augmentation, no mixup); otherwise on the fly, on the student's augmented (and mixed) batch
-        if plain_batches(data.train) and cfg.data.mixup == 0:
-            table = teacher_table(teacher, data.train, amp)
+        # step: the teacher's logits once per image (and per mirror) when every epoch shows the same views
+        # (augment none, or flips only: crop_pad 0; no cutout, no mixup); otherwise on the fly, on the
+        # student's augmented (and mixed) batch
+        views = cached_views(data.train) if cfg.data.mixup == 0 else 0
+        if views:
+            table = teacher_table(teacher, data.train, amp, views)
     # A non-finite loss is looked for on the host every step on CPU (free there) but every 50 steps on GPUs,
     # where each look is a host synchronisation; the first bad step is recorded on the device meanwhile.
     check_every = 1 if device.type == "cpu" or cfg.nan_policy == "skip" else 50
@@ -499,7 +520,7 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
             lr = cfg.optim.lr * sched.factor(epoch * len(data.train) + i)
             for g in opt.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
-            t_out = table[data.train.index] if table is not None else None  # the cached teacher rows
+            t_out = table_rows(table, data.train) if table is not None else None  # the cached teacher rows
             if t_out is None:
                 x, y = distributed.shard(d, x, y)  # step: this rank's slice of the global batch
             else:
