@@ -363,12 +363,9 @@ def teacher_table(teacher: nn.Module, loader, amp: torch.dtype | None, views: in
 
 def table_rows(table: torch.Tensor, loader) -> torch.Tensor:
     """The cached teacher logits of the loader's last batch."""
-    rows = table[loader.index]
-    if table.dim() == 3:  # image and mirror: pick the view the batch shows
-        mirrored = loader.mirrored
-        pick = mirrored.long() if mirrored is not None else torch.zeros(len(rows), dtype=torch.long)
-        rows = rows[torch.arange(len(rows), device=rows.device), pick.to(rows.device)]
-    return rows
+    if table.dim() == 2:
+        return table[loader.index]
+    return table[loader.index, loader.mirrored.long()]  # image and mirror: the view the batch shows
 
 
 RESUME_MAGIC = b"edlab-resume/1\n"  # then the sha256 of the rest (32 bytes), then torch.save's bytes
