@@ -123,6 +123,73 @@ def test_teacher_logits_cached_for_flips_only_equal_on_the_fly(tiny_cfg, monkeyp
         assert s1.history[-1]["train_loss"] == pytest.approx(s2.history[-1]["train_loss"], rel=1e-4)
 
 
+def test_saved_teacher_table_is_read_back_only_when_it_matches(tiny_cfg, tmp_path):
+    """The teacher's cached logits are kept in the run folder for a resume, and read back only for the same
+    teacher, the same inputs and the same views; a changed teacher or a torn file is recomputed, silently."""
+    cfg = tiny_cfg(**{"data.augment": "crop-flip", "data.crop_pad": 0, "data.train_subset": 128})
+    data = data_from_config(cfg, torch.device("cpu"))
+    teacher = create_model("resnet20", width=0.25).eval()
+    calls = []
+    teacher.register_forward_pre_hook(lambda m, a: calls.append(len(a[0])))
+    path = tmp_path / train_mod.TABLE_FILE
+    first, reused = train_mod.saved_teacher_table(teacher, data.train, None, 2, path)
+    assert not reused and path.exists() and sum(calls) == 2 * 128 and first.shape == (128, 2, 10)
+    calls.clear()
+    again, reused = train_mod.saved_teacher_table(teacher, data.train, None, 2, path)
+    assert reused and calls == [] and torch.equal(again, first)
+    one, reused = train_mod.saved_teacher_table(teacher, data.train, None, 1, path)  # other views
+    assert not reused and one.shape == (128, 10) and torch.allclose(one, first[:, 0], atol=1e-5)
+    with torch.no_grad():
+        next(teacher.parameters()).add_(0.5)  # another teacher
+    calls.clear()
+    other, reused = train_mod.saved_teacher_table(teacher, data.train, None, 1, path)
+    assert not reused and sum(calls) == 128 and not torch.allclose(other, one)
+    path.write_bytes(b"torn")
+    _, reused = train_mod.saved_teacher_table(teacher, data.train, None, 1, path)
+    assert not reused and torch.load(path, weights_only=True)["table"].shape == (128, 10)
+
+
+@pytest.mark.slow  # tens of seconds on 2 cores: CI runs it (scripts/test.sh), the default suite not
+def test_resume_reads_the_teacher_table_back_and_finishes_as_if_never_killed(tiny_cfg, tmp_path):
+    from edlab.runs import Run
+    from edlab.train import model_from_config
+
+    save_checkpoint(create_model("resnet20", width=0.25), tmp_path / "t.ckpt")
+    sets = {"data.augment": "crop-flip", "data.crop_pad": 0, "data.train_subset": 128, "epochs": 3,
+            "distill.teacher": str(tmp_path / "t.ckpt")}
+    full = tiny_cfg(out=str(tmp_path / "full"), **sets)
+    m_full, _ = train(full)
+    assert not (tmp_path / "full" / train_mod.TABLE_FILE).exists()  # a finished run keeps no table
+
+    cut = tiny_cfg(out=str(tmp_path / "cut"), **sets)
+    run = Run.create("cut", cut.out)
+    from edlab.config import to_yaml
+    run.write_text("config.yaml", to_yaml(cut))
+    data = data_from_config(cut, torch.device("cpu"))
+    teacher = train_mod.load_teacher(cut.distill.teacher, data.num_classes, cut.data)
+
+    class Killed(Exception):
+        pass
+
+    def die(row):
+        if row["epoch"] == 2:
+            raise Killed
+    with pytest.raises(Killed):
+        fit(model_from_config(cut, data.num_classes), data, cut, run, teacher=teacher, on_epoch=die)
+    assert (tmp_path / "cut" / train_mod.TABLE_FILE).exists()
+    passes = []
+    real = train_mod.teacher_table
+    train_mod.teacher_table = lambda *a, **k: passes.append(1) or real(*a, **k)
+    try:
+        m_res, _ = train(cut, resume=True)
+    finally:
+        train_mod.teacher_table = real
+    assert passes == []  # read back, not recomputed
+    assert not (tmp_path / "cut" / train_mod.TABLE_FILE).exists()
+    for a, b in zip(m_full.state_dict().values(), m_res.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_which_batches_can_cache_the_teacher():
     """Only batches whose views are fixed: stored images (1 view) or image and mirror (2); a crop, a warp or
     cutout makes every epoch's view new."""

@@ -6,6 +6,7 @@ Layout of ``runs/<name>-<timestamp>/``::
     summary.json     final figures + reproduce cmd     tb/            TensorBoard event files
     model.ckpt       final model (edlab checkpoint)    resume.pt      state to continue a killed run
     tracker.json     id of the W&B / MLflow run (only with such a tracker), so a resumed run continues it
+    teacher-table.pt the teacher's cached logits while a distillation trains (read back on resume)
 
 JSON files are replaced atomically, so a crash never leaves a half-written summary.
 
