@@ -17,6 +17,32 @@ def cifar_dir() -> str | None:
     return None
 
 
+def kill_after_epoch(cfg, epoch: int, make_model=None):
+    """Train ``cfg`` in its ``out`` folder as ``edlab train`` does (config written, the config's teacher
+    loaded) and kill it when ``epoch`` has been saved: what the resume tests continue. ``make_model(cfg,
+    data)`` builds the network (default: ``model_from_config``). Returns the Run."""
+    from edlab.config import to_yaml
+    from edlab.runs import Run
+    from edlab.train import data_from_config, fit, load_teacher, model_from_config
+
+    run = Run.create("cut", cfg.out)
+    run.write_text("config.yaml", to_yaml(cfg))
+    data = data_from_config(cfg, torch.device("cpu"))
+    model = make_model(cfg, data) if make_model else model_from_config(cfg, data.num_classes)
+    teacher = load_teacher(cfg.distill.teacher, data.num_classes, cfg.data) if cfg.distill.teacher else None
+
+    class Killed(Exception):
+        pass
+
+    def die(row):
+        if row["epoch"] == epoch:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(model, data, cfg, run, teacher=teacher, on_epoch=die)
+    return run
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """A TrainConfig that trains a small resnet20 on synthetic data in seconds."""

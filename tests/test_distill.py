@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import cifar_dir
+from conftest import cifar_dir, kill_after_epoch
 from test_quantize import threads_from_env, tiny_checkpoint  # noqa: F401  (fixtures)
 
 import edlab.train as train_mod
@@ -151,9 +151,6 @@ def test_saved_teacher_table_is_read_back_only_when_it_matches(tiny_cfg, tmp_pat
 
 @pytest.mark.slow  # tens of seconds on 2 cores: CI runs it (scripts/test.sh), the default suite not
 def test_resume_reads_the_teacher_table_back_and_finishes_as_if_never_killed(tiny_cfg, tmp_path):
-    from edlab.runs import Run
-    from edlab.train import model_from_config
-
     save_checkpoint(create_model("resnet20", width=0.25), tmp_path / "t.ckpt")
     sets = {"data.augment": "crop-flip", "data.crop_pad": 0, "data.train_subset": 128, "epochs": 3,
             "distill.teacher": str(tmp_path / "t.ckpt")}
@@ -162,20 +159,7 @@ def test_resume_reads_the_teacher_table_back_and_finishes_as_if_never_killed(tin
     assert not (tmp_path / "full" / train_mod.TABLE_FILE).exists()  # a finished run keeps no table
 
     cut = tiny_cfg(out=str(tmp_path / "cut"), **sets)
-    run = Run.create("cut", cut.out)
-    from edlab.config import to_yaml
-    run.write_text("config.yaml", to_yaml(cut))
-    data = data_from_config(cut, torch.device("cpu"))
-    teacher = train_mod.load_teacher(cut.distill.teacher, data.num_classes, cut.data)
-
-    class Killed(Exception):
-        pass
-
-    def die(row):
-        if row["epoch"] == 2:
-            raise Killed
-    with pytest.raises(Killed):
-        fit(model_from_config(cut, data.num_classes), data, cut, run, teacher=teacher, on_epoch=die)
+    kill_after_epoch(cut, 2)
     assert (tmp_path / "cut" / train_mod.TABLE_FILE).exists()
     passes = []
     real = train_mod.teacher_table

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_after_epoch
 
 from edlab import EdlabError, load_checkpoint
 from edlab.config import SchedConfig
@@ -40,22 +41,7 @@ def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path, extra):
     m_full, s_full = train(full)
 
     cut = tiny_cfg(epochs=3, out=str(tmp_path / "cut"), **extra)
-    run = Run.create("cut", cut.out)
-    data = data_from_config(cut, torch.device("cpu"))
-    model = model_from_config(cut, data.num_classes)
-
-    class Killed(Exception):
-        pass
-
-    def die(row):
-        if row["epoch"] == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        from edlab.config import to_yaml
-
-        run.write_text("config.yaml", to_yaml(cut))
-        fit(model, data, cut, run, on_epoch=die)
+    kill_after_epoch(cut, 2)
     m_res, s_res = train(cut, resume=True)
     assert s_res["test_accuracy"] == s_full["test_accuracy"]
     assert torch.equal(_final_weights(m_res), _final_weights(m_full))

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import kill_after_epoch
 
 from edlab import EdlabError
 from edlab.augment import Augment, alternate_mirror
 from edlab.config import OptimConfig, SchedConfig
 from edlab.data import Loader, Split
 from edlab.models import create_model
-from edlab.runs import Run
 from edlab.train import (
     LRSchedule,
     build_optimizer,
@@ -191,27 +191,12 @@ def test_fractional_epochs_run_the_right_number_of_steps_and_every_trick_trains(
 
 
 def test_resume_with_every_trick_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
-    from edlab.config import to_yaml
-
     full = tiny_cfg(epochs=2.5, out=str(tmp_path / "full"), **AIRBENCH)
     m_full, s_full = train(full)
     cut = tiny_cfg(epochs=2.5, out=str(tmp_path / "cut"), **AIRBENCH)
-    run = Run.create("cut", cut.out)
-    run.write_text("config.yaml", to_yaml(cut))
-    data = data_from_config(cut, torch.device("cpu"))
     from edlab.train import init_model
 
-    model = init_model(model_from_config(cut, data.num_classes), cut, data)
-
-    class Killed(Exception):
-        pass
-
-    def die(row):
-        if row["epoch"] == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        fit(model, data, cut, run, on_epoch=die)
+    run = kill_after_epoch(cut, 2, lambda c, d: init_model(model_from_config(c, d.num_classes), c, d))
     blob = read_resume(run.file("resume.pt"))  # checksummed resume file (part 11)
     assert blob["lookahead"] is not None
     m_res, s_res = train(cut, resume=True)
