@@ -383,7 +383,7 @@ def _table_key(teacher: nn.Module, loader, amp: torch.dtype | None, views: int, 
 def saved_teacher_table(teacher: nn.Module, loader, amp: torch.dtype | None, views: int, path=None,
                         write: bool = True) -> tuple[torch.Tensor, bool]:
     """``teacher_table``, kept in ``path`` so that a resumed run (``--resume`` after a kill, the next
-    session's continuation) reads it back instead of paying the teacher's pass again (5.4 minutes for
+    session's continuation) reads it back instead of paying the teacher's pass again (4-5 minutes for
     airbench94 on 45,000 images and their mirrors on 2 CPU cores). The file is used only when its key
     matches this teacher and these inputs; an unreadable or stale file is recomputed and replaced. Returns
     (table, reused)."""
