@@ -262,3 +262,19 @@ def test_a_run_whose_teacher_saw_its_validation_images_is_marked(tmp_path):
     assert "87.00 ‡" in rows["leaky"] and "87.00 ‡" in rows["inherited"] and "‡" not in rows["clean"]
     assert "teacher that trained on images of this run's validation split" in md
     assert "teacher that trained" in (tmp_path / "out" / "index.html").read_text()
+
+
+def test_the_augment_column_says_when_crop_flip_crops_nothing(tmp_path):
+    """crop_pad 0 turns crop-flip into mirrors only: the table says so instead of the policy's name."""
+    for name, data in (("mirrors", {"augment": "crop-flip", "crop_pad": 0}),
+                       ("crops", {"augment": "crop-flip", "crop_pad": 4}), ("plain", {"augment": "none"})):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(json.dumps({"data": data}))  # JSON is YAML
+        (run / "summary.json").write_text(json.dumps({"best_val_accuracy": 0.8, "test_accuracy": 0.8,
+                                                     "score": 0.03}))
+    build_report([tmp_path / "runs"], tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    assert "| flip only (crop_pad 0) |" in rows["mirrors"]
+    assert "| crop-flip |" in rows["crops"] and "| none |" in rows["plain"]

@@ -431,7 +431,7 @@ def run_cells(r: RunInfo) -> list[str]:
     return [r.name, r.group, r.kind, _g(r.dataset), _g(r.get("model", "name") or s.get("model")),
             _g(r.get("model", "width")),
             _g(r.get("model", "conv")), _g(r.get("optim", "name")), _g(r.get("optim", "lr")),
-            _g(r.get("data", "batch_size")), _g(r.get("optim", "weight_decay")), _g(r.get("data", "augment")),
+            _g(r.get("data", "batch_size")), _g(r.get("optim", "weight_decay")), _augment(r),
             _g(_first(s.get("epochs"), s.get("finetune_epochs_total"), r.get("epochs"))),
             _pct(_num(r.val)) + (" ‡" if r.val is not None and teacher_leak(r) else ""),
             _pct(r.test), _g(views), _int(s.get("params")), _int(s.get("macs")), bits, ps_pu,
@@ -439,6 +439,15 @@ def run_cells(r: RunInfo) -> list[str]:
 
 
 LAYER_COLUMNS = ["layer", "type", "params", "nonzero", "MACs", "bits w/a", "params term", "ops term", "% of score"]
+
+
+def _augment(r: RunInfo) -> str:
+    """The augmentation as trained: crop-flip with crop_pad 0 shifts nothing (mirrors only, the setting that
+    lets a teacher's logits be cached), which the policy's name alone would hide in a comparison."""
+    policy = r.get("data", "augment")
+    if policy == "crop-flip" and r.get("data", "crop_pad") == 0:
+        return "flip only (crop_pad 0)"
+    return _g(policy)
 
 
 def layer_cells(row: dict, total: float) -> list[str]:
