@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import socket
 import subprocess
@@ -45,11 +46,15 @@ from .errors import EdlabError
 from .runs import check_out_path, write_json
 
 STUDY_KEYS = ("name", "description", "out", "config", "recipe", "set", "quick", "grid", "list", "search",
-              "objective", "seed", "test", "teacher", "pack")
+              "objective", "seed", "test", "teacher", "pack", "pruner", "budget")
 TEACHER_KEYS = ("config", "set", "quick", "stages")
 TRAINS = ("train", "prune", "quantize")  # the stages that train (and test), as in edlab.pipeline
 TEST_MODES = ("all", "chosen")  # test: all = every trial tests its model; chosen = only the selected points
 SEARCH_KEYS = ("params", "trials", "startup_trials")
+# multi-fidelity: an Optuna pruner watches each trial's validation accuracy per epoch of its training stage
+PRUNERS = ("successive-halving", "hyperband", "median")
+PRUNER_KEYS = ("type", "min_epochs", "reduction_factor", "startup_trials")
+BUDGET_KEYS = ("epochs",)
 PARAM_TYPES = {"int": ("low", "high", "step", "log"), "float": ("low", "high", "step", "log"),
                "categorical": ("choices",)}
 HEARTBEAT_S = 30  # a running trial refreshes its heartbeat attribute this often
@@ -77,6 +82,8 @@ class Study:
     test: str = "all"  # "chosen": trials run with final_test off; the selected points are tested after the trials
     teacher: dict | None = None  # {config, set, stages}: trained once into <out>/teacher; or {checkpoint, stages}
     pack: bool = False  # pack the best point's final model into <out>/winner.pack after the trials
+    pruner: dict | None = None  # {type, min_epochs, reduction_factor, startup_trials}: stops losing trials early
+    budget_epochs: int | None = None  # no trial starts once the study's trials have run this many epochs
 
     def fingerprint(self) -> str:
         """What must not change between a study's runs (trials may grow): base, overrides, space, goal."""
@@ -86,6 +93,8 @@ class Study:
             spec.append({"test": self.test})
         if self.teacher is not None:
             spec.append({"teacher": self.teacher})
+        if self.pruner is not None:  # (the budget may change: it only says when to stop starting trials)
+            spec.append({"pruner": self.pruner})
         return json.dumps(spec, sort_keys=True, default=str)
 
 
@@ -181,6 +190,8 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
         raise _fail(path, f"pack must be true or false, got {st.pack!r}")
     if st.pack and st.objective == "pareto":
         raise _fail(path, "pack: true needs one best point (objective val_accuracy or min_score_with_val_at_least)")
+    st.pruner = _parse_pruner(raw.get("pruner"), path, st.objective)
+    st.budget_epochs = _parse_budget(raw.get("budget"), path)
     if st.mode == "grid":
         grid = raw["grid"]
         if not isinstance(grid, dict) or not grid:
@@ -244,6 +255,40 @@ def _parse_teacher(t: Any, path: str, quick: bool) -> dict | None:
     except EdlabError as e:
         raise _fail(path, f"teacher: {e}") from None
     return {"config": config, "set": sets, "stages": stages}
+
+
+def _parse_pruner(p: Any, path: str, objective: Any) -> dict | None:
+    """``pruner: successive-halving`` or ``{type, min_epochs: 1, reduction_factor: 3, startup_trials: 2}``."""
+    if p is None or p == "none":
+        return None
+    if isinstance(p, str):
+        p = {"type": p}
+    if not isinstance(p, dict) or p.get("type") not in PRUNERS:
+        raise _fail(path, f"pruner must be none or one of {', '.join(PRUNERS)} (or {{type: ..., min_epochs: N, "
+                          f"reduction_factor: N}}), got {p!r}")
+    unknown = sorted(set(p) - set(PRUNER_KEYS))
+    if unknown:
+        raise _fail(path, f"unknown pruner key(s) {', '.join(unknown)} (valid: {', '.join(PRUNER_KEYS)})")
+    spec = {"type": p["type"], "min_epochs": p.get("min_epochs", 1), "reduction_factor": p.get("reduction_factor", 3),
+            "startup_trials": p.get("startup_trials", 2)}
+    for k, low in (("min_epochs", 1), ("reduction_factor", 2), ("startup_trials", 0)):
+        v = spec[k]
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= 100000:
+            raise _fail(path, f"pruner.{k} must be an integer >= {low}, got {v!r}")
+    if objective == "pareto":
+        raise _fail(path, "a pruner needs one objective: Optuna's pruners cannot compare Pareto (two-objective) "
+                          "trials")
+    return spec
+
+
+def _parse_budget(b: Any, path: str) -> int | None:
+    """``budget: {epochs: N}``: the most training epochs the study's trials spend, all stages counted."""
+    if b is None:
+        return None
+    if not isinstance(b, dict) or set(b) - set(BUDGET_KEYS) or not isinstance(b.get("epochs"), int) \
+            or isinstance(b.get("epochs"), bool) or b["epochs"] < 1:
+        raise _fail(path, f"budget must be {{epochs: N}} with N a positive integer, got {b!r}")
+    return b["epochs"]
 
 
 def _parse_search(st: Study, search: Any, path: str, extra_trials: Any) -> None:
@@ -551,11 +596,12 @@ def open_study(st: Study, url: str, worker: int = 0, create: bool = True):
         sampler = optuna.samplers.TPESampler(seed=st.seed + worker, n_startup_trials=st.startup_trials)
     else:
         sampler = optuna.samplers.RandomSampler(seed=st.seed)  # every parameter is fixed by the enqueued point
+    pruner = make_pruner(optuna, st)
     if create:
         study = _retry(optuna.create_study, storage=storage, study_name=st.name, directions=_directions(st),
-                       sampler=sampler, load_if_exists=True)
+                       sampler=sampler, pruner=pruner, load_if_exists=True)
     else:
-        study = _retry(optuna.load_study, storage=storage, study_name=st.name, sampler=sampler)
+        study = _retry(optuna.load_study, storage=storage, study_name=st.name, sampler=sampler, pruner=pruner)
     saved = study.user_attrs.get("edlab_spec")
     if saved is None:
         _retry(study.set_user_attr, "edlab_spec", st.fingerprint())
@@ -566,6 +612,46 @@ def open_study(st: Study, url: str, worker: int = 0, create: bool = True):
     if [d.name.lower() for d in study.directions] != _directions(st):
         raise EdlabError(f"study '{st.name}' in {_redact(url)} has other objectives; choose another --out")
     return study
+
+
+def make_pruner(optuna, st: Study):
+    """The study's Optuna pruner over the epochs of each trial's training stage (NopPruner without one).
+    Successive halving keeps the top 1/reduction_factor of the trials that reached each rung (min_epochs x
+    reduction_factor^k epochs); Hyperband runs several such brackets of different min_epochs; median stops a
+    trial whose accuracy is below the median of the earlier trials' at the same epoch."""
+    p = st.pruner
+    if p is None:
+        return optuna.pruners.NopPruner()
+    if p["type"] == "successive-halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p["min_epochs"],
+                                                      reduction_factor=p["reduction_factor"])
+    if p["type"] == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=p["min_epochs"], max_resource=max(
+            p["min_epochs"], math.ceil(full_epochs(st, {})[0])), reduction_factor=p["reduction_factor"])
+    return optuna.pruners.MedianPruner(n_startup_trials=p["startup_trials"], n_warmup_steps=p["min_epochs"] - 1)
+
+
+def full_epochs(st: Study, point: dict[str, Any]) -> tuple[float, float]:
+    """(epochs of the trial's first training stage, epochs of all its stages) at full fidelity, as the config
+    or recipe states them: what a trial that no pruner stops spends."""
+    if st.kind == "config":
+        e = float(trial_config(st, point, "probe").epochs)
+        return e, e
+    from .pipeline import load_recipe
+    from .prune import Recipe
+    from .quantize import STAGE_DEFAULTS
+
+    stages = load_recipe(_recipe_path(st), _sets({**st.fixed, **point}))["stages"]
+    counts = []
+    for name, opts in stages:
+        if name == "train":
+            cfg = read_yaml(_find(str(opts["config"]), st.file)) if opts.get("config") else {}
+            counts.append(float(opts.get("epochs", cfg.get("epochs", TrainConfig().epochs))))
+        elif name == "prune":
+            counts.append(float(opts.get("finetune-epochs", Recipe.finetune_epochs)))
+        elif name == "quantize" and opts.get("method", "qat") in STAGE_DEFAULTS:
+            counts.append(float(opts.get("epochs", STAGE_DEFAULTS[opts.get("method", "qat")]["epochs"])))
+    return (counts[0] if counts else 0.0), sum(counts)
 
 
 def _redact(url: str) -> str:
@@ -675,7 +761,8 @@ def _slot_states(study, retry_failed: bool) -> tuple[set[int], dict[int, dict]]:
         if t.params and slot not in drawn:
             drawn[slot] = dict(t.params)
         failed_for_real = t.state == TrialState.FAIL and not t.user_attrs.get("interrupted") and not retry_failed
-        if t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING) or failed_for_real:
+        pruned = t.state == TrialState.PRUNED and t.user_attrs.get("pruned_at") is not None  # stopped by the pruner
+        if t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING) or failed_for_real or pruned:
             busy.add(slot)
     return busy, drawn
 
@@ -750,6 +837,8 @@ def _next_trial(st: Study, study):
     """A WAITING trial, else (search) a new draw while the budget lasts; surplus draws are dropped."""
     from optuna.trial import TrialState
 
+    if st.budget_epochs is not None and spent_epochs(study) >= st.budget_epochs:
+        return None  # the budget is spent: no trial starts (a re-run with a larger budget goes on)
     trial = _claim(study)
     if trial is not None or st.mode != "search":
         return trial
@@ -770,6 +859,51 @@ def _next_trial(st: Study, study):
             _retry(study.tell, trial, state=TrialState.PRUNED)
             return None
     return trial
+
+
+def spent_epochs(study) -> float:
+    """Training epochs the study's finished trials ran, every stage counted (a pruned trial: up to its stop)."""
+    return sum(t.user_attrs.get("epochs_run") or 0.0 for t in _retry(study.get_trials, deepcopy=False)
+               if t.state.name in ("COMPLETE", "PRUNED"))
+
+
+class TrialStopped(Exception):
+    """Raised inside a trial's training when the study's pruner stops it (not an EdlabError: no stage wraps it)."""
+
+    def __init__(self, epoch: int, val_accuracy: float):
+        super().__init__(f"stopped by the pruner after epoch {epoch} (val {100 * val_accuracy:.2f}%)")
+        self.epoch, self.val_accuracy = epoch, val_accuracy
+
+
+def _watched_folder(st: Study, run_dir: Path) -> Path:
+    """The folder of the training stage whose epochs the pruner judges: the trial's run, or its recipe's first
+    train/prune/quantize stage (later stages are short fine-tunings that a trial reaching them runs whole)."""
+    if st.kind == "config":
+        return run_dir
+    from .pipeline import load_recipe
+
+    stages = load_recipe(_recipe_path(st), _sets(st.fixed))["stages"]
+    i, name = next(((i, n) for i, (n, _) in enumerate(stages) if n in TRAINS), (0, "train"))
+    return run_dir / f"{i:02d}-{name}"
+
+
+def _pruning_observer(st: Study, trial, run_dir: Path):
+    """Report each epoch's validation accuracy of the watched stage to Optuna and stop the trial when the
+    pruner says so. A trial already at or above the study's floor is never stopped: it is feasible, and the
+    objective then ranks it by its score, which the pruner does not see."""
+    watched = _watched_folder(st, run_dir).resolve()
+    sign = -1.0 if _directions(st) == ["minimize"] else 1.0  # the pruner ranks by the study's direction
+    floor = _floor(st)
+
+    def observe(row: dict, folder: str | None) -> None:
+        val = row.get("val_accuracy")
+        if folder is None or Path(folder).resolve() != watched or val is None:
+            return
+        _retry(trial.report, sign * val, int(row["epoch"]))
+        if _retry(trial.should_prune) and not (floor is not None and val >= floor):
+            raise TrialStopped(int(row["epoch"]), val)
+
+    return observe
 
 
 def _is_duplicate(study, trial) -> bool:
@@ -823,15 +957,24 @@ def _log_console(path: Path):
     return Console(file=open(path, "a"), highlight=False, soft_wrap=True, force_terminal=False)
 
 
-def run_point(st: Study, point: dict[str, Any], run_dir: Path, log: Path) -> dict:
-    """Run one trial's training (or pipeline) in run_dir, continuing whatever a killed attempt left there."""
+def run_point(st: Study, point: dict[str, Any], run_dir: Path, log: Path, observer=None) -> dict:
+    """Run one trial's training (or pipeline) in run_dir, continuing whatever a killed attempt left there.
+    ``observer``: shown every epoch (edlab.train.observe_epochs); the pruner's, which may stop the trial."""
+    from .train import observe_epochs
+
     console = _log_console(log)
     try:
-        if st.kind == "config":
-            return _run_train(st, point, run_dir, console)
-        return _run_recipe(st, point, run_dir, console)
+        with observe_epochs(observer) if observer is not None else _nothing():
+            if st.kind == "config":
+                return _run_train(st, point, run_dir, console)
+            return _run_recipe(st, point, run_dir, console)
     finally:
         console.file.close()
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 def _run_train(st: Study, point: dict, run_dir: Path, console) -> dict:
@@ -847,7 +990,8 @@ def _run_train(st: Study, point: dict, run_dir: Path, console) -> dict:
             run_dir.rename(run_dir.with_name(f"{run_dir.name}.interrupted-{time.strftime('%H%M%S')}"))
         _, s = train(cfg, resume=resume, console=console)
     val = s.get("best_val_accuracy") if cfg.keep == "best" else s.get("val_accuracy")
-    return {"val_accuracy": val, "test_accuracy": s.get("test_accuracy"), "score": s.get("score"),
+    return {"val_accuracy": val, "epochs_run": float(s.get("epochs") or 0),
+            "test_accuracy": s.get("test_accuracy"), "score": s.get("score"),
             "macs": s.get("macs"), "params": s.get("params"), "views": s.get("views"), "seconds": s.get("seconds"),
             "model_file": str(run_dir / "model.ckpt"),
             "command": _command("edlab", "train", st.base, *(a for x in _sets({**st.fixed, **point,
@@ -872,6 +1016,7 @@ def _run_recipe(st: Study, point: dict, run_dir: Path, console) -> dict:
     for key in ("val_accuracy", "test_accuracy", "score", "macs", "params", "views"):
         out[key] = next((s[key] for s in reversed(summaries) if s.get(key) is not None), None)
     out["seconds"] = sum(s.get("seconds") or 0.0 for s in r["stages"])
+    out["epochs_run"] = float(sum(s.get("finetune_epochs_total") or s.get("epochs") or 0 for s in summaries))
     # the command line form of stage_sets (for stages that have no set: of their own in the recipe)
     stage = [f"{i}.set={json.dumps(edits)}" for i, edits in stage_sets.items() if edits]
     out["command"] = _command("edlab", "run", recipe, *(a for x in [*sets, *stage] for a in ("--set", x)),
@@ -923,9 +1068,20 @@ def run_worker(st: Study, study, index: int = 0, echo=print) -> int:
         beat = threading.Thread(target=_heartbeat, args=(trial, stop), daemon=True)
         beat.start()
         t0 = time.perf_counter()
+        if st.pruner is not None:
+            _retry(trial.set_user_attr, "full_epochs", full_epochs(st, point))
+        observer = _pruning_observer(st, trial, run_dir) if st.pruner is not None else None
         try:
-            r = run_point(st, point, run_dir, st.out / "logs" / f"{slot:04d}.log")
+            r = run_point(st, point, run_dir, st.out / "logs" / f"{slot:04d}.log", observer)
             values = _values(st, r)
+        except TrialStopped as stop_:  # a losing trial: its run keeps resume.pt and metrics up to the stop
+            for k, v in {"pruned_at": stop_.epoch, "val_accuracy": stop_.val_accuracy,
+                         "epochs_run": float(stop_.epoch), "wall_seconds": time.perf_counter() - t0}.items():
+                _retry(trial.set_user_attr, k, v)
+            _retry(study.tell, trial, state=TrialState.PRUNED, skip_if_finished=True)
+            echo(f"{tag}trial {trial.number} (point {slot:04d}): {stop_} "
+                 f"({time.perf_counter() - t0:.0f} s)")
+            continue
         except KeyboardInterrupt:
             _retry(trial.set_user_attr, "interrupted", True)
             _retry(study.tell, trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -968,6 +1124,8 @@ def trial_rows(study) -> list[dict]:
                      "tested": a.get("tested"),
                      "command": a.get("command"),
                      "error": a.get("error"), "interrupted": bool(a.get("interrupted")),
+                     "pruned_at": a.get("pruned_at"), "epochs_run": a.get("epochs_run"),
+                     "full_epochs": a.get("full_epochs"),
                      "worker": "{host}:{pid}".format(**a["owner"]) if a.get("owner") else None})
     return rows
 
@@ -1067,9 +1225,38 @@ def write_report(st: Study, study, url: str) -> dict:
               "size": len(st.points) if st.mode != "search" else st.trials, "counts": counts, "test": st.test,
               "teacher": teacher_path(st) if st.teacher else None,
               "winner": _retry(lambda: study.user_attrs).get("winner") if st.pack else None,
-              "best": best(st, rows), "trials": rows}
+              "best": best(st, rows), "budget": budget(st, rows), "trials": rows}
     write_json(st.out / "study.json", report)
     return report
+
+
+def budget(st: Study, rows: list[dict] | None = None) -> dict:
+    """What the study spends: every trial at full fidelity (its trials times their epochs, all stages), the cap
+    (``budget: {epochs: N}``) and, from ``rows``, the epochs its finished trials ran and how many were stopped."""
+    if st.mode == "search":
+        each = full_epochs(st, {})[1]
+        full = each * st.trials
+    else:
+        full = sum(full_epochs(st, p)[1] for p in st.points)
+    out = {"full_fidelity_epochs": full, "cap_epochs": st.budget_epochs, "pruner": st.pruner}
+    if rows is not None:
+        done = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED") and r.get("epochs_run") is not None]
+        out["spent_epochs"] = sum(r["epochs_run"] for r in done)
+        out["pruned_trials"] = sum(r["state"] == "PRUNED" for r in done)
+    return out
+
+
+def budget_line(st: Study) -> str:
+    b = budget(st)
+    n = len(st.points) if st.mode != "search" else st.trials
+    line = f"budget: {n} trial(s), {b['full_fidelity_epochs']:g} training epochs at full fidelity"
+    if st.pruner:
+        p = st.pruner
+        line += (f"; pruner {p['type']} (from epoch {p['min_epochs']}, reduction factor {p['reduction_factor']}) "
+                 f"stops losing trials early")
+    if st.budget_epochs:
+        line += f"; no trial starts after {st.budget_epochs} epochs are spent"
+    return line
 
 
 def describe(st: Study) -> list[str]:
@@ -1077,6 +1264,7 @@ def describe(st: Study) -> list[str]:
     lines = [f"study {st.name}: {st.mode}, {len(st.points) or st.trials} trials, base {st.kind} "
              f"{st.base or 'inline'}, objective {st.objective}, fixed {st.fixed}, out {st.out}, "
              f"test {st.test}" + (f", teacher {st.teacher}" if st.teacher else "")]
+    lines.append(budget_line(st))
     lines += [f"  {i:04d} " + ", ".join(f"{k}={v}" for k, v in p.items()) for i, p in enumerate(st.points)]
     lines += [f"  {k}: " + ", ".join(f"{f}={v}" for f, v in spec.items()) for k, spec in st.params.items()]
     return lines
@@ -1112,6 +1300,7 @@ def sweep(study_file: str, out: str | None = None, storage: str | None = None, w
     study = open_study(st, url)
     recovered = recover(study, stale_after)
     added = enqueue_missing(st, study, retry_failed)
+    echo(budget_line(st))
     echo(f"study {st.name} in {_redact(url)}: {recovered} interrupted trial(s) to re-run, "
          f"{added} point(s) enqueued, {workers} worker(s); logs in {st.out / 'logs'}")
     if workers == 1:

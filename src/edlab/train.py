@@ -15,6 +15,9 @@ import hashlib
 import io
 import math
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -527,6 +530,10 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
                 console.print(f"resuming from epoch {state.epoch} of {cfg.epochs} ({run.file('resume.pt')})")
         if d.main:
             run.rewrite_metrics(state.history)  # the resume state is the truth: drop lines of unfinished epochs
+    observer = _EPOCH_OBSERVER.get() if d.main else None
+    where = str(run.path) if run is not None else None
+    for row in state.history if observer is not None else []:  # restored epochs first (a resumed trial)
+        observer(row, where)
     table = None
     if teacher is not None:
         teacher.to(device).eval()
@@ -650,6 +657,8 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
             console.print(_epoch_line(row, cfg.epochs))
         if on_epoch is not None:
             on_epoch(row)
+        if observer is not None:  # a study's pruner may stop the run here (resume.pt is written)
+            observer(row, where)
         if cfg.early_stop and state.bad_epochs >= cfg.early_stop:
             if console is not None:
                 console.print(f"early stop: no val-accuracy gain for {cfg.early_stop} epochs")
@@ -661,6 +670,24 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
     if cfg.sync_bn:
         distributed.unsync_bn(model)
     return state
+
+
+# A study watching its trials' epochs (multi-fidelity search): every finished epoch of every fit in this
+# context is shown to it as (row, run folder or None), the epochs a resumed fit restores first, so that an
+# interrupted trial re-run from its resume.pt tells the pruner its whole curve again. It may raise to stop
+# the fit: the epoch's resume state is already written, so the run can be continued later.
+_EPOCH_OBSERVER: ContextVar[Callable[[dict, str | None], None] | None] = ContextVar("edlab_epoch_observer",
+                                                                                    default=None)
+
+
+@contextmanager
+def observe_epochs(observer: Callable[[dict, str | None], None]):
+    """Show ``observer(row, run_dir)`` every epoch that a ``fit`` inside the block finishes (or restores)."""
+    token = _EPOCH_OBSERVER.set(observer)
+    try:
+        yield
+    finally:
+        _EPOCH_OBSERVER.reset(token)
 
 
 def _epoch_line(r: dict, epochs: int) -> str:

@@ -79,6 +79,9 @@ def render(report: dict, console) -> None:
         mark = " *" if r["slot"] in chosen and r["state"] == "COMPLETE" else ""
         point = r["point"] or {}
         state = r["state"].lower().replace("complete", "done")
+        if r.get("pruned_at") is not None:  # where the pruner stopped it: epoch k of the full run's K
+            full = (r.get("full_epochs") or [None])[0]
+            state = f"stopped @{r['pruned_at']}" + (f"/{full:g}" if full else "")
         table.add_row(f"{r['slot']:04d}{mark}" if r["slot"] is not None else "-",
                       state if not r["error"] else f"fail: {r['error']}",
                       *(_short(point.get(k, "")) for k in keys), pct(r["val_accuracy"]),
@@ -95,6 +98,10 @@ def render(report: dict, console) -> None:
     rule = b.get("rule", "pareto front")
     tested = "; test split read for * only, after the trials" if report.get("test") == "chosen" else ""
     console.print(f"{counts} of {report['size']}; * = selected on validation accuracy ({rule}){tested}")
+    bud = report.get("budget") or {}
+    if bud.get("pruner"):
+        console.print(f"epochs spent {bud['spent_epochs']:g} of {bud['full_fidelity_epochs']:g} at full fidelity "
+                      f"({bud['pruned_trials']} trial(s) stopped by the {bud['pruner']['type']} pruner)")
     w = report.get("winner")
     if w:
         console.print(f"winner: point {w['slot']:04d}, score {w['score']:.4f}, " +

@@ -1,0 +1,91 @@
+"""Multi-fidelity studies: a pruner stops losing trials at a rung, the study records where, and spends less."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("optuna")
+
+from click.testing import CliRunner  # noqa: E402
+
+from edlab.cli import cli  # noqa: E402
+from edlab.errors import EdlabError  # noqa: E402
+from edlab.study import load_study  # noqa: E402
+
+TINY = """model: {name: resnet20, width: 0.25}
+data: {dataset: synthetic, val_size: 128, train_subset: 256, batch_size: 64}
+epochs: 3
+precision: fp32
+threads: 1
+"""
+# point 0 learns, points 1 and 2 barely move their weights: successive halving (factor 2, sequential) keeps
+# a trial at a rung only when it is the best so far there, so both stop after their first epoch
+STUDY = """name: mf
+config: tiny.yaml
+grid:
+  optim.lr: [0.1, 0.000001, 0.0000001]
+pruner: {type: successive-halving, min_epochs: 1, reduction_factor: 2}
+"""
+
+
+def write(tmp_path, study: str) -> Path:
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    (tmp_path / "study.yaml").write_text(study)
+    return tmp_path / "study.yaml"
+
+
+def test_pruner_stops_losing_trials_and_the_study_says_where(tmp_path, one_thread):
+    study, out = write(tmp_path, STUDY), tmp_path / "out"
+    r = CliRunner().invoke(cli, ["sweep", str(study), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "budget: 3 trial(s), 9 training epochs at full fidelity; pruner successive-halving" in r.output
+    rep = json.loads((out / "study.json").read_text())
+    by_slot = {t["slot"]: t for t in rep["trials"]}
+    assert by_slot[0]["state"] == "COMPLETE" and by_slot[0]["epochs_run"] == 3
+    for slot in (1, 2):
+        t = by_slot[slot]
+        assert t["state"] == "PRUNED" and t["pruned_at"] == 1 and t["epochs_run"] == 1
+        assert (Path(t["run_dir"]) / "resume.pt").exists()  # its own run stays resumable
+    assert rep["budget"]["spent_epochs"] == 5 and rep["budget"]["full_fidelity_epochs"] == 9
+    assert rep["budget"]["pruned_trials"] == 2 and rep["best"]["slot"] == 0
+    assert "stopped @1/3" in r.output and "epochs spent 5 of 9" in r.output
+    again = CliRunner().invoke(cli, ["sweep", str(study), "--out", str(out)])  # a pruned trial is not re-run
+    assert again.exit_code == 0 and "0 point(s) enqueued" in again.output
+    assert len(json.loads((out / "study.json").read_text())["trials"]) == len(rep["trials"])
+
+
+def test_budget_cap_stops_starting_trials(tmp_path, one_thread):
+    study, out = write(tmp_path, STUDY.replace("pruner: {", "budget: {epochs: 3}\npruner: {")), tmp_path / "out"
+    r = CliRunner().invoke(cli, ["sweep", str(study), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "study.json").read_text())
+    assert [t["state"] for t in rep["trials"]].count("COMPLETE") == 1  # 3 epochs spent: nothing else starts
+    assert rep["budget"]["spent_epochs"] == 3 and "no trial starts after 3 epochs" in r.output
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("pruner: quartiles\n", "pruner must be none or one of successive-halving, hyperband, median"),
+    ("pruner: {type: median, patience: 3}\n", "unknown pruner key(s) patience"),
+    ("pruner: {type: hyperband, reduction_factor: 1}\n", "pruner.reduction_factor must be an integer >= 2"),
+    ("budget: {epochs: 0}\n", "budget must be {epochs: N}"),
+    ("objective: pareto\npruner: median\n", "a pruner needs one objective"),
+])
+def test_bad_pruner_or_budget_is_one_line(tmp_path, text, msg):
+    study = write(tmp_path, "name: b\nconfig: tiny.yaml\ngrid: {optim.lr: [0.1]}\n" + text)
+    with pytest.raises(EdlabError, match=None) as e:
+        load_study(str(study))
+    assert msg in str(e.value)
+
+
+def test_a_resumed_fit_shows_its_restored_epochs_to_the_observer_first(tiny_cfg, one_thread):
+    from conftest import kill_after_epoch
+
+    from edlab.train import observe_epochs, train
+
+    cfg = tiny_cfg(epochs=3)
+    run = kill_after_epoch(cfg, 2)
+    seen = []
+    with observe_epochs(lambda row, folder: seen.append((row["epoch"], folder))):
+        train(cfg, resume=True)
+    assert seen == [(1, str(run.path)), (2, str(run.path)), (3, str(run.path))]
