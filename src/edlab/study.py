@@ -127,10 +127,12 @@ def _flat(tree: Any, file: str, what: str) -> dict[str, Any]:
 
 
 def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str] = (), out: str | None = None,
-               floor: float | None = None) -> Study:
+               floor: float | None = None, pruner: str | None = None) -> Study:
     """Read and check a study file; every point / range is validated against its base before anything runs.
     ``floor`` (``--floor``) replaces the objective's floor; a floor other than the file's is a separate study
-    (name and default out get ``-floor<F>``), so both floors' searches keep their own records."""
+    (name and default out get ``-floor<F>``), so both floors' searches keep their own records. ``pruner``
+    (``--pruner``: none or a type) replaces the file's pruner, as a separate study too (``-pruner-<type>``): the
+    same search at full fidelity beside the multi-fidelity one."""
     from .config import parse_overrides
 
     raw = read_yaml(path)
@@ -143,6 +145,7 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
     if len(modes) != 1:
         raise _fail(path, "give exactly one of grid:, list:, search:")
     objective = raw.get("objective", "val_accuracy")
+    file_pruner = raw.get("pruner")
     suffix = "-quick" if quick else ""
     if floor is not None:
         if not isinstance(objective, dict) or "min_score_with_val_at_least" not in objective:
@@ -150,6 +153,14 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
         if floor != objective["min_score_with_val_at_least"]:
             objective = {**objective, "min_score_with_val_at_least": floor}
             suffix += f"-floor{floor:g}"
+    if pruner is not None:
+        if pruner not in ("none", *PRUNERS):
+            raise _fail(path, f"--pruner must be none or one of {', '.join(PRUNERS)}, got {pruner!r}")
+        given = (file_pruner or {}).get("type") if isinstance(file_pruner, dict) else (file_pruner or "none")
+        if pruner != given:
+            file_pruner = None if pruner == "none" else {**(file_pruner if isinstance(file_pruner, dict) else {}),
+                                                         "type": pruner}
+            suffix += f"-pruner-{pruner}"
     name = str(raw.get("name") or Path(path).stem) + suffix
     kind = "config" if "config" in raw else "recipe"
     inline = None
@@ -162,6 +173,9 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
             raise _fail(path, f"{kind} file not found: {raw[kind]}")
     quick_block = _flat(raw.get("quick"), path, "quick")
     extra_trials = quick_block.pop("trials", None) if quick else None
+    quick_pruner = {k.split(".", 1)[1]: quick_block.pop(k) for k in list(quick_block) if k.startswith("pruner.")}
+    if quick and quick_pruner and isinstance(file_pruner, dict | str):  # e.g. quick: {pruner.min_epochs: 1}
+        file_pruner = {**({"type": file_pruner} if isinstance(file_pruner, str) else file_pruner), **quick_pruner}
     fixed = _flat(raw.get("set"), path, "set")
     if quick:
         fixed.update(quick_block)
@@ -190,7 +204,7 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
         raise _fail(path, f"pack must be true or false, got {st.pack!r}")
     if st.pack and st.objective == "pareto":
         raise _fail(path, "pack: true needs one best point (objective val_accuracy or min_score_with_val_at_least)")
-    st.pruner = _parse_pruner(raw.get("pruner"), path, st.objective)
+    st.pruner = _parse_pruner(file_pruner, path, st.objective)
     st.budget_epochs = _parse_budget(raw.get("budget"), path)
     if st.mode == "grid":
         grid = raw["grid"]
@@ -1273,7 +1287,7 @@ def describe(st: Study) -> list[str]:
 def sweep(study_file: str, out: str | None = None, storage: str | None = None, workers: int = 1,
           quick: bool = False, sets: Sequence[str] = (), retry_failed: bool = False, stale_after: float = 600,
           floor: float | None = None, worker_index: int | None = None, dry_run: bool = False,
-          echo=print) -> dict | None:
+          echo=print, pruner: str | None = None) -> dict | None:
     """``edlab sweep`` as a call: run (or continue) a study, one training or pipeline run per point or trial,
     then test the chosen points (``test: chosen``), pack the winner (``pack: true``) and write
     <out>/study.json. Returns the study report (what study.json holds); None for a worker (``worker_index``,
@@ -1281,7 +1295,7 @@ def sweep(study_file: str, out: str | None = None, storage: str | None = None, w
     ``echo(text)`` hears the progress lines."""
     if workers < 1:
         raise EdlabError(f"--workers must be >= 1, got {workers}")
-    st = load_study(study_file, quick, tuple(sets), out, floor)
+    st = load_study(study_file, quick, tuple(sets), out, floor, pruner)
     if dry_run:
         for line in describe(st):
             echo(line)
@@ -1306,7 +1320,7 @@ def sweep(study_file: str, out: str | None = None, storage: str | None = None, w
     if workers == 1:
         run_worker(st, study, 0, echo=echo)
     else:
-        _spawn(study_file, st, url, workers, quick, sets, stale_after, floor)
+        _spawn(study_file, st, url, workers, quick, sets, stale_after, floor, pruner)
         recover(study, stale_after)  # a worker that crashed left its trial RUNNING: the next run re-does it
     if st.test == "chosen":  # the trials never read the test split: the selected points are read now, once
         test_chosen(st, study, echo=echo)
@@ -1331,11 +1345,12 @@ def _claim_out(out: Path) -> None:
 
 
 def _spawn(study_file: str, st: Study, url: str, workers: int, quick: bool, sets, stale_after: float,
-           floor: float | None = None) -> None:
+           floor: float | None = None, pruner: str | None = None) -> None:
     """N worker processes in this process group (killing the group stops them all), then wait for them."""
     base = [sys.executable, "-m", "edlab", "sweep", study_file, "--out", str(st.out), "--storage", url,
             "--stale-after", str(stale_after)] + (["--quick"] if quick else []) + \
-        [a for s in sets for a in ("--set", s)] + (["--floor", repr(floor)] if floor is not None else [])
+        [a for s in sets for a in ("--set", s)] + (["--floor", repr(floor)] if floor is not None else []) + \
+        (["--pruner", pruner] if pruner is not None else [])
     procs = [subprocess.Popen(base + ["--worker", str(i + 1)]) for i in range(workers)]
     try:
         codes = [p.wait() for p in procs]

@@ -21,10 +21,12 @@ from ._common import console
 @click.option("--floor", type=float, help="The objective's accuracy floor (min_score_with_val_at_least), e.g. "
               "0.865; trials are selected at val >= floor + floor_margin. Another floor is another study "
               "(<name>-floor<F>).")
+@click.option("--pruner", help="none or successive-halving | hyperband | median: replaces the file's pruner: "
+              "(a separate study, <name>-pruner-<type>); --pruner none runs the same search at full fidelity.")
 @click.option("--dry-run", is_flag=True, help="Check the study file and list its points; run nothing.")
 @click.option("--worker", "worker_index", type=int, hidden=True)
-def sweep(study_file, out, storage, workers, quick, sets, retry_failed, stale_after, floor, dry_run,
-                  worker_index):
+def sweep(study_file, out, storage, workers, quick, sets, retry_failed, stale_after, floor, pruner, dry_run,
+          worker_index):
     """Run a study: one training (config:) or pipeline (recipe:) run per grid/list point or search trial.
 
     The study lives in an Optuna storage; run the same command again after any interruption and it
@@ -37,13 +39,14 @@ def sweep(study_file, out, storage, workers, quick, sets, retry_failed, stale_af
       edlab sweep studies/learning-rate.yaml --quick # minutes per trial on a CPU
       edlab sweep studies/challenge.yaml --workers 2
       edlab sweep studies/challenge.yaml --floor 0.865  # the course-equivalent floor: a separate study
+      edlab sweep studies/multi-fidelity.yaml --pruner none  # the same grid at full fidelity
       edlab sweep studies/resnets.yaml --storage postgresql://me@db/edlab --workers 4
     """
     from ..study import sweep as run_sweep
 
     c = console()
     report = run_sweep(study_file, out, storage, workers, quick, sets, retry_failed, stale_after, floor,
-                       worker_index, dry_run, echo=c.print)
+                       worker_index, dry_run, echo=c.print, pruner=pruner)
     if report is None:  # a dry run, or a worker (the sweep that started it reports)
         return
     render(report, c)
