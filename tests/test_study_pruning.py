@@ -50,6 +50,11 @@ def test_pruner_stops_losing_trials_and_the_study_says_where(tmp_path, one_threa
     assert rep["budget"]["spent_epochs"] == 5 and rep["budget"]["full_fidelity_epochs"] == 9
     assert rep["budget"]["pruned_trials"] == 2 and rep["best"]["slot"] == 0
     assert "stopped @1/3" in r.output and "epochs spent 5 of 9" in r.output
+    from edlab.report import build_report
+
+    build_report([out], tmp_path / "report")  # the page shows where each trial stopped
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert page.count("stopped after epoch 1") == 2 and "5 of 9 training epochs at full fidelity" in page
     again = CliRunner().invoke(cli, ["sweep", str(study), "--out", str(out)])  # a pruned trial is not re-run
     assert again.exit_code == 0 and "0 point(s) enqueued" in again.output
     assert len(json.loads((out / "study.json").read_text())["trials"]) == len(rep["trials"])

@@ -216,6 +216,36 @@ def _add_chosen_tests(runs: list[RunInfo]) -> None:
                     r.summary = {**r.summary, "test_accuracy": tested["test_accuracy"], "tested_by_study": True}
 
 
+STOP_COLUMNS = ["study", "point", "state", "epochs run", "of", "val at stop / end"]
+
+
+def study_stops(paths: list[str | Path]) -> tuple[list[list[str]], list[str]]:
+    """Where each trial of a multi-fidelity study (study.json with a pruner) stopped: one row per trial, and a
+    line per study with the epochs it spent against the same search at full fidelity. The pruned trials have
+    no summary.json, so the runs table does not show them: this does."""
+    rows: list[list[str]] = []
+    lines: list[str] = []
+    for p in paths:
+        for f in sorted(Path(p).rglob("study.json")):
+            meta = _read_json(f)
+            b = meta.get("budget") if isinstance(meta, dict) else None
+            if not isinstance(b, dict) or not b.get("pruner") or not isinstance(meta.get("trials"), list):
+                continue
+            name = str(meta.get("name") or f.parent.name)
+            lines.append(f"{name}: {_g(b.get('spent_epochs'))} of {_g(b.get('full_fidelity_epochs'))} training epochs "
+                         f"at full fidelity, {b.get('pruned_trials')} trial(s) stopped by the "
+                         f"{b['pruner'].get('type')} pruner")
+            for t in meta["trials"]:
+                if not isinstance(t, dict) or t.get("state") not in ("COMPLETE", "PRUNED"):
+                    continue
+                full = t.get("full_epochs") if isinstance(t.get("full_epochs"), list) else [None, None]
+                stopped = t.get("pruned_at") is not None
+                rows.append([name, f"{t.get('slot', 0) or 0:04d}",
+                             f"stopped after epoch {t['pruned_at']}" if stopped else "ran to the end",
+                             _g(t.get("epochs_run")), _g(full[1]), _pct(_num(t.get("val_accuracy")))])
+    return rows, lines
+
+
 def pareto_front(points: list[tuple[float | None, float | None]]) -> list[int]:
     """Indices of the points no other point beats: none has a lower-or-equal score and a higher-or-equal
     accuracy with one of them strictly better. Sorted by score. Points with a missing value are ignored;
@@ -569,6 +599,10 @@ def build_report(paths: list[str | Path], out: str | Path, floor: float | list[f
     leaky = any(teacher_leak(r) for r in runs)
     if leaky:
         md.append("\n" + LEAK_NOTE + "\n")
+    stops, stop_lines = study_stops(paths)
+    if stops:
+        md += ["\n## Multi-fidelity studies: where each trial stopped\n", *(line + "\n" for line in stop_lines),
+               markdown_table(STOP_COLUMNS, stops)]
     md += [f"\n![{n}]({n}.png)\n" for n in ("curves", "pareto", "layers") if figures[n]]
     (out / "report.md").write_text("\n".join(md))
 
@@ -602,6 +636,9 @@ def build_report(paths: list[str | Path], out: str | Path, floor: float | list[f
         page.append("<img src='layers.png' alt='per-layer score'>")
     if layer_table:
         page.append(f"<div class='wide'>{html_table(LAYER_COLUMNS, layer_table)}</div>")
+    if stops:
+        page += ["<h2>Multi-fidelity studies: where each trial stopped</h2>",
+                 *(f"<p>{e(line)}</p>" for line in stop_lines), html_table(STOP_COLUMNS, stops)]
     if results:
         keys = ["score", "test_accuracy", "params", "macs"]
         rows = [[x["name"], x.get("group", ""), *("" if _num(x.get(k)) is None else f"{x[k]:.4g}" for k in keys)]
