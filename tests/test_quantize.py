@@ -386,3 +386,18 @@ def test_binaryconnect_on_cifar10_beats_the_seed_update_order(tmp_path):
         acc[order] = evaluate(model, data.test)["accuracy"]
     print(f"\nCIFAR-10 test accuracy, binary resnet20: edlab {acc['edlab']:.4f}, seed order {acc['seed']:.4f}")
     assert acc["edlab"] > 0.5 and acc["edlab"] > acc["seed"] + 0.05
+
+
+def test_progressive_qat_starts_a_lower_bit_stage_from_the_last_ones_weights():
+    from edlab.models import create_model
+    from edlab.quantize import QUANT_TYPES, LSQConv2d, dequantize_qat, quantize_qat
+
+    model = quantize_qat(create_model("resnet20", width=0.25), 8, 8, first_last_bits=8)
+    latent = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, LSQConv2d)}
+    was = dequantize_qat(model)
+    assert {n for n, _, _ in was} == set(latent) | {"fc"} and all(w == 8 and a == 8 for _, w, a in was)
+    assert not any(isinstance(m, QUANT_TYPES) for m in model.modules())
+    mods = dict(model.named_modules())
+    assert all(torch.equal(mods[n].weight, w) for n, w in latent.items())  # the latent weights carry over
+    quantize_qat(model, 3, 4, first_last_bits=8)  # the next stage, from those weights
+    assert {m.weight_bits for m in model.modules() if isinstance(m, QUANT_TYPES)} == {3, 8}

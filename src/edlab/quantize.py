@@ -443,6 +443,26 @@ def quantize_qat(model: nn.Module, bits_w: int, bits_a: int | None, keep_first_l
 
 
 @torch.no_grad()
+def dequantize_qat(model: nn.Module) -> list[tuple[str, int, int | None]]:
+    """Turn a QAT model's LSQ layers back into float convs/linears holding their latent weights (in place), so
+    that a lower-bit QAT stage can start from it: progressive QAT (32 -> 8 -> 4 -> 3 bits, as APoT trains),
+    where each stage's steps are set afresh from the weights the previous stage learnt. Returns the bits each
+    layer had (name, weight bits, activation bits)."""
+    was = []
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, (LSQConv2d, LSQLinear))]:
+        new = nn.Conv2d(**_kwargs(m)) if isinstance(m, nn.Conv2d) else nn.Linear(**_kwargs(m))
+        new = new.to(device=m.weight.device, dtype=m.weight.dtype)
+        new.weight.copy_(m.weight if m.weight_mask is None else m.weight * m.weight_mask)
+        if m.bias is not None:
+            new.bias.copy_(m.bias)
+        new.train(m.training)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+        was.append((name, m.weight_bits, m.act_bits))
+    return was
+
+
+@torch.no_grad()
 def calibrate(model: nn.Module, x: torch.Tensor) -> None:
     """One eval-mode forward pass on a batch of training images: sets the activation steps of LSQ layers."""
     was = model.training
@@ -646,6 +666,10 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     if resume and not out:
         raise EdlabError("--resume needs --out RUN_DIR: the quantize run to continue")
     source = load_checkpoint(checkpoint)
+    progressive = None
+    if method == "qat" and any(isinstance(m, (LSQConv2d, LSQLinear)) for m in source.modules()) and \
+            not any(isinstance(m, (BinaryConv2d, BinaryLinear)) for m in source.modules()):
+        progressive = dequantize_qat(source)  # progressive QAT: this stage starts from the last one's weights
     if any(isinstance(m, QUANT_TYPES) for m in source.modules()) or \
             any(p.dtype != torch.float32 for p in source.parameters()):
         raise EdlabError(f"{checkpoint} is already quantized or half; quantize a float32 checkpoint")
@@ -682,6 +706,8 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
                              f"({change}); resume with the same options")
     run.write_text("config.yaml", to_yaml(cfg))
     options: dict = {"method": method, "source_checkpoint": str(checkpoint)}
+    if progressive is not None:  # recorded: the stage fine-tuned a QAT model at new bits
+        options["progressive_from"] = [{"layer": n, "bits_w": w, "bits_a": b} for n, w, b in progressive]
     if fold and method not in STAGE_DEFAULTS:  # step: BN folded into the float convs, then cast / int8
         source = _fold(source, options)
     source = source.to(device)
