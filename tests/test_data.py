@@ -78,6 +78,20 @@ def test_mixup_is_reproducible_and_convex():
     assert a[3] == b[3] and 0 <= a[3] <= 1 and torch.equal(a[0], b[0])
 
 
+@pytest.mark.parametrize("alpha", [0.2, 1.0, 20.0, 100.0])
+def test_mixup_beta_draws_have_the_right_spread_at_every_accepted_alpha(alpha):
+    """data.mixup accepts 0-100: Johnk's method alone took ~1e11 tries per draw at 20 (a valid option hung)."""
+    import statistics
+
+    from edlab.augment import _beta
+
+    g = gen(2)
+    draws = [_beta(alpha, g, "cpu") for _ in range(1500)]
+    assert all(0 <= d <= 1 for d in draws)
+    var = 1 / (4 * (2 * alpha + 1))  # Beta(a, a)
+    assert abs(statistics.mean(draws) - 0.5) < 0.05 and 0.8 * var < statistics.pvariance(draws) < 1.2 * var
+
+
 def test_loader_is_deterministic_per_epoch_and_normalised():
     d = get_data("synthetic", batch_size=64, augment="fancy", val_size=100, cutout=4)
     d.train.set_epoch(3)
