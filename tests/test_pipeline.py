@@ -39,6 +39,15 @@ def test_bad_recipes(tmp_path, text, msg):
         load_recipe(str(p))
 
 
+@pytest.mark.parametrize("stage, msg", [("sweep", "stage 'sweep' needs study-file"),
+                                        ("report", "stage 'report' needs paths")])
+def test_a_stage_without_its_required_argument_is_one_line(tmp_path, stage, msg):
+    p = tmp_path / "r.yaml"
+    p.write_text(f"stages:\n  - {stage}: {{}}\n")
+    with pytest.raises(EdlabError, match=msg):
+        run_pipeline(str(p), out=str(tmp_path / "out"))
+
+
 def test_pipeline_runs_and_continues(tmp_path):
     out = tmp_path / "pipe"
     r = run_pipeline(str(RECIPE), out=str(out), echo=lambda *a: None)

@@ -270,6 +270,8 @@ objective: pareto
     ("config: tiny.yaml\ngrid: {optim.lr: [0.1]}\nobjective: accuracy\n", "objective must be"),
     ("recipe: [{train: {config: tiny.yaml}}]\ngrid: {prune.structured: [0.1]}\n", "name a stage"),
     ("recipe: [{train: {config: tiny.yaml}}]\ngrid: {train.epochz: [1]}\n", "No such option"),
+    ("config: tiny.yaml\ngrid: {" + ", ".join(f"k{i}: [{', '.join(map(str, range(10)))}]" for i in range(12)) + "}\n",
+     "the grid has 1,000,000,000,000 points"),
 ])
 def test_bad_study_file_is_one_line_exit_2(tmp_path, text, msg):
     study = write(tmp_path, text)

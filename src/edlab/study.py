@@ -57,6 +57,7 @@ PRUNER_KEYS = ("type", "min_epochs", "reduction_factor", "startup_trials")
 BUDGET_KEYS = ("epochs",)
 PARAM_TYPES = {"int": ("low", "high", "step", "log"), "float": ("low", "high", "step", "log"),
                "categorical": ("choices",)}
+MAX_GRID = 100_000  # grid points a study may enumerate
 HEARTBEAT_S = 30  # a running trial refreshes its heartbeat attribute this often
 Scalar = (str, int, float, bool, type(None))
 
@@ -214,6 +215,9 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
         for k, values in grid.items():
             if not isinstance(values, list) or not values:
                 raise _fail(path, f"grid key '{k}' needs a non-empty list of values, got {values!r}")
+        size = math.prod(len(v) for v in grid.values())
+        if size > MAX_GRID:  # counted before it is built: a huge product is refused, not a MemoryError
+            raise _fail(path, f"the grid has {size:,} points (more than {MAX_GRID:,}); use search: with trials: N")
         st.points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
     elif st.mode == "list":
         if not isinstance(raw["list"], list) or not raw["list"]:
