@@ -51,6 +51,32 @@ def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path, extra):
     assert a == b
 
 
+def test_a_copied_run_folder_resumes_elsewhere_to_the_same_weights(tiny_cfg, tmp_path):
+    """Portable runs: a run stopped after epoch 2, its folder copied to another path and the original
+    removed, continues there with --out <new path> --resume to the weights of the uninterrupted run."""
+    import shutil
+
+    full = tiny_cfg(epochs=3, out=str(tmp_path / "A"))
+    m_full, _ = train(full)
+    kill_after_epoch(tiny_cfg(epochs=3, out=str(tmp_path / "B")), 2)
+    shutil.copytree(tmp_path / "B", tmp_path / "elsewhere" / "C")
+    shutil.rmtree(tmp_path / "B")
+    moved = tiny_cfg(epochs=3, out=str(tmp_path / "elsewhere" / "C"))
+    m_res, s_res = train(moved, resume=True)
+    assert torch.equal(_final_weights(m_res), _final_weights(m_full))
+    assert [r["epoch"] for r in Run.open(moved.out).metrics()] == [1, 2, 3]
+    assert s_res["run_dir"] == moved.out and not (tmp_path / "B").exists()
+
+
+def test_a_small_students_resume_state_is_under_a_megabyte(tiny_cfg, tmp_path):
+    """The depthwise challenge student's resume.pt (weights, momentum, history) is small enough to commit."""
+    cfg = tiny_cfg(epochs=1, out=str(tmp_path / "s"), **{"model.width": 1.0, "model.blocks": "[2,3,3]",
+                                                          "model.conv": "depthwise", "data.train_subset": 128})
+    train(cfg)
+    size = (Path(cfg.out) / "resume.pt").stat().st_size
+    assert size < 1_000_000, size
+
+
 def test_resume_with_a_different_config_is_refused(tiny_cfg):
     cfg = tiny_cfg(epochs=1)
     train(cfg)

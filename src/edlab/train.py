@@ -765,7 +765,9 @@ def model_summary(model: nn.Module) -> dict:
 def config_change(saved, cfg: TrainConfig) -> str | None:
     """The first config key that differs from the saved config.yaml, in words ('optim.momentum: 0.9 saved,
     0.5 now'), or None. What may change on resume: the thread count, the tracker, and what cures a diverged
-    run (a lower lr, gradient clipping, the NaN policy): the resumed epochs then use the new values."""
+    run (a lower lr, gradient clipping, the NaN policy): the resumed epochs then use the new values. Where
+    the run and its data live (``out``, ``data.data_dir``) may change too: a run folder copied to another
+    path or machine continues there (portable runs)."""
     import yaml
 
     from .runs import _flatten
@@ -781,7 +783,7 @@ def config_change(saved, cfg: TrainConfig) -> str | None:
     old.setdefault("final_test", True)  # saved before final_test existed: those runs tested
     old = _flatten(old)
     new = _flatten(cfg.model_dump(mode="json"))
-    free = {"threads", "tracker", "nan_policy", "grad_clip", "optim.lr"}
+    free = {"threads", "tracker", "nan_policy", "grad_clip", "optim.lr", "out", "data.data_dir"}
     for key in sorted((set(old) | set(new)) - free):
         if old.get(key, "unset") != new.get(key, "unset"):
             return f"{key}: {old.get(key, 'unset')!r} saved, {new.get(key, 'unset')!r} now"

@@ -1,0 +1,109 @@
+"""The depthwise challenge student (configs/student-dw233-distill.yaml: resnet20 blocks [2, 3, 3], depthwise
+convs, widths 16/32/64): edlab's training step as ``fit`` takes it vs a plain fp32 PyTorch loop, in one run.
+
+Both sides train on random tensors of CIFAR shape (SGD momentum 0.9, cross-entropy); edlab's side uses what
+``fit`` resolves on this host (``precision: auto`` -> bf16 on AMX/AVX512-BF16, channels_last with bf16,
+no decay on BN/bias). Variants that may be faster on a CPU are timed too: channels_last on/off, batch 256,
+torch.compile (skipped with a line if it fails). Each line: img/s and the ratio to the plain loop.
+
+    python benchmarks/bench_student.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import yaml
+
+from edlab.config import OptimConfig
+from edlab.models import create_model
+from edlab.train import autocast, build_optimizer, resolve_channels_last, resolve_precision
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "student-dw233-distill.yaml"
+
+
+def host_kind() -> str:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    return "AMX/AVX512-BF16" if {"amx_bf16", "avx512_bf16"} & flags else "AVX2 only"
+
+
+def student() -> nn.Module:
+    m = (yaml.safe_load(CONFIG.read_text()) or {}).get("model", {})
+    torch.manual_seed(0)
+    return create_model(m.get("name", "resnet20"), 10, width=m.get("width", 1.0), conv=m.get("conv", "depthwise"),
+                        blocks=m.get("blocks", [2, 3, 3]))
+
+
+def measure(edlab: bool, batch: int, steps: int, warmup: int, channels_last: str = "auto",
+            compile_: bool = False) -> float:
+    dev = torch.device("cpu")
+    model = student()
+    amp = resolve_precision("auto", dev) if edlab else None
+    cl = resolve_channels_last(channels_last, dev, amp) if edlab else channels_last == "on"
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    model.to(memory_format=fmt).train()
+    if edlab:
+        opt = build_optimizer(model, OptimConfig(lr=0.05, momentum=0.9, weight_decay=5e-4))
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    fwd = torch.compile(model) if compile_ else model
+    ce = nn.CrossEntropyLoss()
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        with autocast(dev, amp):
+            loss = ce(fwd(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return batch * steps / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    amp = resolve_precision("auto", torch.device("cpu"))
+    print(f"host: {host_kind()}  (oneDNN bf16: {'yes' if amp else 'no'}; edlab's auto precision: "
+          f"{'bf16' if amp else 'fp32'})  threads {a.threads}  steps {a.steps} after {a.warmup} warm-up")
+    b = a.batch_size
+    base = measure(False, b, a.steps, a.warmup, "off")
+    print(f"{'variant':44} {'img/s':>8}  ratio")
+    print(f"{'plain fp32 loop, NCHW, batch ' + str(b):44} {base:8.0f}  x1.00")
+    arms = [(f"edlab step (auto), batch {b}", dict(edlab=True, batch=b)),
+            (f"edlab step, channels_last on, batch {b}", dict(edlab=True, batch=b, channels_last="on")),
+            (f"edlab step, channels_last off, batch {b}", dict(edlab=True, batch=b, channels_last="off")),
+            (f"plain fp32 loop, channels_last, batch {b}", dict(edlab=False, batch=b, channels_last="on")),
+            (f"edlab step (auto), batch {2 * b}", dict(edlab=True, batch=2 * b))]
+    if not a.no_compile:
+        arms.append((f"edlab step (auto) + torch.compile, batch {b}", dict(edlab=True, batch=b, compile_=True)))
+    for name, kw in arms:
+        try:
+            ips = measure(steps=a.steps, warmup=a.warmup, **kw)
+        except Exception as e:  # torch.compile without a compiler, etc.
+            print(f"{name:44} skipped: {type(e).__name__}: {str(e).strip().splitlines()[0][:80] if str(e) else ''}")
+            continue
+        print(f"{name:44} {ips:8.0f}  x{ips / base:.2f}")
+
+
+if __name__ == "__main__":
+    main()
