@@ -104,6 +104,9 @@ def test_a_bad_out_is_one_line(tmp_path, small_ckpt, kind):
         (tmp_path / "runs" / "a").mkdir(parents=True)
         (tmp_path / "runs" / "a" / "summary.json").write_text('{"val_accuracy": 0.5}')
         one_line(invoke("report", tmp_path / "runs", "--out", out), str(out))
+    if kind == "file":  # (issue 29: NotADirectoryError / FileExistsError tracebacks)
+        one_line(invoke("demo", "--out", out), str(out))
+        one_line(invoke("export", small_ckpt, "--no-eval", "--out", out), str(out))
     assert kind != "file" or out.read_text() == "mine"
 
 

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import EdlabError
+from .runs import check_out_path
 
 QUANT_FORMATS = ("qoperator", "qdq")
 
@@ -263,13 +264,14 @@ def export_checkpoint(checkpoint: str, fmt: str = "onnx", int8: bool = False, ca
         model = model.float()  # a half checkpoint exports as fp32 (ONNX Runtime's CPU kernels are fp32/int8)
     cfg = getattr(model, "edlab_metadata", {}).get("config") or {}
     data = None
-    if int8 or do_eval:
-        d = cfg.get("data", {})
-        data = get_data(dataset or d.get("dataset", "cifar10"), data_dir or d.get("data_dir"), batch_size=256,
-                        augment="none", val_size=0, eval_batch_size=500)
     path = Path(out) if out else Path(checkpoint).with_suffix(".int8.onnx" if int8 else ".onnx")
     if out and (path.is_dir() or path.suffix != ".onnx"):  # a folder (e.g. a pipeline stage's): file inside it
+        check_out_path(path, "--out")  # a file that is not .onnx: one line, before any work
         path = path / ("model.int8.onnx" if int8 else "model.onnx")
+    if int8 or do_eval:  # the data the user names (or the default): never a folder the checkpoint's config names
+        d = cfg.get("data", {})
+        data = get_data(dataset or d.get("dataset", "cifar10"), data_dir, batch_size=256,
+                        augment="none", val_size=0, eval_batch_size=500)
     export_onnx(model, path, int8=int8, calib_loader=_plain_batches(data, calib_images) if int8 else None,
                 calib_images=calib_images, quant_format=quant_format, per_channel=per_channel,
                 reduce_range=reduce_range, dataset=dataset or (cfg.get("data") or {}).get("dataset"))

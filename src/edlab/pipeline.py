@@ -319,6 +319,7 @@ def demo(model: str = "resnet20", epochs: int = 2, train_subset: int = 10000, da
     from .report import build_report
 
     root = Path(out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_out_path(root, "--out")
     if root.exists() and any(root.iterdir()) and not (root / "pipeline.json").exists():
         raise EdlabError(f"{root} exists and is not an earlier demo; choose another --out")
     dataset = "cifar10"
