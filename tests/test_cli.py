@@ -125,3 +125,18 @@ def test_no_validation_split_is_said_not_shown_as_minus_100(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["best_val_accuracy"] is None and s["best_epoch"] is None
     assert load_checkpoint(out / "model.ckpt").edlab_metadata["val_accuracy"] is None
+
+
+def test_train_choices_are_the_configs_and_epochs_take_fractions():
+    """Each choice of `edlab train` is read from the config model (--scheduler linear was refused)."""
+    from typing import get_args
+
+    from edlab.cli.train import train
+    from edlab.config import DataConfig, OptimConfig, SchedConfig, TrainConfig
+
+    opts = {p.name: p for p in train.params}
+    for flag, (section, field) in {"scheduler": (SchedConfig, "name"), "optimizer": (OptimConfig, "name"),
+                                   "augment": (DataConfig, "augment"), "precision": (TrainConfig, "precision"),
+                                   "tracker": (TrainConfig, "tracker")}.items():
+        assert list(opts[flag].type.choices) == list(get_args(section.model_fields[field].annotation))
+    assert opts["epochs"].type.convert("0.5", None, None) == 0.5 and opts["epochs"].type.convert("2", None, None) == 2

@@ -8,7 +8,7 @@ key and, where there are some, the valid choices. Each key's comment says what i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -165,6 +165,11 @@ class TrainConfig(Section):
         if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
             raise ValueError("choose auto, cpu, cuda or cuda:N")
         return v
+
+
+def choices(section: type[BaseModel], field: str) -> list[str]:
+    """The values a Literal config field accepts: what the command line offers for it (spelled once, here)."""
+    return [str(v) for v in get_args(section.model_fields[field].annotation)]
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
