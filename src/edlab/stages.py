@@ -175,11 +175,6 @@ def stage_kwargs(name: str, opts: dict, checkpoint: str | None = None, out_dir: 
         kw["sets"] = sets
     if st.takes_out and out_dir is not None:
         kw["out"] = str(out_dir)
-    missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in kw
-               and k not in INTERNAL and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    if missing:  # e.g. a sweep stage without its study file: one line, not a TypeError
-        raise EdlabError(f"stage '{name}' needs {', '.join(m.replace('_', '-') for m in missing)}: give "
-                         f"{missing[0].replace('_', '-')}: in the recipe")
     if resume and st.resumable:
         kw["resume"] = True
     return kw
@@ -209,5 +204,10 @@ def run_stage(name: str, kwargs: dict, echo=print) -> Any:
         extra["echo"] = echo
     if "progress" in params:
         extra["progress"] = echo
+    missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in kwargs
+               and k not in extra and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if missing:  # e.g. a sweep stage without its study file: one line, not a TypeError
+        raise EdlabError(f"stage '{name}' needs {', '.join(m.replace('_', '-') for m in missing)}: give "
+                         f"{missing[0].replace('_', '-')}: in the recipe")
     result = fn(**kwargs, **extra)
     return result.to_dict() if hasattr(result, "to_dict") else result
