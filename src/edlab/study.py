@@ -1251,11 +1251,11 @@ def write_report(st: Study, study, url: str) -> dict:
 def budget(st: Study, rows: list[dict] | None = None) -> dict:
     """What the study spends: every trial at full fidelity (its trials times their epochs, all stages), the cap
     (``budget: {epochs: N}``) and, from ``rows``, the epochs its finished trials ran and how many were stopped."""
-    if st.mode == "search":
-        each = full_epochs(st, {})[1]
-        full = each * st.trials
-    else:
-        full = sum(full_epochs(st, p)[1] for p in st.points)
+    try:
+        full: float | None = full_epochs(st, {})[1] * st.trials if st.mode == "search" else \
+            sum(full_epochs(st, p)[1] for p in st.points)
+    except (EdlabError, OSError, KeyError, TypeError, ValueError):  # a count the file does not state plainly
+        full = None
     out = {"full_fidelity_epochs": full, "cap_epochs": st.budget_epochs, "pruner": st.pruner}
     if rows is not None:
         done = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED") and r.get("epochs_run") is not None]
@@ -1267,7 +1267,9 @@ def budget(st: Study, rows: list[dict] | None = None) -> dict:
 def budget_line(st: Study) -> str:
     b = budget(st)
     n = len(st.points) if st.mode != "search" else st.trials
-    line = f"budget: {n} trial(s), {b['full_fidelity_epochs']:g} training epochs at full fidelity"
+    full = b["full_fidelity_epochs"]
+    line = f"budget: {n} trial(s), " + (f"{full:g} training epochs at full fidelity" if full is not None else
+                                         "epochs at full fidelity not stated by the recipe")
     if st.pruner:
         p = st.pruner
         line += (f"; pruner {p['type']} (from epoch {p['min_epochs']}, reduction factor {p['reduction_factor']}) "

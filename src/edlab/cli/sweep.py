@@ -102,7 +102,7 @@ def render(report: dict, console) -> None:
     tested = "; test split read for * only, after the trials" if report.get("test") == "chosen" else ""
     console.print(f"{counts} of {report['size']}; * = selected on validation accuracy ({rule}){tested}")
     bud = report.get("budget") or {}
-    if bud.get("pruner"):
+    if bud.get("pruner") and bud.get("full_fidelity_epochs") is not None:
         console.print(f"epochs spent {bud['spent_epochs']:g} of {bud['full_fidelity_epochs']:g} at full fidelity "
                       f"({bud['pruned_trials']} trial(s) stopped by the {bud['pruner']['type']} pruner)")
     w = report.get("winner")
