@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -982,17 +982,13 @@ def run_point(st: Study, point: dict[str, Any], run_dir: Path, log: Path, observ
 
     console = _log_console(log)
     try:
-        with observe_epochs(observer) if observer is not None else _nothing():
+        with observe_epochs(observer) if observer is not None else nullcontext():
             if st.kind == "config":
                 return _run_train(st, point, run_dir, console)
             return _run_recipe(st, point, run_dir, console)
     finally:
         console.file.close()
 
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def _run_train(st: Study, point: dict, run_dir: Path, console) -> dict:
