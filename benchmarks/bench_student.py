@@ -12,6 +12,7 @@ torch.compile (skipped with a line if it fails). Each line: img/s and the ratio 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def host_kind() -> str:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         flags = set()
-    return "AMX/AVX512-BF16" if {"amx_bf16", "avx512_bf16"} & flags else "AVX2 only"
+    if "amx_bf16" in flags:
+        return "AMX (AVX512-BF16 too)"
+    return "AVX512-BF16, no AMX" if "avx512_bf16" in flags else "AVX2 only"
 
 
 def student() -> nn.Module:
@@ -41,42 +44,48 @@ def student() -> nn.Module:
                         blocks=m.get("blocks", [2, 3, 3]))
 
 
-def measure(edlab: bool, batch: int, steps: int, warmup: int, channels_last: str = "auto",
-            compile_: bool = False) -> float:
-    dev = torch.device("cpu")
-    model = student()
-    amp = resolve_precision("auto", dev) if edlab else None
-    cl = resolve_channels_last(channels_last, dev, amp) if edlab else channels_last == "on"
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    model.to(memory_format=fmt).train()
-    if edlab:
-        opt = build_optimizer(model, OptimConfig(lr=0.05, momentum=0.9, weight_decay=5e-4))
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    fwd = torch.compile(model) if compile_ else model
-    ce = nn.CrossEntropyLoss()
-    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (batch,))
+class Arm:
+    """One way of training the student: its model, optimizer and fixed batch, built once so that the rounds
+    time only steps."""
 
-    def step() -> None:
-        with autocast(dev, amp):
-            loss = ce(fwd(x).float(), y)
-        opt.zero_grad(set_to_none=True)
+    def __init__(self, edlab: bool, batch: int, channels_last: str = "auto", compile_: bool = False):
+        dev = torch.device("cpu")
+        self.model = student()
+        self.amp = resolve_precision("auto", dev) if edlab else None
+        cl = resolve_channels_last(channels_last, dev, self.amp) if edlab else channels_last == "on"
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        self.model.to(memory_format=fmt).train()
+        if edlab:
+            self.opt = build_optimizer(self.model, OptimConfig(lr=0.05, momentum=0.9, weight_decay=5e-4))
+        else:
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        self.fwd = torch.compile(self.model) if compile_ else self.model
+        self.x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=fmt)
+        self.y = torch.randint(0, 10, (batch,))
+        self.rates: list[float] = []
+
+    def step(self) -> None:
+        with autocast(torch.device("cpu"), self.amp):
+            loss = nn.functional.cross_entropy(self.fwd(self.x).float(), self.y)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.opt.step()
 
-    for _ in range(warmup):
-        step()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return batch * steps / (time.perf_counter() - t)
+    def time(self, steps: int) -> None:
+        t = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        self.rates.append(len(self.y) * steps / (time.perf_counter() - t))
+
+    def median(self) -> float:
+        return statistics.median(self.rates)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=10, help="steps per arm per round")
+    p.add_argument("--rounds", type=int, default=5, help="rounds; each times every arm once, in turn")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
@@ -84,25 +93,33 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     amp = resolve_precision("auto", torch.device("cpu"))
     print(f"host: {host_kind()}  (oneDNN bf16: {'yes' if amp else 'no'}; edlab's auto precision: "
-          f"{'bf16' if amp else 'fp32'})  threads {a.threads}  steps {a.steps} after {a.warmup} warm-up")
+          f"{'bf16' if amp else 'fp32'})  threads {a.threads}  batch {a.batch_size}; median img/s of "
+          f"{a.rounds} rounds of {a.steps} steps, the arms interleaved (a load that comes and goes hits all)")
     b = a.batch_size
-    base = measure(False, b, a.steps, a.warmup, "off")
-    print(f"{'variant':44} {'img/s':>8}  ratio")
-    print(f"{'plain fp32 loop, NCHW, batch ' + str(b):44} {base:8.0f}  x1.00")
-    arms = [(f"edlab step (auto), batch {b}", dict(edlab=True, batch=b)),
-            (f"edlab step, channels_last on, batch {b}", dict(edlab=True, batch=b, channels_last="on")),
-            (f"edlab step, channels_last off, batch {b}", dict(edlab=True, batch=b, channels_last="off")),
-            (f"plain fp32 loop, channels_last, batch {b}", dict(edlab=False, batch=b, channels_last="on")),
-            (f"edlab step (auto), batch {2 * b}", dict(edlab=True, batch=2 * b))]
+    arms = {f"plain fp32 loop, NCHW, batch {b}": dict(edlab=False, batch=b, channels_last="off"),
+            f"edlab step (auto), batch {b}": dict(edlab=True, batch=b),
+            f"edlab step, channels_last on, batch {b}": dict(edlab=True, batch=b, channels_last="on"),
+            f"edlab step, channels_last off, batch {b}": dict(edlab=True, batch=b, channels_last="off"),
+            f"plain fp32 loop, channels_last, batch {b}": dict(edlab=False, batch=b, channels_last="on"),
+            f"edlab step (auto), batch {2 * b}": dict(edlab=True, batch=2 * b)}
     if not a.no_compile:
-        arms.append((f"edlab step (auto) + torch.compile, batch {b}", dict(edlab=True, batch=b, compile_=True)))
-    for name, kw in arms:
+        arms[f"edlab step (auto) + torch.compile, batch {b}"] = dict(edlab=True, batch=b, compile_=True)
+    built = {}
+    for name, kw in arms.items():
         try:
-            ips = measure(steps=a.steps, warmup=a.warmup, **kw)
+            arm = Arm(**kw)
+            for _ in range(a.warmup):
+                arm.step()
+            built[name] = arm
         except Exception as e:  # torch.compile without a compiler, etc.
             print(f"{name:44} skipped: {type(e).__name__}: {str(e).strip().splitlines()[0][:80] if str(e) else ''}")
-            continue
-        print(f"{name:44} {ips:8.0f}  x{ips / base:.2f}")
+    for _ in range(a.rounds):
+        for arm in built.values():
+            arm.time(a.steps)
+    base = next(iter(built.values())).median()
+    print(f"{'variant':44} {'img/s':>8}  ratio  (min-max img/s)")
+    for name, arm in built.items():
+        print(f"{name:44} {arm.median():8.0f}  x{arm.median() / base:.2f}  ({min(arm.rates):.0f}-{max(arm.rates):.0f})")
 
 
 if __name__ == "__main__":
