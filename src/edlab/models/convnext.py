@@ -26,7 +26,8 @@ The parts of a block are split by the channel counts of its depthwise convs, so 
 unequal sizes) still runs (``edlab.prune.order_split_outputs`` makes Torch-Pruning map the parts right).
 
 Options: ``width`` multiplies the channel counts (snapped to multiples of 4), ``blocks`` replaces the
-blocks per stage (as for the ResNets), ``skip_scale=False`` drops the per-channel skip scale.
+blocks per stage (as for the ResNets), ``skip_scale=False`` drops the per-channel skip scale; ``conv`` is
+accepted for the shared config but only ``standard`` (the kernels are the family's design).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ..errors import EdlabError
 from ..layers import LayerNorm2d, stage_plan
 from . import register_model
 from .resnet import stage_depths
@@ -82,14 +84,18 @@ class TinyConvNeXt(nn.Module):
     the others halve the resolution (4x4 stride-2 grouped conv); then global average pool and a linear."""
 
     def __init__(self, dims: list[int], depths: list[int], num_classes: int = 10, width: float = 1.0,
-                 blocks: list[int] | None = None, skip_scale: bool = True, stem_stride: int = 1):
+                 blocks: list[int] | None = None, skip_scale: bool = True, conv: str = "standard",
+                 stem_stride: int = 1):
         super().__init__()
+        if conv != "standard":  # every config passes conv; the kernels of this family are its design
+            raise EdlabError(f"conv '{conv}': the convnext blocks have fixed (depthwise) kernels, "
+                             f"only conv=standard applies")
         dims = [max(4, 4 * round(d / 4)) for d in stage_plan(dims, width, "standard")[0]]
         depths = stage_depths(depths, blocks)
         stages, cin = [], 3
         for i, (dim, depth) in enumerate(zip(dims, depths)):
             entry = nn.Conv2d(3, dim, 3, stem_stride, 1) if i == 0 else \
-                nn.Conv2d(cin, dim, 4, 2, 1, groups=math.gcd(cin, dim, 16))
+                nn.Conv2d(cin, dim, 4, 2, 1, groups=_down_groups(cin, dim))
             stages.append(nn.Sequential(entry, LayerNorm2d(dim), *(Block(dim, dim, skip_scale) for _ in range(depth))))
             cin = dim
         self.stages = nn.Sequential(*stages)
@@ -98,6 +104,15 @@ class TinyConvNeXt(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(x)
         return self.fc(x.mean((2, 3)))
+
+
+def _down_groups(cin: int, cout: int) -> int:
+    """The reference's 16 groups (48 -> 80), or fewer where the widths need: a divisor of both, and at least
+    2 input channels a group (Torch-Pruning fails on grouped convs with one input channel a group)."""
+    g = math.gcd(cin, cout, 16)
+    while g > 1 and cin // g < 2:
+        g //= 2
+    return g
 
 
 @register_model
