@@ -59,6 +59,22 @@ def test_fp32_export_matches_pytorch(tmp_path, kind):
     assert run(path, X[:3]).shape == (3, 10)  # dynamic batch size
 
 
+def test_convnext_exports_and_scores_like_the_checkpoint(tmp_path):
+    from edlab.onnx_model import onnx_profile
+    from edlab.score import profile
+
+    model = create_model("convnext_nano", width=0.5).eval()
+    with torch.no_grad():  # as after training: fresh norms and skip scales (all ones) would be one shared tensor
+        for t in model.parameters():
+            t.add_(0.01 * torch.randn_like(t))
+    path = export_onnx(model, tmp_path / "cx.onnx")
+    assert "LayerNormalization" in ops(path)
+    with torch.no_grad():
+        np.testing.assert_allclose(run(path, X), model(X).numpy(), rtol=1e-3, atol=1e-4)
+    p, q = onnx_profile(path), profile(model)
+    assert (p.params, p.macs) == (q.params, q.macs)  # the LayerNorms' scales and shifts counted in both
+
+
 def test_uncalibrated_qat_model_is_refused(tmp_path):
     from edlab.errors import EdlabError
 

@@ -12,7 +12,7 @@ import torch.nn.utils.prune as prune
 from rich.console import Console
 
 from edlab.errors import EdlabError
-from edlab.layers import DepthwiseSeparable
+from edlab.layers import DepthwiseSeparable, LayerNorm2d
 from edlab.models import create_model
 from edlab.score import RULES, dense_reference, profile, render, score, what_if_table
 
@@ -213,6 +213,20 @@ def test_micronet_differs_and_folds_batchnorm(resnet20):
     assert "micronet" in p.rules_description
 
 
+@pytest.mark.parametrize("norm, groups, n", [(LayerNorm2d(8), 16, 8), (nn.GroupNorm(2, 8), 2, 4 * 16)])
+def test_layer_and_group_norm_are_norm_layers_counted_by_hand(norm, groups, n):
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), norm)  # 8 channels on a 4x4 map: 128 elements
+    p = profile(model, input_size=(3, 4, 4))
+    assert p.params == p.arch_params == 3 * 8 + 8 + 16 and p.macs == 3 * 128 and not p.notes  # f: MACs only
+    # per group of n: mean (n - 1 adds, 1 mult), centring (n adds), variance (n mults, n - 1 adds, 1 mult),
+    # eps + rsqrt (1 add, 1 mult), normalising (n mults); per element the scale and shift (1 mult, 1 add)
+    mults, adds = groups * (2 * n + 3) + 128, groups * (3 * n - 1) + 128
+    micro = {r.name: r for r in profile(model, input_size=(3, 4, 4), rules="micronet").rows}
+    assert micro["1"].ops == mults + adds and micro["1"].params == 16  # never folded into the conv
+    bn_rule = dataclasses.replace(RULES["course"], ops=frozenset({"bn"}))
+    assert profile(model, input_size=(3, 4, 4), rules=bn_rule).ops == 3 * 128 + max(mults, adds)
+
+
 def test_selectable_counting_options(resnet20):
     course = RULES["course"]
     model = create_model("resnet20")
@@ -244,11 +258,11 @@ def test_render_and_json(resnet20):
 
 
 def test_ops_it_cannot_count_are_reported():
-    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Softmax(-1))
+    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(4), nn.Softmax(-1))
     p = profile(model, input_size=(4,))
     assert p.macs == 16
-    assert any("native_layer_norm" in n and "_softmax" in n for n in p.notes)
-    assert any("8 parameters outside" in n for n in p.notes)  # LayerNorm's, not conv/linear/BN
+    assert any("_prelu_kernel" in n and "_softmax" in n for n in p.notes)
+    assert any("4 parameters outside" in n for n in p.notes)  # PReLU's, not conv/linear/norm
 
 
 def test_user_errors_are_edlab_errors():

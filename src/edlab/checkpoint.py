@@ -28,6 +28,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import EdlabError
+from .layers import LayerNorm2d
 from .models import create_model
 
 FORMAT = "edlab-ckpt/2"  # /2 adds header_sha256 and dtypes/shapes to the tensor digest; /1 files still load
@@ -59,6 +60,17 @@ register_leaf(nn.BatchNorm2d, lambda m: dict(num_features=m.num_features, eps=m.
 register_leaf(nn.BatchNorm1d, lambda m: dict(num_features=m.num_features, eps=m.eps, momentum=m.momentum,
                                              affine=m.affine, track_running_stats=m.track_running_stats))
 register_leaf(nn.Identity, lambda m: {})
+
+
+def layer_norm_kwargs(m: nn.LayerNorm) -> dict:
+    return dict(normalized_shape=list(m.normalized_shape), eps=m.eps, elementwise_affine=m.elementwise_affine,
+                bias=m.bias is not None)
+
+
+register_leaf(nn.LayerNorm, layer_norm_kwargs)
+register_leaf(LayerNorm2d, layer_norm_kwargs)
+register_leaf(nn.GroupNorm, lambda m: dict(num_groups=m.num_groups, num_channels=m.num_channels, eps=m.eps,
+                                           affine=m.affine))
 
 
 # Stage modules that register leaf types (quantized layers, ...): imported when a checkpoint needs them.

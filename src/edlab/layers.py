@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .errors import EdlabError
 
@@ -88,3 +89,16 @@ def conv3x3(cin: int, cout: int, stride: int = 1, kind: str = "standard") -> nn.
 
 def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map (ConvNeXt's channels-first LayerNorm).
+
+    A subclass of ``nn.LayerNorm`` rather than a wrapper, so that every tool that knows LayerNorm sees it as
+    one: Torch-Pruning prunes its weight and bias with the channels it normalizes, the score charges it as a
+    norm layer, and checkpoints describe it (``edlab.checkpoint`` registers it) so a pruned one reloads.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)

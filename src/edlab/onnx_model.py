@@ -25,6 +25,7 @@ _ELEM_BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 1, 10: 16, 11: 6
 _CONV = {"Conv": (0, 1, 2), "ConvInteger": (0, 1, None), "QLinearConv": (0, 3, 8)}  # op -> (x, w, bias) inputs
 _MATMUL = {"Gemm": (0, 1, 2), "QGemm": (0, 3, 6), "MatMul": (0, 1, None), "MatMulInteger": (0, 1, None),
            "QLinearMatMul": (0, 3, None)}
+_NORMS = ("BatchNormalization", "LayerNormalization", "GroupNormalization")  # inputs 1, 2: scale, shift
 
 
 def is_onnx(path: str | Path) -> bool:
@@ -214,10 +215,11 @@ def onnx_profile(path: str | Path, views: int | None = None, input_size=None):
                         nonzero=sum(e[1] for e in entries), macs=macs, ops=macs * n_views, bits_w=bw, bits_a=ba,
                         params_term=storage / 32 / course.ref_params,
                         ops_term=macs * max(bw, ba) / 32 * n_views / course.ref_ops))
-    for node in graph.node:  # an unfolded BN: its scale and shift are parameters (mean and variance are not)
-        if node.op_type == "BatchNormalization" and all(i in inits for i in node.input[1:3]):
-            n = sum(numpy_helper.to_array(inits[i]).size for i in node.input[1:3])
-            rows.append(Row(name=node.name or "BatchNormalization", type="BatchNormalization", params=n,
+    for node in graph.node:  # an unfolded norm: its scale and shift are parameters (BN's mean and variance are not)
+        names = [i for i in node.input[1:3] if i]  # LayerNormalization's shift is optional
+        if node.op_type in _NORMS and names and all(i in inits for i in names):
+            n = sum(numpy_helper.to_array(inits[i]).size for i in names)
+            rows.append(Row(name=node.name or node.op_type, type=node.op_type, params=n,
                             nonzero=n, macs=0, ops=0, bits_w=bits(node.input[1]), bits_a=None,
                             params_term=n * bits(node.input[1]) / 32 / course.ref_params, ops_term=0.0))
     if not rows:

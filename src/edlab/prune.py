@@ -164,10 +164,45 @@ def _prune_channels(model: nn.Module, ratio: float, x: torch.Tensor, importance:
             # fresh dicts: Torch-Pruning's defaults are shared mutable dicts that would keep every copy alive
             in_channel_groups={}, out_channel_groups={}, num_heads={}, channel_groups={},
         )
+        order_split_outputs(pruner.DG)
         pruner.step()
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def order_split_outputs(graph) -> int:
+    """Fix Torch-Pruning's reading of ``torch.split``/``chunk``; returns the number of splits reordered.
+
+    Torch-Pruning lists a split's outputs in the order its walk of the graph meets their consumers, and maps
+    the i-th listed output to the i-th part of the split. When the walk meets the parts out of order (the
+    blocks of ``models/convnext.py`` split the channels in four parts), the channels of one part are pruned
+    from another's layers. Each consumer's autograd node says which output of the split it reads
+    (``output_nr``): the outputs are sorted by it and the shapes and index mappings recomputed. A split
+    whose consumers cannot be told apart (one reads two parts, or reads through other ops) is left as traced.
+    """
+    from torch_pruning import ops
+    from torch_pruning.dependency import index_mapping, shape_infer
+
+    changed = 0
+    for node in graph.module2node.values():
+        if node.type != ops.OPTYPE.SPLIT:
+            continue
+        part = {}
+        for out in node.outputs:
+            reads = [nr for fn, nr in getattr(out.grad_fn, "next_functions", ()) if fn is node.grad_fn]
+            if len(reads) != 1:
+                break
+            part[out] = reads[0]
+        else:
+            order = sorted(node.outputs, key=part.__getitem__)
+            if order != node.outputs:
+                node.outputs[:] = order
+                changed += 1
+    if changed:
+        shape_infer.init_shape_information(graph)
+        index_mapping.update_index_mapping(graph)
+    return changed
 
 
 def _valid(model: nn.Module) -> bool:

@@ -35,7 +35,8 @@ REF_MACS = 2.8e8  # half of its 555,422,720 conv + linear MACs on a 32x32 image
 MICRONET_REF_PARAMS = 36.5e6  # WideResNet-28-10, the MicroNet CIFAR-100 baseline
 MICRONET_REF_OPS = 10.49e9  # its math operations (multiplications + additions)
 OP_KINDS = ("bn", "bias", "eltwise", "pool", "act")
-ARCH_PARAMS = ("weight", "bias")  # what a plain conv, linear or BN layer holds: the basis of ps and pu
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)  # counted like BN: scale + shift
+ARCH_PARAMS = ("weight", "bias")  # what a plain conv, linear or norm layer holds: the basis of ps and pu
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Rules:
     bn: str = "count"  # "count": BN scale + shift are parameters; "fold": merged into the conv before it
     biases: bool = True  # bias vectors are parameters
     ops: frozenset[str] = frozenset()  # op kinds counted besides conv/linear MACs (subset of OP_KINDS)
-    all_params: bool = False  # every parameter, not only those of conv, linear and BN layers
+    all_params: bool = False  # every parameter, not only those of conv, linear and norm layers
     split_macs: bool = False  # a MAC is 1 multiplication + 1 addition, weighed separately
     sparse_ops: bool = False  # multiplications by zero weights are skipped
     mask_bits: int = 0  # storage bits per entry of a tensor that has zeros (its sparsity mask)
@@ -57,7 +58,7 @@ class Rules:
 
     def describe(self) -> str:
         """The one line printed with every score, so a number never travels without its counting rules."""
-        w = "all parameters" if self.all_params else "parameters of conv, linear and BN layers"
+        w = "all parameters" if self.all_params else "parameters of conv, linear and norm (BN, LN, GN) layers"
         w += "; BN folded into the preceding conv" if self.bn == "fold" else "; BN scale+shift counted"
         w += "" if self.biases else "; biases excluded"
         w += f"; a tensor with zeros stores nonzeros + a {self.mask_bits}-bit mask" if self.mask_bits else ""
@@ -184,7 +185,9 @@ _ELTWISE = {"add": (0, 1), "sub": (0, 1), "rsub": (0, 1), "mul": (1, 0), "div": 
 _ACT = {
     "relu": (1, 0), "hardtanh": (1, 0), "leaky_relu": (1, 0), "threshold": (1, 0), "tanh": (1, 0),
     "sigmoid": (2, 1), "silu": (3, 1), "hardsigmoid": (1, 1), "hardswish": (2, 1), "gelu": (4, 1),
+    "exp": (1, 0), "clamp": (1, 0), "clamp_min": (1, 0), "clamp_max": (1, 0),  # a clamp is a hardtanh
 }  # fmt: skip
+_NORM = {"native_layer_norm": (2, 4), "native_group_norm": (1, 3)}  # where (weight, bias) are in the args
 _WINDOW_POOL = {
     "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",
     "avg_pool1d", "avg_pool2d", "avg_pool3d",
@@ -201,6 +204,18 @@ _FREE = {  # data movement and allocation: no arithmetic
 }  # fmt: skip
 
 
+def _norm_ops(numel: int, n: int, weight: bool, bias: bool) -> tuple[int, int]:
+    """(mults, adds) of a LayerNorm/GroupNorm over ``numel`` elements in groups of ``n``: per group a mean
+    (n - 1 adds, 1 division), centring (n subtractions), a variance (n squares, n - 1 adds, 1 division),
+    eps and rsqrt (1 add, 1 op); per element the normalisation (1 mult), then the affine scale and shift
+    (1 mult, 1 add) where the layer has them. BatchNorm at inference is only the affine part (its statistics
+    are constants): 1 mult + 1 add per element."""
+    groups = numel // n if n else 0
+    mults = groups * (2 * n + 3) + numel * weight
+    adds = groups * (3 * n - 1) + numel * bias
+    return mults, adds
+
+
 @dataclass
 class _Count:
     macs: int = 0
@@ -211,7 +226,7 @@ class _Count:
     ew_units: float = 0.0  # the same as MAC-equivalents (one fused multiply-add = 1) for the course view
     bits_mac: float = 0.0  # widest activation seen entering a MAC op
     bits_ew: float = 0.0
-    weight_op: bool = False  # ran a conv, matmul or batch-norm itself: a "weight layer"
+    weight_op: bool = False  # ran a conv, matmul or norm itself: a "weight layer"
 
 
 def _dtype_bits(dtype: torch.dtype) -> int:
@@ -268,6 +283,12 @@ class _Tracer(TorchDispatchMode):
                 self._ew(c, module, "bias", 0, 0 if prev[1] else y.numel(), y)
             else:
                 self._ew(c, module, "bn", y.numel(), y.numel(), y)
+        elif name in _NORM:  # statistics computed at run time: nothing to fold, the whole norm is charged
+            c.weight_op = True
+            x, (weight, bias) = args[0], (args[i] for i in _NORM[name])
+            n = x.numel() // (x.shape[0] * args[6]) if name == "native_group_norm" else math.prod(args[1])
+            mults, adds = _norm_ops(y.numel(), n, weight is not None, bias is not None)
+            self._ew(c, module, "bn", mults, adds, y)
         elif name in _ELTWISE:
             mults, adds = _ELTWISE[name]
             self._ew(c, module, "eltwise", mults * y.numel(), adds * y.numel(), y)
@@ -446,7 +467,7 @@ def profile(
     for name, m in modules.items():
         c = tracer.counts.get(name, _Count())
         mac_layer = isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or c.macs > 0
-        weight_layer = mac_layer or c.weight_op or isinstance(m, nn.modules.batchnorm._BatchNorm)
+        weight_layer = mac_layer or c.weight_op or isinstance(m, NORM_LAYERS)
         nonzero = {p: nnz[name] if p == "weight" and mac_layer else t.numel() for p, t in own[name]}
         if weight_layer:  # the architecture is weights and biases: a quantizer's step sizes are not (ps >= 0)
             arch += sum(t.numel() for p, t in own[name] if p in ARCH_PARAMS)
@@ -531,7 +552,7 @@ def profile(
     skipped = sum(t.numel() for n, ts in own.items() if n not in stored for _, t in ts)
     if skipped:
         notes.append(
-            f"{skipped:,} parameters outside conv, linear and BN layers are not counted by these rules"
+            f"{skipped:,} parameters outside conv, linear and norm layers are not counted by these rules"
         )
     if tracer.uncounted:
         notes.append("ops executed but not counted: " + ", ".join(sorted(tracer.uncounted)))

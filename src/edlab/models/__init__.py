@@ -37,7 +37,7 @@ def create_model(name: str, num_classes: int = 10, **options) -> nn.Module:
     return model
 
 
-from . import airbench, resnet  # noqa: E402,F401  (each registers its family)
+from . import airbench, convnext, resnet  # noqa: E402,F401  (each registers its family)
 
 
 def model_sizes() -> dict[str, int]:
