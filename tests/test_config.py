@@ -43,3 +43,14 @@ def test_missing_and_corrupt_files(tmp_path):
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(EdlabError, match="mapping"):
         load_train_config(str(lst))
+
+
+def test_blocks_given_as_text_are_a_list():
+    """A study grid's values are scalars, so a grid over blocks per stage names them as text."""
+    from pydantic import ValidationError
+
+    from edlab.config import ModelConfig
+
+    assert ModelConfig(blocks="[1, 2, 3]").blocks == [1, 2, 3] == ModelConfig(blocks="1,2,3").blocks
+    with pytest.raises(ValidationError):
+        ModelConfig(blocks="[1, a]")

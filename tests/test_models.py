@@ -129,3 +129,35 @@ def test_small_student_from_a_config(tiny_cfg):
     m = model_from_config(cfg, 10)
     assert [len(s) for s in m.layers] == [1, 2, 1] and m.edlab_spec["options"]["blocks"] == [1, 2, 1]
     assert "blocks" not in model_from_config(tiny_cfg(), 10).edlab_spec["options"]  # old specs unchanged
+
+
+def test_separable_blocks_drop_the_inner_norm_and_keep_the_macs():
+    """conv: separable is depthwise 3x3 -> pointwise 1x1 with no BN + ReLU between (Xception): the same convs
+    and MACs as the depthwise student, less the inner BN's 2 parameters per channel."""
+    from edlab.score import profile
+
+    dw = create_model("resnet20", blocks=[2, 3, 3], conv="depthwise")
+    sep = create_model("resnet20", blocks=[2, 3, 3], conv="separable")
+    inner = sum(2 * b[0].in_channels for b in dw.modules() if isinstance(b, DepthwiseSeparable))
+    assert all(len(b) == 2 for b in sep.modules() if isinstance(b, DepthwiseSeparable))
+    assert n_params(sep) == n_params(dw) - inner
+    assert profile(sep).macs == profile(dw).macs
+    assert sep(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_strided_depthwise_conv_runs_in_fp32_under_cpu_bf16_autocast():
+    """oneDNN's bf16 backward of a stride-2 depthwise conv is ~10x its fp32 one on CPUs, so that conv alone
+    runs in fp32 under bf16 autocast: the block's output stays bf16 and equals the all-bf16 result up to
+    bf16 rounding, gradients reach the conv, and without autocast nothing changes."""
+    torch.manual_seed(0)
+    block = DepthwiseSeparable(8, 16, stride=2)
+    x = torch.randn(4, 8, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = block(x)
+        ref = block[3](block[2](block[1](block[0](x))))  # the plain path: every conv in bf16
+    assert y.dtype == torch.bfloat16 and y.shape == (4, 16, 8, 8)
+    assert torch.allclose(y.float(), ref.float(), atol=0.1, rtol=0.05)
+    y.float().sum().backward()
+    assert block[0].weight.grad is not None and block[0].weight.grad.abs().sum() > 0
+    block.eval()
+    assert torch.equal(block(x), block[3](block[2](block[1](block[0](x)))))
