@@ -59,6 +59,35 @@ def tiny_cfg(tmp_path):
     return make
 
 
+@pytest.fixture
+def synthetic_ckpt(tmp_path):
+    """An untrained resnet20 (width 0.25) saved as `edlab train --dataset synthetic` saves it (its config in
+    the metadata), in a folder of its own: what eval, prune, quantize and export take, made in a second."""
+    from edlab import create_model, save_checkpoint
+    from edlab.config import load_train_config
+
+    cfg = load_train_config(None, None, ["model.name=resnet20", "model.width=0.25", "data.dataset=synthetic",
+                                         "data.val_size=128", "data.batch_size=64", "precision=fp32"])
+    path = tmp_path / "src" / "model.ckpt"
+    return save_checkpoint(create_model("resnet20", width=0.25), path, config=cfg.model_dump(mode="json"))
+
+
+@pytest.fixture
+def runs_unchanged(tmp_path, monkeypatch):
+    """Work in a folder whose runs/ holds one earlier run that runs/latest points at; the returned check,
+    called after a command refused its input, fails if a run folder was made or runs/latest moved."""
+    home = tmp_path / "project"
+    (home / "runs" / "earlier").mkdir(parents=True)
+    (home / "runs" / "latest").symlink_to("earlier")
+    monkeypatch.chdir(home)
+
+    def check():
+        assert sorted(p.name for p in (home / "runs").iterdir()) == ["earlier", "latest"]
+        assert os.readlink(home / "runs" / "latest") == "earlier"
+
+    return check
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads, and a second thread on a shared 2-core machine costs 10x."""

@@ -102,3 +102,26 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
         save_checkpoint(create_model("resnet32"), p)
     assert p.read_bytes() == before and read_checkpoint(p)[0]["arch"]["name"] == "resnet20"
     assert [f.name for f in tmp_path.iterdir()] == ["m.ckpt"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda meta: [1, 2], "checkpoint metadata must be a mapping, not a list"),
+    (lambda meta: "odd", "checkpoint metadata must be a mapping, not a string"),
+    (lambda meta: {**meta, "config": "odd"}, "checkpoint metadata.config must be a mapping, not a string"),
+    (lambda meta: {**meta, "config": [1, 2]}, "checkpoint metadata.config must be a mapping, not a list"),
+    (lambda meta: {**meta, "config": {**meta["config"], "data": 5}},
+     "checkpoint metadata.config.data must be a mapping, not a number"),
+])
+def test_metadata_that_is_not_a_mapping_is_refused_by_every_command(synthetic_ckpt, runs_unchanged, edit, msg):
+    """Before, such a file was evaluated, pruned, quantized and exported with the defaults (cifar10, its
+    normalisation) in place of the dataset it records."""
+    from test_reliability import _rewrite_header, assert_one_line_error, invoke
+
+    bad = _rewrite_header(synthetic_ckpt, synthetic_ckpt.with_name("bad.ckpt"),
+                          lambda h: {**h, "metadata": edit(h["metadata"])})
+    with pytest.raises(EdlabError, match=msg):
+        load_checkpoint(bad)
+    for args in (["eval", bad], ["prune", bad, "--structured", "0.3"], ["quantize", bad, "--method", "bf16"],
+                 ["export", bad, "--out", "m.onnx"]):
+        assert_one_line_error(invoke(*args), f"bad.ckpt: {msg}")
+    runs_unchanged()

@@ -151,6 +151,32 @@ def test_bad_labels(tmp_path):
         load_cifar("cifar10", str(tmp_path), download=False)
 
 
+@pytest.mark.parametrize("pixels,msg", [
+    (np.full((20, 3072), 300.0, np.float32), "values from 300 to 300"),  # a uint8 cast wrapped it to 44
+    (np.full((20, 3072), -1.0), "values from -1 to -1"),
+    (np.full((20, 3072), 0.7, np.float32), "whole numbers"),  # [0, 1] images: the cast made them black
+    (np.full((20, 3072), np.nan), "whole numbers"),
+    (np.full((20, 3072), 256, np.int64), "values from 256 to 256"),
+])
+def test_pixels_outside_0_255_are_refused_naming_the_file(tmp_path, pixels, msg):
+    folder = _write_fake_cifar(tmp_path)
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump({"data": pixels, "labels": [0] * 20}, f)
+    with pytest.raises(EdlabError, match=f"malformed dataset file {folder / 'data_batch_2'}: .*{msg}"):
+        load_cifar("cifar10", str(tmp_path), download=False)
+
+
+def test_whole_pixels_of_any_number_type_load_as_their_uint8(tmp_path):
+    folder = _write_fake_cifar(tmp_path)
+    train, _ = load_cifar("cifar10", str(tmp_path), download=False)
+    with open(folder / "data_batch_1", "rb") as f:
+        batch = pickle.load(f)
+    for dtype in (np.int64, np.float32):
+        with open(folder / "data_batch_1", "wb") as f:
+            pickle.dump({**batch, "data": batch["data"].astype(dtype)}, f)
+        assert torch.equal(load_cifar("cifar10", str(tmp_path), download=False)[0].images, train.images)
+
+
 class _Evil:
     def __init__(self, marker):
         self.marker = marker

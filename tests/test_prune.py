@@ -240,18 +240,8 @@ def test_from_scratch_keeps_widths_and_zeros(tiny_cfg, tmp_path):
     assert not has_masks(model) and (tmp_path / "scratch" / "model.ckpt").exists()
 
 
-def _tiny_checkpoint(path):
-    from edlab.config import load_train_config
-
-    cfg = load_train_config(None, None, ["model.name=resnet20", "model.width=0.25", "data.dataset=synthetic",
-                                         "data.val_size=128", "data.batch_size=64", "precision=fp32"])
-    m = create_model("resnet20", width=0.25)
-    save_checkpoint(m, path, config=cfg.model_dump(mode="json"))
-    return path
-
-
-def test_cli_prune_end_to_end(tmp_path):
-    ckpt = _tiny_checkpoint(tmp_path / "dense.ckpt")
+def test_cli_prune_end_to_end(tmp_path, synthetic_ckpt):
+    ckpt = synthetic_ckpt
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = ["prune", ckpt, "--structured", "0.3", "--unstructured", "0.2", "--finetune-epochs", "1",
@@ -291,3 +281,44 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, msg, tmp_path):
     assert r.exit_code == 2, r.output
     assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_malformed_dense_reference_is_one_line(synthetic_ckpt, runs_unchanged):
+    """A dense reference (the unpruned counts ps and pu are fractions of) without counts: KeyError 'params'
+    after the run folder was made, before."""
+    from test_reliability import _rewrite_header, assert_one_line_error, invoke
+
+    bad = _rewrite_header(synthetic_ckpt, synthetic_ckpt.with_name("bad.ckpt"),
+                          lambda h: {**h, "dense_reference": {"builder": "not-a-zoo-model"}})
+    assert_one_line_error(invoke("prune", bad, "--structured", "0.3"), "dense reference must be {'params'")
+    runs_unchanged()
+    m = create_model("resnet20", width=0.25)
+    m.edlab_dense_reference = {"builder": "not-a-zoo-model"}  # set in code: the same line
+    with pytest.raises(EdlabError, match="dense reference must be"):
+        sparsity_of(m)
+
+
+def test_an_onnx_file_is_refused_before_a_run_folder_is_made(synthetic_ckpt, runs_unchanged):
+    """Before: ZeroDivisionError in sparsity_of, and an empty run folder per attempt."""
+    pytest.importorskip("onnxruntime")
+    from test_reliability import assert_one_line_error, invoke
+
+    onnx = synthetic_ckpt.with_name("m.onnx")
+    assert invoke("export", synthetic_ckpt, "--out", onnx).exit_code == 0
+    assert_one_line_error(invoke("prune", onnx, "--structured", "0.3"), "ONNX models are exported, not pruned")
+    runs_unchanged()
+
+
+def test_a_quantized_checkpoint_is_refused_before_a_run_folder_is_made(synthetic_ckpt, runs_unchanged):
+    """A QAT model (as `edlab quantize --method qat` saves it): Torch-Pruning used to fail on its layers after
+    the run folder was made and runs/latest moved to it."""
+    from test_reliability import assert_one_line_error, invoke
+
+    from edlab.quantize import calibrate, quantize_qat
+
+    src = load_checkpoint(synthetic_ckpt)
+    qat = quantize_qat(src, 4, 4)
+    calibrate(qat, torch.randn(8, 3, 32, 32))
+    path = save_checkpoint(qat, synthetic_ckpt.with_name("qat.ckpt"), **src.edlab_metadata)
+    assert_one_line_error(invoke("prune", path, "--structured", "0.3"), "models are pruned before quantization")
+    runs_unchanged()

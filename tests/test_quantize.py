@@ -362,6 +362,30 @@ def test_quantizing_a_quantized_checkpoint_is_refused(tmp_path):
     assert r.exit_code == 2 and "already quantized" in r.stderr
 
 
+@pytest.mark.parametrize("target", ["resnet20", "run folder"])
+def test_quantize_takes_what_prune_takes(synthetic_ckpt, tmp_path, target):
+    """A zoo model name (fresh weights) and a run folder: `edlab prune` took them, quantize said 'checkpoint
+    not found: resnet20'. Both now resolve their input with checkpoint.load_model."""
+    target = synthetic_ckpt.parent if target == "run folder" else target
+    r = invoke("quantize", target, "--method", "bf16", "--dataset", "synthetic", "--set", "data.val_size=64",
+               "--out", tmp_path / "q")
+    assert r.exit_code == 0, r.output
+    assert next(load_checkpoint(tmp_path / "q" / "model.ckpt").parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("method", ["int8", "bf16"])
+def test_an_onnx_file_is_refused_as_onnx_not_as_corrupt(synthetic_ckpt, runs_unchanged, method):
+    pytest.importorskip("onnxruntime")
+    from test_reliability import assert_one_line_error
+
+    onnx = synthetic_ckpt.with_name("m.onnx")
+    assert invoke("export", synthetic_ckpt, "--out", onnx).exit_code == 0
+    assert_one_line_error(invoke("quantize", onnx, "--method", method),
+                          f"an ONNX file cannot be quantized by --method {method} (int8 ONNX export is from a "
+                          f"checkpoint")
+    runs_unchanged()
+
+
 # ---------------------------------------------------------------------------------------------- real data
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("REAL_CKPT"), reason="set REAL_CKPT=<trained resnet20 model.ckpt> (minutes)")

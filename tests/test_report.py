@@ -278,3 +278,15 @@ def test_the_augment_column_says_when_crop_flip_crops_nothing(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
     assert "| flip only (crop_pad 0) |" in rows["mirrors"]
     assert "| crop-flip |" in rows["crops"] and "| none |" in rows["plain"]
+
+
+def test_a_result_whose_name_is_a_number_is_listed_under_its_folder(tmp_path):
+    """A result.json with "name": 5 replaced the row's name and the page failed with AttributeError."""
+    stage = tmp_path / "p" / "01-score"
+    stage.mkdir(parents=True)
+    (stage / "result.json").write_text(json.dumps({"name": 5, "score": 0.25}))
+    (tmp_path / "p" / "00-train").mkdir()
+    (tmp_path / "p" / "00-train" / "summary.json").write_text(json.dumps({"test_accuracy": 0.9, "score": 2.9}))
+    r = build_report([tmp_path / "p"], tmp_path / "report")
+    assert [(x["name"], x["score"]) for x in r["results"]] == [("01-score", 0.25)]
+    assert ">01-score</td>" in (tmp_path / "report" / "index.html").read_text()

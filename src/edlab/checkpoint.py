@@ -278,8 +278,13 @@ def _model_from_header(header: dict) -> nn.Module:
         except (AttributeError, TypeError, ValueError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise EdlabError(f"checkpoint module '{name}' cannot be rebuilt: {first}") from None
-    if header.get("dense_reference"):
-        model.edlab_dense_reference = header["dense_reference"]
+    if header.get("dense_reference") is not None:  # the basis of ps/pu: counts, or one line (score's rule)
+        from .score import _dense_ref
+
+        try:
+            model.edlab_dense_reference = _dense_ref(model, header["dense_reference"])
+        except EdlabError as e:
+            raise EdlabError(f"checkpoint header is malformed ({e})") from None
     return model
 
 
@@ -304,23 +309,32 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return model.to(map_location).eval()
 
 
+_JSON_KINDS = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}  # else a number
+
+
 def _checked_metadata(meta: Any, path) -> dict:
-    """Metadata is data from the file: a mapping, not too deep, its config a mapping; a data folder it
-    names is used but never downloaded into (a file must not make a command create folders or fetch)."""
+    """Metadata is data from the file: a mapping, not too deep, its config and the config's sections
+    mappings, else one line naming the field (with defaults in their place, a command would evaluate or
+    fine-tune on another dataset and normalisation than the model was trained with); a data folder it names
+    is used but never downloaded into (a file must not make a command create folders or fetch)."""
     from .config import check_tree
 
-    if not isinstance(meta, dict):
+    if meta is None:  # a file written without metadata
         return {}
+    fields = [("metadata", meta)]
+    if isinstance(meta, dict) and isinstance(cfg := meta.get("config"), dict):
+        fields += [(f"metadata.config.{k}", cfg[k]) for k in ("model", "data", "optim", "sched", "distill")
+                   if k in cfg]  # TrainConfig's sections
+    elif isinstance(meta, dict) and "config" in meta:
+        fields.append(("metadata.config", meta["config"]))
+    for name, value in fields:
+        if not isinstance(value, dict):
+            kind = _JSON_KINDS.get(type(value), "a number")
+            raise EdlabError(f"{path}: checkpoint {name} must be a mapping, not {kind} (the file is malformed)")
     check_tree(meta, f"{path}: checkpoint metadata")
     cfg = meta.get("config")
     if cfg is None:
         return meta
-    if not isinstance(cfg, dict):
-        return {k: v for k, v in meta.items() if k != "config"}
-    sections = ("model", "data", "optim", "sched", "distill")  # TrainConfig's sections: mappings or nothing
-    if any(k in cfg and not isinstance(cfg[k], dict) for k in sections):
-        cfg = {k: v for k, v in cfg.items() if k not in sections or isinstance(v, dict)}
-        meta = {**meta, "config": cfg}
     data = cfg.get("data")
     if isinstance(data, dict) and data.get("data_dir") is not None:
         meta = {**meta, "config": {**cfg, "data": {**data, "download": False}}}
@@ -402,13 +416,17 @@ def resolve_model_path(target: str | Path) -> str:
                      f"folder or a checkpoint")
 
 
-def load_model(target: str | Path) -> nn.Module:
+def load_model(target: str | Path, refuse_onnx: str = "") -> nn.Module:
     """A checkpoint, packed file or .onnx path, a run folder, or a registered model name -> nn.Module
-    (an .onnx file runs through ONNX Runtime, wrapped as a module; a model name gets fresh weights)."""
+    (an .onnx file runs through ONNX Runtime, wrapped as a module; a model name gets fresh weights).
+    ``refuse_onnx``: why the caller cannot take an ONNX model (prune and quantize change the weights of a
+    checkpoint); given, an .onnx target is that one line, before the file is read."""
     from .models import list_models
 
     target = resolve_model_path(target)
     if target.endswith(".onnx"):
+        if refuse_onnx:
+            raise EdlabError(f"{target} is an ONNX model: {refuse_onnx}")
         from .onnx_model import OrtModule
 
         return OrtModule(target)

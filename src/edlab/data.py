@@ -68,11 +68,25 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refused global {module}.{name}")
 
 
+def _pixels(raw: np.ndarray) -> np.ndarray:
+    """CIFAR pixels as uint8: other integer or float arrays only when every value is a whole number in
+    0..255 (a cast would wrap 300.0 to 44 and truncate 0.7 to 0: a dataset that trains without a word)."""
+    if raw.dtype == np.uint8:
+        return raw
+    if raw.dtype.kind not in "iuf":
+        raise TypeError(f"pixels must be numbers 0..255, got {raw.dtype}")
+    if raw.size and not (np.isfinite(raw).all() and raw.min() >= 0 and raw.max() <= 255
+                         and (raw.dtype.kind != "f" or (raw == np.round(raw)).all())):
+        raise ValueError(f"pixels must be whole numbers 0..255, got {raw.dtype} values from {raw.min():g} to "
+                         f"{raw.max():g}")
+    return raw.astype(np.uint8)
+
+
 def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             d = _SafeUnpickler(f, encoding="latin1").load()
-        data = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        data = _pixels(np.asarray(d["data"])).reshape(-1, 3, 32, 32)
         raw = np.asarray(d[label_key])
         if raw.dtype.kind not in "iu":  # 3.7 must not silently become class 3
             raise TypeError(f"labels must be integers, got {raw.dtype}")

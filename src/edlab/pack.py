@@ -280,8 +280,6 @@ def unpack_model(raw: bytes, path: str | Path = "<bytes>") -> nn.Module:
     except RuntimeError as e:
         raise EdlabError(f"{path}: packed tensors do not fit the architecture: "
                          f"{str(e).strip().splitlines()[-1].strip()}") from None
-    if header.get("dense_reference"):
-        model.edlab_dense_reference = header["dense_reference"]
     from .checkpoint import _checked_metadata
 
     model.edlab_metadata = _checked_metadata(header.get("metadata"), path)  # data from the file: checked

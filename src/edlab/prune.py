@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .config import DISTILL_FLAGS
 from .errors import EdlabError
-from .score import dense_reference, profile
+from .score import _dense_ref, dense_reference, profile
 
 IMPORTANCES = ("l1", "l2", "bn", "taylor")
 TARGETS = ("params", "macs")
@@ -73,7 +73,7 @@ def _check_fraction(label: str, value: float) -> None:
 def ensure_dense_reference(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) -> dict[str, int]:
     """The dense reference ps/pu are fractions of; computed now if the model has none. A model pruned
     before keeps its original one, so pruning a pruned model still reports ps/pu against the dense one."""
-    ref = getattr(model, "edlab_dense_reference", None)
+    ref = _dense_ref(model, None)  # one set on the model is checked: counts, or one line (not KeyError 'params')
     if ref is None:
         ref = dense_reference(model, tuple(input_size))
         model.edlab_dense_reference = ref
@@ -783,6 +783,7 @@ def prune_checkpoint(target: str, structured: float = 0.0, unstructured: float =
     teacher, ...); ``sets``: any fine-tuning config key ("optim.lr=0.01"). See :class:`Recipe` for the rest."""
     from .checkpoint import load_model
     from .config import flags_to_tree
+    from .quantize import is_quantized
     from .runs import Run
     from .train import check_teacher, data_from_config, resolve_device
 
@@ -795,7 +796,11 @@ def prune_checkpoint(target: str, structured: float = 0.0, unstructured: float =
     recipe.validate()
     if options.get("precision") not in (None, "auto", "fp32", "bf16", "fp16"):
         raise EdlabError(f"unknown precision '{options['precision']}' (choices: auto, fp32, bf16, fp16)")
-    model = load_model(target)
+    model = load_model(target, refuse_onnx="ONNX models are exported, not pruned: prune the checkpoint it was "
+                                           "exported from")
+    if is_quantized(model):  # Torch-Pruning would fail on its layers, after the run folder was made
+        raise EdlabError(f"{target} is a quantized model: models are pruned before quantization (prune the float "
+                         f"checkpoint, then quantize the pruned one)")
     _resolve(model, recipe.keep)  # a wrong --keep fails now, not after the data is loaded
     tree = flags_to_tree(options, PRUNE_FLAGS)
     if lr is not None:

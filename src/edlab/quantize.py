@@ -270,6 +270,11 @@ class LSQLinear(_LSQ, nn.Linear):
 QUANT_TYPES = (BinaryConv2d, BinaryLinear, LSQConv2d, LSQLinear)
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Binary (binaryconnect) or k-bit (qat) layers: a model that is not quantized again, nor pruned."""
+    return any(isinstance(m, QUANT_TYPES) for m in model.modules())
+
+
 def _linear_kwargs(m: nn.Linear) -> dict:
     return dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
 
@@ -643,7 +648,7 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     layers into the convs before them (``edlab.fold``): after fine-tuning (binaryconnect, qat) or before the
     cast (fp16, bf16, int8), so that what is tested, scored and saved is the deployment form.
     ``train_subset``, ``threads``: as ``sets`` data.train_subset=N and threads=N (an entry of ``sets`` wins)."""
-    from .checkpoint import load_checkpoint, upstream_val_leak
+    from .checkpoint import load_model, upstream_val_leak
     from .config import to_yaml
     from .runs import Run, command_line
     from .score import profile
@@ -665,12 +670,13 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
         raise EdlabError(f"--calib-images must be >= 1, got {calib_images}")
     if resume and not out:
         raise EdlabError("--resume needs --out RUN_DIR: the quantize run to continue")
-    source = load_checkpoint(checkpoint)
+    source = load_model(checkpoint, refuse_onnx=f"an ONNX file cannot be quantized by --method {method} (int8 "
+                        f"ONNX export is from a checkpoint: quantize the checkpoint it was exported from)")
     progressive = None
     if method == "qat" and any(isinstance(m, (LSQConv2d, LSQLinear)) for m in source.modules()) and \
             not any(isinstance(m, (BinaryConv2d, BinaryLinear)) for m in source.modules()):
         progressive = dequantize_qat(source)  # progressive QAT: this stage starts from the last one's weights
-    if any(isinstance(m, QUANT_TYPES) for m in source.modules()) or \
+    if is_quantized(source) or \
             any(p.dtype != torch.float32 for p in source.parameters()):
         raise EdlabError(f"{checkpoint} is already quantized or half; quantize a float32 checkpoint")
     if layer_bits and method != "qat":

@@ -192,7 +192,8 @@ def discover(paths: list[str | Path]) -> tuple[list[RunInfo], list[dict], list[s
             elif "result.json" in files:
                 res = _read_json(d / "result.json")
                 if isinstance(res, dict):
-                    results.append({"name": name, "group": _group_of(d, root), **res})
+                    # the row is named by its folder: a "name" in the file (a number, say) does not replace it
+                    results.append({**res, "name": name, "group": _group_of(d, root)})
     _add_chosen_tests(runs)
     return runs, results, skipped
 

@@ -47,6 +47,9 @@ def prune(target, structured, unstructured, steps, finetune_epochs, schedule, im
                   out, sets, **flags):
     """Prune a checkpoint (structured, then unstructured), fine-tuning after every step.
 
+    TARGET: a checkpoint, a run folder or a zoo model name (fresh weights). Not an .onnx file, nor a quantized
+    checkpoint: models are pruned before quantization (prune the float checkpoint, then quantize).
+
     --structured R removes channels until R of the dense model's parameters (--target params, the score's
     ps) or MACs (--target macs) are gone; --unstructured S then zeroes weights until S of the dense
     parameters are zero (the score's pu). Both are totals, so ps + pu < 1. Writes a run directory:

@@ -41,6 +41,9 @@ def quantize(checkpoint, method, bits_w, bits_a, first_last_bits, layer_bits, fo
                      sets, **flags):
     """Quantize a trained (or pruned) checkpoint; write a run directory and the quantized model.
 
+    CHECKPOINT: a checkpoint, a run folder or a zoo model name (fresh weights), as edlab prune takes; not an
+    .onnx file (int8 ONNX export is from the checkpoint).
+
     Methods: fp16/bf16 (cast, evaluate, save half), binaryconnect (binary weights, fine-tuned), qat (k-bit
     weights and activations, LSQ, fine-tuned), int8 (ONNX Runtime static int8: .onnx + accuracy + latency).
     Fine-tuning uses the checkpoint's saved training config, changed by the flags and --set.
