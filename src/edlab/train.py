@@ -552,7 +552,7 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
     where = str(run.path) if run is not None else None
     for row in state.history if observer is not None else []:  # restored epochs first (a resumed trial)
         observer(row, where)
-    table = None
+    table, data.train.pool = None, None  # a pool left on a reused loader by an earlier fit does not carry over
     if teacher is not None:
         teacher.to(device).eval()
         # step: the teacher's logits once per image (and per mirror) when every epoch shows the same views
@@ -562,7 +562,8 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
         views = cached_views(data.train) if cfg.data.mixup == 0 and cfg.data.cutmix == 0 else 0
         pool = None
         if cfg.distill.crop_pool:  # the config refuses it beside anything but plain crop-flip
-            pool = crop_pool(len(data.train.split), cfg.distill.crop_pool, cfg.data.crop_pad, cfg.seed).to(device)
+            pool = crop_pool(len(data.train.split), cfg.distill.crop_pool, data.train.augment.crop_pad,
+                             data.train.seed).to(device)
             data.train.pool, views = pool, 2 * cfg.distill.crop_pool
         if views and state.epoch < math.ceil(cfg.epochs):
             path = run.file(TABLE_FILE) if run is not None else None
