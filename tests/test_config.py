@@ -32,6 +32,48 @@ def test_bad_configs_give_one_line(sets, msg):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("sets,msg", [
+    (["distill.crop_pool=4", "data.augment=none"], "distill.crop_pool needs data.augment crop-flip"),
+    (["distill.crop_pool=4", "data.crop_pad=0"], "distill.crop_pool needs data.crop_pad of at least 1"),
+    (["distill.crop_pool=4", "data.cutout=8"], "distill.crop_pool excludes data.cutout"),
+    (["distill.crop_pool=4", "data.mixup=0.2"], "distill.crop_pool excludes data.mixup and data.cutmix"),
+    (["distill.crop_pool=4", "data.cutmix=1"], "distill.crop_pool excludes data.mixup and data.cutmix"),
+    (["distill.crop_pool=-1"], "distill.crop_pool"),
+    (["distill.crop_pool=65"], "distill.crop_pool"),
+    (["data.cutmix=-0.5"], "data.cutmix"),
+    (["data.cutmix=inf"], "data.cutmix"),
+    (["data.mix_switch_prob=1.5"], "data.mix_switch_prob"),
+])
+def test_cutmix_and_crop_pool_options_are_validated_in_one_line(sets, msg):
+    with pytest.raises(EdlabError, match=msg) as e:
+        load_train_config(None, None, sets)
+    assert "\n" not in str(e.value)
+
+
+def test_cutmix_and_crop_pool_accepted_settings():
+    cfg = load_train_config(None, None, ["data.mixup=0.2", "data.cutmix=1.0", "data.mix_switch_prob=0.3"])
+    assert (cfg.data.mixup, cfg.data.cutmix, cfg.data.mix_switch_prob, cfg.distill.crop_pool) == (0.2, 1.0, 0.3, 0)
+    cfg = load_train_config(None, None, ["distill.crop_pool=8", "data.crop_pad=2", "data.flip=alternate"])
+    assert cfg.distill.crop_pool == 8
+
+
+def test_a_run_saved_before_cutmix_and_crop_pool_resumes(tmp_path):
+    """A config.yaml written before data.cutmix, data.mix_switch_prob and distill.crop_pool existed is the
+    same config (they were off), so --resume of such a run is not refused."""
+    import yaml
+
+    from edlab.config import to_yaml
+    from edlab.train import config_change
+
+    cfg = load_train_config(None, None, ["data.split_seed=0"])
+    old = yaml.safe_load(to_yaml(cfg))
+    del old["data"]["cutmix"], old["data"]["mix_switch_prob"], old["distill"]["crop_pool"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert config_change(tmp_path / "config.yaml", cfg) is None
+    pooled = load_train_config(None, None, ["data.split_seed=0", "distill.crop_pool=4"])
+    assert "distill.crop_pool: 0 saved, 4 now" in config_change(tmp_path / "config.yaml", pooled)
+
+
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(EdlabError, match="not found"):
         load_train_config(str(tmp_path / "nope.yaml"))

@@ -5,7 +5,19 @@ import pytest
 import torch
 
 from edlab import EdlabError
-from edlab.augment import Augment, affine_grid, cutout, mixup, random_crop, random_flip, random_scale_rotate
+from edlab.augment import (
+    Augment,
+    affine_grid,
+    crop_at,
+    crop_pool,
+    cutmix,
+    cutout,
+    mix,
+    mixup,
+    random_crop,
+    random_flip,
+    random_scale_rotate,
+)
 from edlab.data import get_data, load_cifar, split_validation, synthetic
 
 
@@ -76,6 +88,55 @@ def test_mixup_is_reproducible_and_convex():
     a = mixup(x, y, 0.4, gen(5))
     b = mixup(x, y, 0.4, gen(5))
     assert a[3] == b[3] and 0 <= a[3] <= 1 and torch.equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("alpha", [0.2, 1.0, 5.0])
+def test_cutmix_label_weight_is_the_exact_pasted_area(alpha):
+    """Image i is the constant i, so every pixel says whose it is: in each mixed image the share of pixels
+    that are its partner's is 1 - lam, exactly (boxes clipped at the border included), and they are the
+    partner's pixels; the label weight is that share, not the drawn Beta value."""
+    x, y = torch.arange(16.0).view(16, 1, 1, 1).expand(16, 3, 32, 32).contiguous(), torch.arange(16)
+    g, clipped = gen(3), 0
+    for _ in range(50):
+        mixed, ya, yb, lam = cutmix(x, y, alpha, g)
+        assert torch.equal(ya, y)
+        for i in range(16):
+            if yb[i] == i:
+                continue  # its own partner: nothing visible changed
+            partner = mixed[i] == yb[i]
+            assert torch.equal(partner | (mixed[i] == i), torch.ones_like(partner))  # own or the partner's pixel
+            assert float(partner.float().mean()) == pytest.approx(1 - lam, abs=1e-12)
+        box = (mixed != x).any(0).any(0)
+        rows, cols = box.any(1).nonzero(), box.any(0).nonzero()
+        clipped += len(rows) > 0 and (rows.min() == 0 or rows.max() == 31 or cols.min() == 0 or cols.max() == 31)
+    assert clipped > 0  # the clipped case was exercised
+    a, b = cutmix(x, y, alpha, gen(7)), cutmix(x, y, alpha, gen(7))
+    assert torch.equal(a[0], b[0]) and a[3] == b[3]  # reproducible from the generator
+
+
+def test_mix_chooses_cutmix_with_the_switch_probability_and_keeps_mixup_only_draws():
+    x, y = torch.randn(8, 3, 8, 8), torch.arange(8)
+    a, b = mix(x, y, 0.4, 0.0, 0.5, gen(5)), mixup(x, y, 0.4, gen(5))  # no switch drawn: old runs replay
+    assert torch.equal(a[0], b[0]) and a[3] == b[3]
+    assert mix(x, y, 0.0, 0.0, 0.5, gen()) == (x, y, y, 1.0)
+    g, cut = gen(1), 0
+    for _ in range(400):
+        out = mix(x, y, 0.4, 1.0, 0.25, g)
+        cut += bool(((out[0] == x) | (out[0] == x[out[2]])).all())  # y = arange: y_b is the partner
+    assert 0.2 < cut / 400 < 0.3  # CutMix: every pixel its own or its partner's; mixup blends them
+
+
+def test_crop_pool_is_fixed_by_the_seed_and_replayed_by_the_augmentation():
+    pool = crop_pool(100, 4, 2, seed=3)
+    assert pool.shape == (100, 4, 2) and pool.min() == 0 and pool.max() == 4
+    assert torch.equal(pool, crop_pool(100, 4, 2, seed=3)) and not torch.equal(pool, crop_pool(100, 4, 2, seed=4))
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    aug = Augment("crop-flip", (0.5,) * 3, (0.25,) * 3, crop_pad=2, crop_fill="reflect")
+    mirror = torch.tensor([True, False] * 3)
+    out = aug(x, None, mirror, pool[:6, 1])
+    want = crop_at(x, pool[:6, 1, 0], pool[:6, 1, 1], 2, "reflect")
+    want = torch.where(mirror.view(-1, 1, 1, 1), want.flip(3), want)
+    assert torch.equal(out, (want.float() - aug.mean) / aug.std) and torch.equal(aug.mirrored, mirror)
 
 
 @pytest.mark.parametrize("alpha", [0.2, 1.0, 20.0, 100.0])

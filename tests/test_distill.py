@@ -174,6 +174,104 @@ def test_resume_reads_the_teacher_table_back_and_finishes_as_if_never_killed(tin
         assert torch.equal(a, b)
 
 
+class Projection(nn.Module):
+    """A 'teacher' whose logits are a fixed random projection of its input: they tell which crop and mirror
+    of which image it was shown."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.register_buffer("p", torch.randn(3 * 32 * 32, classes, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        return x.float().flatten(1) @ self.p
+
+
+def _record_steps(monkeypatch, model):
+    """(student input, teacher logits) of every training step of ``model``."""
+    inputs, logits = [], []
+    model.register_forward_pre_hook(lambda m, a: inputs.append(a[0].clone()) if m.training else None)
+    real = train_mod.distill_loss
+    monkeypatch.setattr(train_mod, "distill_loss", lambda s, t, *a: logits.append(t.clone()) or real(s, t, *a))
+    return inputs, logits
+
+
+@pytest.mark.parametrize("flip", ["random", "alternate"])
+def test_the_student_sees_the_pooled_crop_whose_teacher_logits_it_learns_from(tiny_cfg, monkeypatch, flip):
+    """distill.crop_pool 3: the teacher runs once, on every image's 3 pooled crops and their mirrors (and
+    never in a step), and in every step the logits the loss reads are the teacher's answer for the very
+    tensor the student is shown; across epochs the images show more than one pooled view."""
+    teacher = Projection()
+    calls = []
+    teacher.register_forward_pre_hook(lambda m, a: calls.append(len(a[0])))
+    cfg = tiny_cfg(epochs=2, **{"data.train_subset": 128, "data.batch_size": 32, "distill.crop_pool": 3,
+                                "data.crop_pad": 2, "data.flip": flip})
+    data = data_from_config(cfg, torch.device("cpu"))
+    model = create_model("resnet20", width=0.25)
+    inputs, logits = _record_steps(monkeypatch, model)
+    views = []
+    real_rows = train_mod.table_rows
+    monkeypatch.setattr(train_mod, "table_rows", lambda t, loader: views.append(
+        (loader.index.clone(), loader.view.clone(), loader.mirrored.clone())) or real_rows(t, loader))
+    fit(model, data, cfg, teacher=teacher)
+    assert sum(calls) == 128 * 3 * 2 and len(inputs) == len(logits) == 2 * len(data.train)
+    for x, t in zip(inputs, logits):
+        assert torch.allclose(teacher(x), t, atol=1e-3)
+    shown = {(int(i), int(v), bool(m)) for idx, view, mir in views for i, v, m in zip(idx, view, mir)}
+    assert len(shown) > 128 and {v for _, v, _ in shown} == {0, 1, 2}
+
+
+def test_a_crop_pool_run_resumes_as_if_never_killed_without_calling_the_teacher(tiny_cfg, tmp_path, monkeypatch):
+    """Killed after epoch 2 of 3: the resumed run regenerates the same pool from the seed, reads the teacher's
+    pooled logits back from teacher-table.pt (the teacher is never called) and ends with the uninterrupted
+    run's weights, bit for bit. Another pool (another seed's crops) does not match the saved key."""
+    save_checkpoint(create_model("resnet20", width=0.25), tmp_path / "t.ckpt")
+    sets = {"data.train_subset": 128, "data.batch_size": 32, "epochs": 3, "distill.crop_pool": 2,
+            "distill.teacher": str(tmp_path / "t.ckpt")}
+    m_full, _ = train(tiny_cfg(out=str(tmp_path / "full"), **sets))
+    cut = tiny_cfg(out=str(tmp_path / "cut"), **sets)
+    kill_after_epoch(cut, 2)
+    saved = torch.load(tmp_path / "cut" / train_mod.TABLE_FILE, weights_only=True)
+    assert saved["table"].shape == (128, 2, 2, 10)
+    calls = []
+    real = train_mod.load_teacher
+
+    def spied(*a, **k):
+        t = real(*a, **k)
+        t.register_forward_pre_hook(lambda m, x: calls.append(len(x[0])))
+        return t
+
+    monkeypatch.setattr(train_mod, "load_teacher", spied)
+    m_res, _ = train(cut, resume=True)
+    assert calls == []  # read back: the teacher never ran
+    for a, b in zip(m_full.state_dict().values(), m_res.state_dict().values()):
+        assert torch.equal(a, b)
+
+    data = data_from_config(cut, torch.device("cpu"))
+    teacher = load_checkpoint(tmp_path / "t.ckpt").eval()
+    path = tmp_path / "table.pt"
+    pool = train_mod.crop_pool(128, 2, 4, 0)
+    first, reused = train_mod.saved_teacher_table(teacher, data.train, None, 4, path, pool=pool)
+    assert not reused and first.shape == (128, 2, 2, 10)
+    assert train_mod.saved_teacher_table(teacher, data.train, None, 4, path, pool=pool)[1]
+    other, reused = train_mod.saved_teacher_table(teacher, data.train, None, 4, path,
+                                                  pool=train_mod.crop_pool(128, 2, 4, 1))
+    assert not reused and not torch.allclose(other, first)
+
+
+def test_a_stage_after_a_pooled_student_does_not_inherit_its_crop_pool():
+    """prune and quantize drop the student's own teacher from its saved config, and its crop pool with it:
+    a later stage may then mix its batches (a pool would refuse that)."""
+    from edlab.prune import finetune_config
+
+    model = create_model("resnet20", width=0.25)
+    model.edlab_metadata = {"config": {"data": {"dataset": "synthetic"},
+                                       "distill": {"teacher": "t.ckpt", "crop_pool": 4}}}
+    q = stage_config(model, "m.ckpt", "qat", {}, ["data.cutmix=1.0"])
+    assert q.distill.crop_pool == 0 and q.distill.teacher is None and q.data.cutmix == 1.0
+    p = finetune_config(model, {}, ["data.mixup=0.2"], epochs=1)
+    assert p.distill.crop_pool == 0 and p.data.mixup == 0.2
+
+
 def test_which_batches_can_cache_the_teacher():
     """Only batches whose views are fixed: stored images (1 view) or image and mirror (2); a crop, a warp or
     cutout makes every epoch's view new."""
@@ -199,6 +297,30 @@ def test_teacher_sees_the_students_augmented_batch(tiny_cfg, monkeypatch):
     teacher.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
     fit(model, data, cfg, teacher=teacher)
     assert len(seen) == len(data.train) and all(torch.equal(a, b) for a, b in zip(seen, student_inputs))
+
+
+def test_teacher_sees_the_students_cutmixed_batch(tiny_cfg, monkeypatch):
+    """CutMix with distillation (mixup beside it, one per batch): the mixing makes every view new, so no
+    table is made, and the teacher is shown the very mixed tensor the student is, every step."""
+    teacher = Projection()
+    seen = []
+    teacher.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    cfg = tiny_cfg(epochs=1, **{"data.augment": "none", "data.cutmix": 1.0, "data.mixup": 0.4,
+                                "data.train_subset": 128, "data.batch_size": 16})
+    data = data_from_config(cfg, torch.device("cpu"))
+    model = create_model("resnet20", width=0.25)
+    inputs, logits = _record_steps(monkeypatch, model)
+    import edlab.augment as aug
+
+    kinds = []
+    for name in ("cutmix", "mixup"):
+        real = getattr(aug, name)
+        monkeypatch.setattr(aug, name, lambda *a, real=real, name=name: kinds.append(name) or real(*a))
+    fit(model, data, cfg, teacher=teacher)
+    assert len(seen) == len(inputs) == len(logits) == len(data.train) == len(kinds)
+    assert set(kinds) == {"cutmix", "mixup"}
+    assert all(torch.equal(a, b) for a, b in zip(seen, inputs))
+    assert all(torch.equal(teacher(x), t) for x, t in zip(inputs, logits))
 
 
 def _fits(monkeypatch):
@@ -251,7 +373,7 @@ def test_train_flags_and_saved_teacher_not_inherited(tiny_ckpt, tmp_path, monkey
     assert r.exit_code == 0, r.output
     student = load_checkpoint(tmp_path / "s" / "model.ckpt")
     assert student.edlab_metadata["config"]["distill"] == {"teacher": str(tiny_ckpt), "temperature": 4.0,
-                                                           "alpha": 0.8}
+                                                           "alpha": 0.8, "crop_pool": 0}
     assert [len(s) for s in student.layers] == [1, 1, 1] and teachers[0] is not None
 
 

@@ -34,6 +34,7 @@ def _final_weights(model):
 
 
 @pytest.mark.parametrize("extra", [pytest.param({}, id="plain"),  # ema-tta: CI runs it (slow), the default suite not
+                                   pytest.param({"data.mixup": 0.4, "data.cutmix": 1.0}, id="mixup-cutmix"),
                                    pytest.param({"ema": 0.9, "tta": "flip-shift"}, id="ema-tta",
                                                 marks=pytest.mark.slow)])
 def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path, extra):

@@ -5,9 +5,11 @@ ops on the whole batch, driven by an explicit ``torch.Generator`` so a run is re
 resumed run sees the same images) for a given seed and epoch.
 
 Named policies: ``none``; ``crop-flip`` (pad 4, random 32x32 crop, horizontal flip); ``scale-rotate``
-(random scale 0.9-1.1 and rotation +-15 degrees); ``fancy`` (all four). ``cutout`` and ``mixup`` are
-independent options. crop-flip's shift, border fill and flip rule are options too: airbench94 shifts by at
-most 2 pixels over a reflected border and mirrors each image on alternate epochs (``alternate_mirror``).
+(random scale 0.9-1.1 and rotation +-15 degrees); ``fancy`` (all four). ``cutout``, ``mixup`` and ``cutmix``
+are independent options (``mix`` applies the last two, one per batch when both are on). crop-flip's shift,
+border fill and flip rule are options too: airbench94 shifts by at most 2 pixels over a reflected border and
+mirrors each image on alternate epochs (``alternate_mirror``). ``crop_pool`` fixes K crops per image instead
+(distillation with the teacher's logits cached for each).
 """
 
 from __future__ import annotations
@@ -28,16 +30,32 @@ def _rand(n: int, gen: torch.Generator, device) -> torch.Tensor:
 
 
 def random_crop(x: torch.Tensor, gen: torch.Generator, pad: int = PAD, fill: str = "zeros") -> torch.Tensor:
-    """Pad by ``pad`` (zeros, or the reflected border) and take one random HxW window per image (a strided
-    view, then one gather)."""
+    """Pad by ``pad`` (zeros, or the reflected border) and take one random HxW window per image."""
+    if pad == 0:
+        return x
+    b = x.shape[0]
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device)
+    return crop_at(x, dy, dx, pad, fill)
+
+
+def crop_at(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int, fill: str = "zeros") -> torch.Tensor:
+    """The HxW window at offset (dy, dx) in 0..2*pad of each image padded by ``pad`` (a strided view, then
+    one gather): what random_crop draws, and what a fixed crop pool (``crop_pool``) replays."""
     b, c, h, w = x.shape
     if pad == 0:
         return x
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect" if fill == "reflect" else "constant")
     windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # b, c, 2p+1, 2p+1, h, w
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device)
     return windows[torch.arange(b, device=x.device), :, dy, dx]
+
+
+def crop_pool(n: int, k: int, pad: int, seed: int) -> torch.Tensor:
+    """``k`` fixed crop offsets per image, [n, k, 2] (dy, dx in 0..2*pad), drawn once from the run's seed (on
+    the CPU, so every device and every resume gets the same pool): distillation's teacher answers once for
+    each of these crops and its mirror (``distill.crop_pool``), and each step shows one of them."""
+    gen = torch.Generator().manual_seed(seed * 100003 + 91)
+    return torch.randint(0, 2 * pad + 1, (n, k, 2), generator=gen)
 
 
 def flip_mask(n: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -112,6 +130,36 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, gen: torch.Generator):
     return lam * x + (1 - lam) * x[perm], y, y[perm], lam
 
 
+def cutmix(x: torch.Tensor, y: torch.Tensor, alpha: float, gen: torch.Generator):
+    """CutMix (Yun et al. 2019): paste one box of a random partner into each image (the same box for the
+    whole batch, as the paper's code does). The box's side is sqrt(1 - lam) of the image's, lam ~ Beta(a, a),
+    centred anywhere and clipped at the border; the returned weight is the exact kept area, 1 - box area /
+    image area, so the labels mix as the pixels do. Returns (mixed x, y, y_partner, lam)."""
+    lam = _beta(alpha, gen, x.device)
+    b, _, h, w = x.shape
+    perm = torch.randperm(b, generator=gen, device=x.device)
+    cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    cy, cx = torch.randint(0, h, (1,), generator=gen, device=x.device).item(), \
+        torch.randint(0, w, (1,), generator=gen, device=x.device).item()
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h - cut_h // 2, h)
+    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w - cut_w // 2, w)
+    mixed = x.clone()
+    mixed[:, :, top:bottom, left:right] = x[perm, :, top:bottom, left:right]
+    return mixed, y, y[perm], 1 - (bottom - top) * (right - left) / (h * w)
+
+
+def mix(x: torch.Tensor, y: torch.Tensor, mixup_alpha: float, cutmix_alpha: float, switch: float,
+        gen: torch.Generator):
+    """The batch's mixing (``data.mixup``, ``data.cutmix``): mixup, CutMix, or with both on one of them per
+    batch, CutMix with probability ``switch`` (timm's mixup_switch_prob). The switch is drawn only when both
+    are on, so a mixup-only run draws what it drew before CutMix existed. Off: (x, y, y, 1.0)."""
+    if cutmix_alpha > 0 and (mixup_alpha == 0 or torch.rand(1, generator=gen, device=x.device).item() < switch):
+        return cutmix(x, y, cutmix_alpha, gen)
+    if mixup_alpha > 0:
+        return mixup(x, y, mixup_alpha, gen)
+    return x, y, y, 1.0
+
+
 def _beta(alpha: float, gen: torch.Generator, device) -> float:
     """A Beta(a, a) draw from our generator (torch's Beta sampler takes no generator), at a cost that does not
     grow with a. Up to a = 1, Johnk's method (accepted with probability >= 1/2 there; the draws of every
@@ -153,14 +201,17 @@ class Augment:
         self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator | None, mirror: torch.Tensor | None = None
-                 ) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, gen: torch.Generator | None, mirror: torch.Tensor | None = None,
+                 shift: torch.Tensor | None = None) -> torch.Tensor:
         """``mirror``: which images to flip (alternating flip); None = crop-flip flips at random. The mask used
         is kept in ``self.mirrored``: with crop_pad 0 an image and its mirror are the only two views, so a
-        teacher's logits can be cached for both and read by (index, mirrored)."""
+        teacher's logits can be cached for both and read by (index, mirrored). ``shift``: crop-flip's crop
+        offsets ([b, 2], dy and dx) instead of random ones (a crop pool's); with ``gen`` None it needs
+        ``mirror`` (the teacher's pass over a pool: the exact view a step will show)."""
         self.mirrored = None
-        if gen is not None and self.policy == "crop-flip":  # on uint8: cheap gathers
-            x = random_crop(x, gen, self.crop_pad, self.crop_fill)
+        if (gen is not None or shift is not None) and self.policy == "crop-flip":  # on uint8: cheap gathers
+            x = random_crop(x, gen, self.crop_pad, self.crop_fill) if shift is None else \
+                crop_at(x, shift[:, 0], shift[:, 1], self.crop_pad, self.crop_fill)
             self.mirrored = flip_mask(x.shape[0], gen, x.device) if mirror is None else mirror
             x = mirror_where(x, self.mirrored)
         x = x.float()

@@ -60,6 +60,9 @@ class DataConfig(Section):
     augment: Literal["none", "crop-flip", "scale-rotate", "fancy"] = "crop-flip"
     cutout: int = Field(0, ge=0, le=32)  # side of the erased square, 0 = off
     mixup: float = Field(0.0, ge=0, le=100)  # Beta(alpha, alpha) mixing, 0 = off (alpha 100 is already lam=0.5)
+    cutmix: float = Field(0.0, ge=0, le=100)  # CutMix: a partner's box of area ~Beta(alpha, alpha) pasted, 0 = off
+    mix_switch_prob: float = Field(0.5, ge=0, le=1)  # mixup and cutmix both on: each batch is CutMix'd with this
+    # probability, else mixed up (timm's mixup_switch_prob); unused unless both are on
     batch_size: int = Field(128, ge=1, le=65536)
     eval_batch_size: int = Field(1000, ge=1, le=65536)
     # crop-flip's knobs (airbench94: crop_pad 2, crop_fill reflect, flip alternate):
@@ -115,6 +118,8 @@ class DistillConfig(Section):
     teacher: str | None = None  # teacher checkpoint; None = no distillation
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.9, ge=0, le=1)  # weight of the soft (teacher) term
+    crop_pool: int = Field(0, ge=0, le=64)  # crop-flip: the teacher's logits cached for K fixed random crops per
+    # image and their mirrors (drawn once from the seed); each step shows one of them. 0 = the teacher on the fly
 
 
 class TrainConfig(Section):
@@ -155,6 +160,25 @@ class TrainConfig(Section):
     @classmethod
     def _name(cls, v: str | None) -> str | None:
         return None if v is None else safe_name(v)
+
+    @model_validator(mode="after")
+    def _crop_pool_views(self):
+        """A crop pool caches the teacher's logits of plain crop-flip views: anything that changes the image
+        after the crop (cutout, mixing) would make the cached logits answer for another image."""
+        d = self.data
+        if not self.distill.crop_pool:
+            return self
+        conflicts = [
+            (d.augment != "crop-flip", "needs data.augment crop-flip"),
+            (d.crop_pad == 0, "needs data.crop_pad of at least 1 (crop_pad 0 already caches image and mirror)"),
+            (d.cutout > 0, "excludes data.cutout (the teacher would answer for the crop without the hole)"),
+            (d.mixup > 0 or d.cutmix > 0, "excludes data.mixup and data.cutmix (the teacher must see the mixed "
+                                          "image: it runs on the fly then)"),
+        ]
+        for bad, why in conflicts:
+            if bad:
+                raise ValueError(f"distill.crop_pool {why}")
+        return self
 
     @model_validator(mode="after")
     def _min_lr_below_lr(self):

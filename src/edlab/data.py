@@ -264,6 +264,7 @@ class Loader:
         self.split, self.batch_size, self.augment, self.train = split, batch_size, augment, train
         self.seed, self.channels_last, self.epoch = seed, channels_last, 0
         self.drop_last = train and len(split) >= batch_size if drop_last is None else drop_last
+        self.pool: torch.Tensor | None = None  # fixed crop offsets [N, K, 2] (distill.crop_pool), set by fit
 
     @property
     def device(self) -> torch.device:
@@ -289,11 +290,16 @@ class Loader:
             mirror = None
             if gen is not None and self.augment.flip == "alternate":  # step: alternating flip
                 mirror = alternate_mirror(idx, n, self.epoch, self.seed)
-            x = self.augment(self.split.images[idx], gen, mirror)
+            shift, self.view = None, None
+            if gen is not None and self.pool is not None:  # step: one of each image's pooled crops, at random
+                self.view = torch.randint(0, self.pool.shape[1], (len(idx),), generator=gen, device=self.device)
+                shift = self.pool[idx, self.view]
+            x = self.augment(self.split.images[idx], gen, mirror, shift)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             self.index = idx  # which images of the split this batch holds (distillation's logit cache)
-            self.mirrored = self.augment.mirrored  # and which of them are mirrored (None: none)
+            self.mirrored = self.augment.mirrored  # and which of them are mirrored (None: none); self.view:
+            # which of its pooled crops each shows (None: no pool)
             yield x, self.split.labels[idx]
 
 

@@ -594,7 +594,7 @@ def finetune_config(model: nn.Module, flags: dict | None = None, sets: Sequence[
     for key in ("out", "name", "final_test"):  # a study's untested trial: its pruning still tests unless told
         saved.pop(key, None)
     saved.setdefault("model", {}).update({"checkpoint": None})
-    saved.setdefault("distill", {}).update({"teacher": None})
+    saved.setdefault("distill", {}).update({"teacher": None, "crop_pool": 0})  # the student's own teacher: not implied
     source = source_split(saved)
     saved.setdefault("data", {})["split_seed"] = source["split_seed"]  # validate on the source's held-out split
     base = build(TrainConfig, saved)

@@ -504,7 +504,8 @@ def stage_config(model: nn.Module, checkpoint: str | Path, method: str, flags: d
     saved = copy.deepcopy(getattr(model, "edlab_metadata", {}).get("config") or {})
     for key in ("out", "name", "final_test"):  # a study's untested trial: its quantization still tests unless told
         saved.pop(key, None)
-    saved["distill"] = {**saved.get("distill", {}), "teacher": None}  # the student's own teacher: not implied
+    saved["distill"] = {**saved.get("distill", {}), "teacher": None, "crop_pool": 0}  # the student's own
+    # teacher (and its crop pool) are not implied
     source = source_split(saved)
     saved.setdefault("data", {})["split_seed"] = source["split_seed"]  # validate on the source's held-out split
     spec = getattr(model, "edlab_spec", {}) or {}

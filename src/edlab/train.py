@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .augment import mixup
+from .augment import crop_pool, mix
 from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint, upstream_val_leak, with_stage
 from .config import OptimConfig, SchedConfig, TrainConfig, to_yaml
 from .data import Data, get_data
@@ -351,15 +351,24 @@ def cached_views(loader) -> int:
 
 
 @torch.no_grad()
-def teacher_table(teacher: nn.Module, loader, amp: torch.dtype | None, views: int = 1, batch: int = 1000
-                  ) -> torch.Tensor:
+def teacher_table(teacher: nn.Module, loader, amp: torch.dtype | None, views: int = 1, batch: int = 1000,
+                  pool: torch.Tensor | None = None) -> torch.Tensor:
     """The teacher's logits of every training image, one row per image of the split (views 1), or of every
-    image and its mirror ([N, 2, classes], views 2): a step then reads its rows by (index, mirrored)."""
+    image and its mirror ([N, 2, classes], views 2): a step then reads its rows by (index, mirrored). With a
+    crop ``pool`` ([N, K, 2] offsets): of each pooled crop and its mirror, [N, K, 2, classes], made by the
+    loader's own augmentation (the exact tensors a step shows the student), read by (index, view, mirrored)."""
     images = loader.split.images
     rows = []
     for i in range(0, len(images), batch):
-        x = loader.augment(images[i:i + batch], None)  # normalised, unaugmented (mirroring commutes with it)
+        chunk = images[i:i + batch]
         with autocast(loader.device, amp):
+            if pool is not None:
+                views_of = [teacher(loader.augment(chunk, None, torch.full((len(chunk),), m, device=chunk.device),
+                                                   pool[i:i + batch, k])).float()
+                            for k in range(pool.shape[1]) for m in (False, True)]
+                rows.append(torch.stack(views_of, 1).unflatten(1, (pool.shape[1], 2)))
+                continue
+            x = loader.augment(chunk, None)  # normalised, unaugmented (mirroring commutes with it)
             out = teacher(x).float()
             rows.append(out if views == 1 else torch.stack([out, teacher(x.flip(3)).float()], 1))
     return torch.cat(rows) if rows else torch.zeros(0, 0, device=loader.device)
@@ -368,11 +377,18 @@ def teacher_table(teacher: nn.Module, loader, amp: torch.dtype | None, views: in
 TABLE_FILE = "teacher-table.pt"  # the run's cached teacher logits while it trains: a resume reads them back
 
 
-def _table_key(teacher: nn.Module, loader, amp: torch.dtype | None, views: int, batch: int = 1000) -> str:
+def _table_key(teacher: nn.Module, loader, amp: torch.dtype | None, views: int, batch: int = 1000,
+               pool: torch.Tensor | None = None) -> str:
     """sha256 of what the table depends on: the teacher's weights and buffers, the teacher's exact inputs
-    (the split's images, normalised) and the views and precision. Hashing ~0.5 GB takes about a second; the
-    table it saves took minutes."""
-    h = hashlib.sha256(f"edlab-teacher-table/1 views={views} amp={amp}".encode())
+    (the split's images, normalised, and with a crop pool its offsets, padding and fill) and the views and
+    precision. Hashing ~0.5 GB takes about a second; the table it saves took minutes. Without a pool the key
+    is what it was before pools existed (a table saved then is still read back)."""
+    head = f"edlab-teacher-table/1 views={views} amp={amp}"
+    if pool is not None:
+        head += f" pool={tuple(pool.shape)} pad={loader.augment.crop_pad} fill={loader.augment.crop_fill}"
+    h = hashlib.sha256(head.encode())
+    if pool is not None:
+        h.update(pool.cpu().contiguous().numpy().tobytes())
     for k, v in teacher.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
@@ -384,13 +400,13 @@ def _table_key(teacher: nn.Module, loader, amp: torch.dtype | None, views: int, 
 
 
 def saved_teacher_table(teacher: nn.Module, loader, amp: torch.dtype | None, views: int, path=None,
-                        write: bool = True) -> tuple[torch.Tensor, bool]:
+                        write: bool = True, pool: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
     """``teacher_table``, kept in ``path`` so that a resumed run (``--resume`` after a kill, the next
     session's continuation) reads it back instead of paying the teacher's pass again (4-5 minutes for
     airbench94 on 45,000 images and their mirrors on 2 CPU cores). The file is used only when its key
     matches this teacher and these inputs; an unreadable or stale file is recomputed and replaced. Returns
-    (table, reused)."""
-    key = _table_key(teacher, loader, amp, views) if path is not None else None
+    (table, reused). ``pool``: a crop pool's offsets (``teacher_table``), part of the key."""
+    key = _table_key(teacher, loader, amp, views, pool=pool) if path is not None else None
     if path is not None and path.exists():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -398,7 +414,7 @@ def saved_teacher_table(teacher: nn.Module, loader, amp: torch.dtype | None, vie
                 return saved["table"].to(loader.device), True
         except Exception:  # a torn or foreign file: the teacher's pass below replaces it
             pass
-    table = teacher_table(teacher, loader, amp, views)
+    table = teacher_table(teacher, loader, amp, views, pool=pool)
     if path is not None and write:
         buf = io.BytesIO()
         torch.save({"key": key, "table": table.cpu()}, buf)
@@ -410,6 +426,8 @@ def table_rows(table: torch.Tensor, loader) -> torch.Tensor:
     """The cached teacher logits of the loader's last batch."""
     if table.dim() == 2:
         return table[loader.index]
+    if table.dim() == 4:  # a crop pool: the pooled crop and mirror each image of the batch shows
+        return table[loader.index, loader.view, loader.mirrored.long()]
     return table[loader.index, loader.mirrored.long()]  # image and mirror: the view the batch shows
 
 
@@ -534,16 +552,22 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
     where = str(run.path) if run is not None else None
     for row in state.history if observer is not None else []:  # restored epochs first (a resumed trial)
         observer(row, where)
-    table = None
+    table, data.train.pool = None, None  # a pool left on a reused loader by an earlier fit does not carry over
     if teacher is not None:
         teacher.to(device).eval()
         # step: the teacher's logits once per image (and per mirror) when every epoch shows the same views
-        # (augment none, or flips only: crop_pad 0; no cutout, no mixup); otherwise on the fly, on the
-        # student's augmented (and mixed) batch
-        views = cached_views(data.train) if cfg.data.mixup == 0 else 0
+        # (augment none, or flips only: crop_pad 0; no cutout, no mixing), or once per pooled crop and mirror
+        # (distill.crop_pool: each step then shows one of them); otherwise on the fly, on the student's
+        # augmented (and mixed) batch
+        views = cached_views(data.train) if cfg.data.mixup == 0 and cfg.data.cutmix == 0 else 0
+        pool = None
+        if cfg.distill.crop_pool:  # the config refuses it beside anything but plain crop-flip
+            pool = crop_pool(len(data.train.split), cfg.distill.crop_pool, data.train.augment.crop_pad,
+                             data.train.seed).to(device)
+            data.train.pool, views = pool, 2 * cfg.distill.crop_pool
         if views and state.epoch < math.ceil(cfg.epochs):
             path = run.file(TABLE_FILE) if run is not None else None
-            table, reused = saved_teacher_table(teacher, data.train, amp, views, path, write=d.main)
+            table, reused = saved_teacher_table(teacher, data.train, amp, views, path, write=d.main, pool=pool)
             if console is not None:
                 console.print(f"teacher logits: {len(table)} images x {views} view(s) "
                               + (f"read back from {path}" if reused else "computed once"))
@@ -575,9 +599,8 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
                 x, y = distributed.shard(d, x, y)  # step: this rank's slice of the global batch
             else:
                 x, y, t_out = distributed.shard(d, x, y, t_out)
-            y_b, lam = y, 1.0
-            if cfg.data.mixup > 0:  # step: mixup
-                x, y, y_b, lam = mixup(x, y, cfg.data.mixup, mix_gen)
+            # step: mixup / CutMix (one of them per batch when both are on)
+            x, y, y_b, lam = mix(x, y, cfg.data.mixup, cfg.data.cutmix, cfg.data.mix_switch_prob, mix_gen)
             with autocast(device, amp):
                 out = step_model(x)
                 loss = ce(out.float(), y) if lam == 1.0 else \
@@ -781,6 +804,10 @@ def config_change(saved, cfg: TrainConfig) -> str | None:
     if isinstance(old.get("data"), dict) and old["data"].get("split_seed") is None:  # saved before split_seed
         old["data"]["split_seed"] = old.get("seed", 0)
     old.setdefault("final_test", True)  # saved before final_test existed: those runs tested
+    for section, key, default in (("data", "cutmix", 0.0), ("data", "mix_switch_prob", 0.5),
+                                  ("distill", "crop_pool", 0)):  # saved before these existed: they were off
+        if isinstance(old.get(section), dict):
+            old[section].setdefault(key, default)
     old = _flatten(old)
     new = _flatten(cfg.model_dump(mode="json"))
     free = {"threads", "tracker", "nan_policy", "grad_clip", "optim.lr", "out", "data.data_dir"}

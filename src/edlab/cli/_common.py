@@ -32,4 +32,5 @@ def distill_options(f):
                      "0.9; the label loss gets 1 - alpha).")(f)
     f = click.option("--temperature", type=float, help="Distillation: softmax temperature T (default 4).")(f)
     return click.option("--teacher", metavar="CKPT", help="Distil from this checkpoint's logits "
-                        "(distill.teacher), computed on the student's augmented batches.")(f)
+                        "(distill.teacher), computed on the student's augmented batches (or cached once: "
+                        "distill.crop_pool).")(f)
