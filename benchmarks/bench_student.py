@@ -37,20 +37,21 @@ def host_kind() -> str:
     return "AVX512-BF16, no AMX" if "avx512_bf16" in flags else "AVX2 only"
 
 
-def student() -> nn.Module:
+def student(conv: str | None = None) -> nn.Module:
     m = (yaml.safe_load(CONFIG.read_text()) or {}).get("model", {})
     torch.manual_seed(0)
-    return create_model(m.get("name", "resnet20"), 10, width=m.get("width", 1.0), conv=m.get("conv", "depthwise"),
-                        blocks=m.get("blocks", [2, 3, 3]))
+    return create_model(m.get("name", "resnet20"), 10, width=m.get("width", 1.0),
+                        conv=conv or m.get("conv", "depthwise"), blocks=m.get("blocks", [2, 3, 3]))
 
 
 class Arm:
     """One way of training the student: its model, optimizer and fixed batch, built once so that the rounds
     time only steps."""
 
-    def __init__(self, edlab: bool, batch: int, channels_last: str = "auto", compile_: bool = False):
+    def __init__(self, edlab: bool, batch: int, channels_last: str = "auto", compile_: bool = False,
+                 conv: str | None = None):
         dev = torch.device("cpu")
-        self.model = student()
+        self.model = student(conv)
         self.amp = resolve_precision("auto", dev) if edlab else None
         cl = resolve_channels_last(channels_last, dev, self.amp) if edlab else channels_last == "on"
         fmt = torch.channels_last if cl else torch.contiguous_format
@@ -89,6 +90,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    p.add_argument("--separable", action="store_true",
+                   help="also time the CPU-shaped student: conv separable (no BN + ReLU inside the factorized conv)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     amp = resolve_precision("auto", torch.device("cpu"))
@@ -102,6 +105,8 @@ def main() -> None:
             f"edlab step, channels_last off, batch {b}": dict(edlab=True, batch=b, channels_last="off"),
             f"plain fp32 loop, channels_last, batch {b}": dict(edlab=False, batch=b, channels_last="on"),
             f"edlab step (auto), batch {2 * b}": dict(edlab=True, batch=2 * b)}
+    if a.separable:
+        arms[f"edlab step (auto), conv separable, batch {b}"] = dict(edlab=True, batch=b, conv="separable")
     if not a.no_compile:
         arms[f"edlab step (auto) + torch.compile, batch {b}"] = dict(edlab=True, batch=b, compile_=True)
     built = {}
