@@ -94,3 +94,24 @@ def test_a_resumed_fit_shows_its_restored_epochs_to_the_observer_first(tiny_cfg,
     with observe_epochs(lambda row, folder: seen.append((row["epoch"], folder))):
         train(cfg, resume=True)
     assert seen == [(1, str(run.path)), (2, str(run.path)), (3, str(run.path))]
+
+
+def test_replaying_a_full_fidelity_study_gives_what_the_pruned_study_spends_and_chooses(tmp_path, one_thread):
+    """benchmarks/bench_pruners.py stops a full-fidelity study's recorded curves where a pruner says: the
+    same epochs and choice as the pruned study (5 of 9, point 0), which is what makes it a way to choose."""
+    import importlib.util
+
+    import optuna
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pruners.py"
+    spec = importlib.util.spec_from_file_location("bench_pruners", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    study, out = write(tmp_path, STUDY), tmp_path / "full"
+    r = CliRunner().invoke(cli, ["sweep", str(study), "--pruner", "none", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    runs, objective = bench.curves(out)
+    assert objective == "val_accuracy" and [len(c) for c in runs] == [3, 3, 3]
+    sh = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    assert bench.replay(sh, runs)[:2] == (5, 0)
+    assert bench.replay(optuna.pruners.NopPruner(), runs)[0] == 9
