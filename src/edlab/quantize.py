@@ -647,7 +647,7 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     from .config import to_yaml
     from .runs import Run, command_line
     from .score import profile
-    from .train import check_teacher, data_from_config, evaluate, resolve_device
+    from .train import check_teacher, data_from_config, evaluate, resolve_device, use_threads
 
     if method not in METHODS:
         raise EdlabError(f"unknown method '{method}' (choices: {', '.join(METHODS)})")
@@ -692,8 +692,7 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
         raise EdlabError(f"--distill/--teacher: method {method} does not train (use binaryconnect or qat)")
     check_teacher(cfg.distill.teacher)
     torch.manual_seed(cfg.seed)
-    if cfg.threads:  # --threads / threads=N: as train and prune do
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)  # --threads / threads=N: as train and prune do
     device = resolve_device(cfg.device)
     data = data_from_config(cfg, device)
     run = Run.open(cfg.out) if resume else Run.create(cfg.name, cfg.out)
