@@ -704,6 +704,7 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
             "inference": inference,
             "stages": with_stage(model, {"stage": "prune", "structured": recipe.structured,
                                          "unstructured": recipe.unstructured, "ps": p.ps, "pu": p.pu,
+                                         "train_subset": cfg.data.train_subset,
                                          "test_accuracy": test["accuracy"], "views": inference["views"],
                                          **({"teacher_val_leak": leak["teacher_val_leak"]}
                                             if "teacher" in leak else {})})}

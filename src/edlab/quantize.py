@@ -544,7 +544,7 @@ def _save(model: nn.Module, run, test: dict, val: float | None, cfg, options: di
     from .checkpoint import save_checkpoint, with_stage
 
     entry = {"stage": "quantize", **{k: v for k, v in options.items() if k != "source_checkpoint"},
-             "test_accuracy": test["accuracy"], "views": inference["views"]}
+             "train_subset": cfg.data.train_subset, "test_accuracy": test["accuracy"], "views": inference["views"]}
     meta = dict(test_accuracy=test["accuracy"], val_accuracy=val, config=cfg.model_dump(mode="json"),
                 quantization=options, inference=inference, stages=with_stage(model, entry))
     save_checkpoint(model, run.file("model.ckpt"), **meta)

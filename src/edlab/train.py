@@ -874,6 +874,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     # the stage's epochs: 9.9 when a fractional run ran to its end, the epochs run when it stopped early
     epochs = cfg.epochs if state.epoch >= math.ceil(cfg.epochs) else state.epoch
     stages = with_stage(model, {"stage": "train", "model": cfg.model.name, "epochs": epochs,
+                                "train_subset": cfg.data.train_subset,
                                 "test_accuracy": test["accuracy"], "views": inference["views"],
                                 **({"teacher_val_leak": leak["teacher_val_leak"]} if teacher is not None else {})})
     best_val = state.best_val if state.best_epoch > 0 else None  # None: no validation split (val_size 0)
