@@ -765,11 +765,17 @@ def inference_record(cfg: TrainConfig, amp: torch.dtype | None, precision: str |
             "precision": precision or (str(amp).replace("torch.", "") if amp else "fp32")}
 
 
-def model_summary(model: nn.Module) -> dict:
-    """Size and score figures for summary.json (the score module counts them from the model)."""
+def model_summary(model: nn.Module, one_view: bool = False) -> dict:
+    """Size and score figures for summary.json (the score module counts them from the model). The score
+    charges the test-time views the accuracy was measured with; ``one_view`` adds ``score_one_view``, the
+    score of one forward pass per image (what a model is scored at without test-time augmentation), so that
+    a 6-view run is not read against 1-view scores by mistake."""
     from .score import profile
 
-    return profile(model).to_dict()
+    p = profile(model).to_dict()
+    if one_view:
+        p["score_one_view"] = p["score_params_term"] + p["score_ops_term"] / max(1, p["views"])
+    return p
 
 
 def config_change(saved, cfg: TrainConfig) -> str | None:
@@ -891,7 +897,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
         "wall_seconds_this_process": time.perf_counter() - t0, "skipped_steps": state.skipped_steps,
         "tta": cfg.tta, "ema": cfg.ema, "device": str(device), "world_size": d.world,
         "precision": inference["precision"], "inference": inference,
-        "model": cfg.model.name, "dataset": cfg.data.dataset, **model_summary(model),
+        "model": cfg.model.name, "dataset": cfg.data.dataset, **model_summary(model, one_view=True),
         "command": command_line(), "run_dir": str(run.path),
     }
     summary.update(leak)  # a teacher (here or upstream) that saw the validation images makes val read high
