@@ -32,7 +32,10 @@ def curves(study_dir: Path) -> tuple[list[list[float]], str]:
     for t in sorted(study["trials"], key=lambda t: t["number"]):
         if t["state"] != "COMPLETE":
             sys.exit(f"bench_pruners: trial {t['number']} is {t['state']}: replay needs a full-fidelity study")
-        rows = [json.loads(line) for line in (Path(t["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        run = Path(t["run_dir"])
+        if not run.is_dir():  # a study folder copied elsewhere (docs/results): its own trials/ folder
+            run = study_dir / "trials" / run.name
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         out.append([r["val_accuracy"] for r in rows if r.get("val_accuracy") is not None])
     return out, study["objective"]
 

@@ -96,3 +96,163 @@ def test_blocks_given_as_text_are_a_list():
     assert ModelConfig(blocks="[1, 2, 3]").blocks == [1, 2, 3] == ModelConfig(blocks="1,2,3").blocks
     with pytest.raises(ValidationError):
         ModelConfig(blocks="[1, a]")
+
+
+# ------------------------------------------------------------------ every accepted value runs (issue 29)
+# A tiny run: resnet20 at width 0.25 with one block per stage, 32 synthetic images, half an epoch, 8
+# validation images, no test split. Each numeric option is run at both ends of the range its field accepts.
+TINY_RUN = {"model": {"name": "resnet20", "width": 0.25, "blocks": [1, 1, 1]},
+            "data": {"dataset": "synthetic", "train_subset": 32, "val_size": 8, "batch_size": 16,
+                     "eval_batch_size": 16},
+            "epochs": 0.5, "precision": "fp32", "threads": 1, "final_test": False, "channels_last": "off"}
+# What an option needs around it to be read at all (a scheduler's knob needs that scheduler); checked
+# against the config below, so a renamed key fails here instead of silently testing nothing.
+CONTEXT = {"sched.step_size": {"sched.name": "step"}, "sched.gamma": {"sched.name": "step"},
+           "sched.factor": {"sched.name": "plateau"}, "sched.patience": {"sched.name": "plateau"},
+           "sched.pct_start": {"sched.name": "onecycle"}, "sched.start_factor": {"sched.name": "linear"},
+           "sched.end_factor": {"sched.name": "linear"}, "sched.warmup_epochs": {"sched.name": "cosine"},
+           "sched.min_lr": {"optim.lr": 100.0}, "distill.temperature": {"distill.teacher": "TEACHER"},
+           "distill.alpha": {"distill.teacher": "TEACHER"}, "init.whiten_samples": {"init.whiten": True},
+           "init.whiten_bias_epochs": {"init.whiten": True}, "lookahead_decay": {"lookahead": 1}}
+LONG = {"epochs": "the run's own length: its upper end (100,000 epochs) is a long run by request, not a hang"}
+LIMIT_S = 20.0  # per run; a tiny run takes well under a second
+
+
+def numeric_ends() -> list[tuple[str, object]]:
+    """(dotted key, value) for both ends of every numeric config field, read from its constraints: ge/le as
+    given, gt/lt as the nearest accepted number, no upper bound as the largest float or int64."""
+    import math
+    import sys
+    import typing
+
+    import annotated_types as at
+    from pydantic import BaseModel
+
+    def walk(cls, prefix=""):
+        for name, f in cls.model_fields.items():
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                yield from walk(f.annotation, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", f
+
+    ends = []
+    for key, f in walk(TrainConfig):
+        kinds = {t for t in typing.get_args(f.annotation) or (f.annotation,) if t in (int, float)}
+        if not kinds or not f.metadata:
+            continue
+        is_int = kinds == {int}
+        lo = hi = None
+        for m in f.metadata:
+            if isinstance(m, at.Ge):
+                lo = m.ge
+            elif isinstance(m, at.Gt):
+                lo = m.gt + 1 if is_int else math.nextafter(m.gt, math.inf)
+            elif isinstance(m, at.Le):
+                hi = m.le
+            elif isinstance(m, at.Lt):
+                hi = m.lt - 1 if is_int else math.nextafter(m.lt, -math.inf)
+        hi = (2**63 - 1 if is_int else sys.float_info.max) if hi is None else hi
+        ends += [(key, lo)] + ([(key, hi)] if key not in LONG else [])
+    return ends
+
+
+def _one_run(key: str, value, teacher: str, out: str) -> str:
+    """Train TINY_RUN with ``key=value``: 'ok', 'refused: LINE', 'stopped: LINE' (EdlabError while running)."""
+    import torch
+
+    from edlab.config import _set_dotted, build
+    from edlab.train import train
+
+    edits: dict = {}
+    for k, v in {**CONTEXT.get(key, {}), key: value, "out": out}.items():
+        _set_dotted(edits, k, teacher if v == "TEACHER" else v)
+    try:
+        cfg = build(TrainConfig, TINY_RUN, edits)
+    except EdlabError as e:
+        return f"refused: {e}"
+    try:
+        train(cfg)
+        return "ok"
+    except EdlabError as e:
+        return f"stopped: {e}"
+    finally:
+        torch.set_num_threads(1)  # (threads=1024 must not slow the runs after it)
+
+
+def _worker() -> None:  # runs in a child process: one JSON line per run asked for on stdin
+    import json
+    import sys
+    import traceback
+
+    import edlab.train  # noqa: F401  (imported before "ready": a slow start is not a slow run)
+
+    print(json.dumps("ready"), flush=True)
+    for line in sys.stdin:
+        key, value, teacher, out = json.loads(line)
+        try:
+            result = _one_run(key, value, teacher, out)
+        except Exception:
+            result = "crash: " + traceback.format_exc()
+        print(json.dumps(result), flush=True)
+
+
+def _pump(stream, lines) -> None:
+    for line in stream:
+        lines.put(line)
+
+
+def test_every_numeric_option_runs_at_both_ends_of_its_range(tmp_path):
+    """No accepted value hangs or crashes with a traceback: each end finishes, or stops with one line
+    (a NaN loss at lr 100). One child process runs them all; one that hangs is killed after LIMIT_S and a
+    new child takes the rest."""
+    import json
+    import os
+    import queue
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    from edlab.checkpoint import save_checkpoint
+    from edlab.models import create_model
+
+    for key, ctx in CONTEXT.items():
+        for k in (key, *ctx):
+            node = TrainConfig
+            for part in k.split("."):
+                assert part in node.model_fields, f"CONTEXT names {k}, which the config no longer has"
+                node = node.model_fields[part].annotation
+    teacher = tmp_path / "teacher.ckpt"
+    save_checkpoint(create_model("resnet20", width=0.25, blocks=[1, 1, 1]), teacher)
+    runs = [(k, v, str(teacher), str(tmp_path / f"run{i}")) for i, (k, v) in enumerate(numeric_ends())]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    results: dict[tuple, str] = {}
+    times: dict[tuple, float] = {}
+    todo = list(runs)
+    while todo:
+        child = subprocess.Popen([sys.executable, "-c", "from test_config import _worker; _worker()"], env=env,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=_pump, args=(child.stdout, lines), daemon=True).start()
+        assert json.loads(lines.get(timeout=120)) == "ready"
+        while todo:
+            run = todo.pop(0)
+            child.stdin.write(json.dumps(run) + "\n")
+            child.stdin.flush()
+            t0 = time.perf_counter()
+            try:
+                results[run[:2]] = json.loads(lines.get(timeout=LIMIT_S))
+            except queue.Empty:
+                results[run[:2]] = f"hang: no result in {LIMIT_S:.0f} s"
+                child.kill()
+                break
+            times[run[:2]] = time.perf_counter() - t0
+        child.stdin.close()
+        child.wait()
+    bad = {k: v for k, v in results.items() if v.startswith(("crash", "hang"))}
+    print("\n".join(f"{k}={v!r}: {r.splitlines()[0][:100]} ({times.get((k, v), 0):.1f} s)"
+                    for (k, v), r in results.items()))
+    assert len(results) == len(runs) > 40
+    assert not bad, "\n".join(f"{k}={v!r}: {r}" for (k, v), r in bad.items())

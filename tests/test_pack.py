@@ -128,3 +128,26 @@ def test_pack_refuses_to_overwrite_its_source(tmp_path):
     r = CliRunner().invoke(cli, ["pack", str(tmp_path / "m.ckpt"), "--out", str(tmp_path / "m.ckpt")])
     assert r.exit_code == 2 and "must not be the checkpoint itself" in r.output
     assert load_checkpoint(tmp_path / "m.ckpt") is not None
+
+
+def test_info_on_a_packed_file_says_what_each_count_is(tmp_path):
+    """`edlab info` on a packed QAT model read 69,210 parameters and "trained on 1,000 images" where its stages
+    said 68,786 and 2,000: the first count adds the quantizer step sizes the score counts to the weights, the
+    second is the last stage's train_subset. Both are now said as such, and every stage records its own."""
+    import edlab
+
+    opts = dict(threads=1, precision="fp32")
+    s = edlab.train_run(model="resnet20", dataset="synthetic", epochs=1, train_subset=256, out=str(tmp_path / "t"),
+                        sets=["model.width=0.25", "data.val_size=32", "final_test=false"], **opts)
+    q = edlab.quantize_checkpoint(str(tmp_path / "t" / "model.ckpt"), "qat", bits_w=5, epochs=1, threads=1,
+                                  train_subset=128, out=str(tmp_path / "q"), sets=["final_test=false"])
+    edlab.pack_checkpoint(q["checkpoint"], tmp_path / "m.pack")
+    r = CliRunner().invoke(cli, ["info", str(tmp_path / "m.pack")])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    steps = q["params"] - s["params"]
+    assert steps > 0 and q["arch_params"] == s["params"]
+    assert (f"{s['params']:,} weights and biases + {steps:,} quantizer step sizes/scales = {q['params']:,} "
+            "parameters counted") in text
+    assert "its last stage (quantize) trained on 128 images" in text
+    assert "train_subset 256" in text and "train_subset 128" in text

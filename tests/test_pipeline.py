@@ -76,3 +76,27 @@ def test_score_after_int8_takes_the_int8_stage_figures(tmp_path):
     assert quant["bits_w"] > 8 - 1e-9 and score["scored_by"] == "quantize"
     assert score["score"] == pytest.approx(quant["score"])
     assert score["score"] < r["stages"][0]["summary"]["score"]
+
+
+def test_a_recipe_run_from_another_folder_finds_the_paths_it_names(tmp_path, monkeypatch):
+    """The repo's frontier recipe names configs/student-dw233-distill.yaml from the repo root; a recipe of
+    one's own names cfg.yaml beside itself. Both are found from any working directory; --set paths stay the
+    working directory's."""
+    from edlab.pipeline import check_stages
+
+    monkeypatch.chdir(tmp_path)
+    frontier = load_recipe(str(RECIPE.with_name("frontier-student.yaml")))
+    check_stages(frontier)  # before: "config file not found: configs/student-dw233-distill.yaml"
+    assert Path(frontier["stages"][0][1]["config"]).is_file()
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "cfg.yaml").write_text("epochs: 1\n")
+    (tmp_path / "r" / "recipe.yaml").write_text(
+        "stages:\n  - train: {config: cfg.yaml, set: [distill.teacher=t.ckpt, epochs=2]}\n"
+        "  - score: {checkpoint: m.ckpt}\n")
+    (tmp_path / "r" / "t.ckpt").write_bytes(b"")
+    (tmp_path / "m.ckpt").write_bytes(b"")  # beside the working directory only: found there
+    r = load_recipe(str(tmp_path / "r" / "recipe.yaml"), ["train.model.checkpoint=x.ckpt"])
+    train, score = r["stages"][0][1], r["stages"][1][1]
+    assert Path(train["config"]) == tmp_path / "r" / "cfg.yaml"
+    assert train["set"] == [f"distill.teacher={tmp_path / 'r' / 't.ckpt'}", "epochs=2"]
+    assert train["model.checkpoint"] == "x.ckpt" and score["checkpoint"] == "m.ckpt"

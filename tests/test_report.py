@@ -202,7 +202,7 @@ def test_report_files_and_refusals(runs_root, tmp_path):
     res = build_report([runs_root], out, floor=0.9)
     assert res["best"].name == "bare" and "lowest score" in res["rule"]
     assert "layers" not in res["figures"] and not (out / "layers.png").exists()
-    assert "bare has no model.ckpt" in (out / "index.html").read_text()
+    assert "bare has no model file" in (out / "index.html").read_text()
     res = build_report([runs_root], out, floor=0.99)  # nobody reaches it: highest val, which is bare again
     assert "highest validation accuracy" in res["rule"]
     not_report = tmp_path / "notes"
@@ -290,3 +290,21 @@ def test_a_result_whose_name_is_a_number_is_listed_under_its_folder(tmp_path):
     r = build_report([tmp_path / "p"], tmp_path / "report")
     assert [(x["name"], x["score"]) for x in r["results"]] == [("01-score", 0.25)]
     assert ">01-score</td>" in (tmp_path / "report" / "index.html").read_text()
+
+
+def test_an_int8_best_model_gets_its_per_layer_breakdown(runs_root, tmp_path):
+    """The demo's best model is the int8 stage's .onnx file (no model.ckpt): the report said "no per-layer
+    breakdown" while `edlab score` profiles ONNX files. It now draws the file's rows, counted as score does."""
+    pytest.importorskip("onnxruntime")
+    from edlab.quantize import quantize_checkpoint
+    from edlab.score import score_file
+
+    int8 = tmp_path / "int8"
+    quantize_checkpoint(str(runs_root / "a" / "model.ckpt"), "int8", calib_images=64, out=str(int8))
+    res = build_report([int8], tmp_path / "rep", floor=0)
+    assert res["best"].name == "int8" and "layers" in res["figures"]
+    assert (tmp_path / "rep" / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    p = score_file(str(int8 / "model.int8.onnx"))
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert f"score {p.score:.4g}" in page and "counted from model.int8.onnx" in page
+    assert "QLinearConv" in page and page.count("QLinearConv") >= len([r for r in p.rows if r.type == "QLinearConv"])

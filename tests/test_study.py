@@ -332,3 +332,30 @@ def test_locked_sqlite_is_retried_other_errors_are_not():
     with pytest.raises(RuntimeError):
         _retry(flaky, 1, "no such table: trials")
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name", ["challenge", "ps-pu"])
+def test_a_study_run_from_another_folder_finds_the_paths_it_names(name, tmp_path, monkeypatch):
+    """`edlab sweep /path/to/edlab/studies/challenge.yaml` from any folder: its configs/... paths are read from
+    the study file's folder and its ancestors (the repo root), not the working directory."""
+    monkeypatch.chdir(tmp_path)
+    st = load_study(str(ROOT / "studies" / f"{name}.yaml"), out=str(tmp_path / "out"))
+    named = [st.base] + ([st.teacher["config"]] if st.teacher and "config" in st.teacher else [])
+    for stage in (st.inline_recipe or {}).get("stages", []):
+        named += [o["config"] for o in stage.values() if isinstance(o, dict) and "config" in o]
+    assert named and all(Path(p).is_file() for p in named if p)
+
+
+def test_a_path_beside_the_study_file_wins_over_the_working_directory(tmp_path, monkeypatch):
+    """Both folders hold a tiny.yaml: the study's own is the one it means; an absolute path stays as it is."""
+    (tmp_path / "s").mkdir()
+    study = write(tmp_path / "s",
+                  "config: tiny.yaml\nset: {epochs: 0}\ngrid: {optim.lr: [0.1]}\n")
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "tiny.yaml").write_text(TINY.replace("width: 0.25", "width: 0.5"))
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert Path(load_study(str(study)).base).resolve() == tmp_path / "s" / "tiny.yaml"
+    assert load_study(str(study), sets=["distill.teacher=t.ckpt"]).fixed["distill.teacher"] == "t.ckpt"
+    absolute = study.with_name("abs.yaml")
+    absolute.write_text(f"config: {tmp_path / 'cwd' / 'tiny.yaml'}\nset: {{epochs: 0}}\ngrid: {{optim.lr: [0.1]}}\n")
+    assert load_study(str(absolute)).base == str(tmp_path / "cwd" / "tiny.yaml")

@@ -176,3 +176,25 @@ def test_test_time_views_are_the_trained_symmetries():
     assert torch.equal(tta_logits(m, x, "none"), m(x))
     assert torch.allclose(tta_logits(m, x, "flip"), (m(x) + m(x.flip(3))) / 2)
     assert tta_logits(m, x, "flip-shift").shape == (2, 2)
+
+
+def test_train_prints_the_one_view_score_beside_the_charged_one(tmp_path):
+    """A config that tests with 6 views (resnet20-cifar10.yaml: tta airbench) is charged 6 forward passes per
+    image; the last line of `edlab train` said only "score 0.9232" for the model the demo scored 0.1944 at one
+    view. It now prints both, and the one-view figure is `edlab score --tta none` of the same checkpoint."""
+    import json
+
+    from click.testing import CliRunner
+
+    from edlab.cli import cli
+
+    out = tmp_path / "r"
+    r = CliRunner().invoke(cli, ["train", "--model", "resnet20", "--dataset", "synthetic", "--epochs", "0.5",
+                                 "--train-subset", "64", "--threads", "1", "--precision", "fp32", "--out", str(out),
+                                 "--set", "model.width=0.25", "--set", "data.val_size=16", "--set", "tta=airbench"])
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "summary.json").read_text())
+    one = json.loads(CliRunner().invoke(cli, ["score", str(out / "model.ckpt"), "--tta", "none", "--json"]).stdout)
+    assert s["views"] == 6 and s["score_one_view"] == pytest.approx(one["score"]) and one["score"] < s["score"]
+    assert f"score {s['score']:.4f} (6 test-time views charged; one view {one['score']:.4f})" in \
+        " ".join(r.output.split())

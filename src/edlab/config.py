@@ -116,7 +116,8 @@ class InitConfig(Section):
 
 class DistillConfig(Section):
     teacher: str | None = None  # teacher checkpoint; None = no distillation
-    temperature: float = Field(4.0, gt=0)
+    # T outside [0.05, 100] gave a non-finite loss at the first step (logits / T overflow, T^2 overflows)
+    temperature: float = Field(4.0, ge=0.05, le=100)
     alpha: float = Field(0.9, ge=0, le=1)  # weight of the soft (teacher) term
     crop_pool: int = Field(0, ge=0, le=64)  # crop-flip: the teacher's logits cached for K fixed random crops per
     # image and their mirrors (drawn once from the seed); each step shows one of them. 0 = the teacher on the fly
@@ -143,7 +144,7 @@ class TrainConfig(Section):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # reduce-overhead = CUDA graphs
     sync_bn: bool = False  # under torchrun on GPUs: batch statistics over the whole global batch
     device: str = "auto"  # auto = cuda if present, else cpu
-    threads: int | None = Field(None, ge=1, le=1024)  # CPU threads for torch (None = torch's default, the cores)
+    threads: int | None = Field(None, ge=1, le=1024)  # CPU threads for torch, at most the cores (None = the cores)
     seed: int = Field(0, ge=0, le=2**31 - 1)  # every random stream derives from it (torch takes < 2**64)
     early_stop: int | None = Field(None, ge=1)  # stop after N epochs without val-accuracy gain
     keep: Literal["last", "best"] = "last"  # model.ckpt = last epoch or best validation epoch
@@ -284,6 +285,56 @@ def read_text(path: str | Path, what: str = "file", limit: int = MAX_YAML_BYTES)
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise EdlabError(f"{what} {p} is not UTF-8 text (byte {e.start})") from None
+
+
+def resolve_named(path: str, named_in: str | Path) -> str:
+    """A relative path written inside a YAML file (a study's config, a recipe's checkpoint) read from where
+    that file is, as YAML-including tools do, so a study runs from any working directory. Tried in order:
+    beside the file, beside each of its ancestor folders (the repo's own studies/ and recipes/ name
+    ``configs/x.yaml`` from the repo root), then the working directory (files written before this rule).
+    The first that exists wins; a path that exists nowhere, or an absolute one, is returned as given (so an
+    error names it as the file does). A path found where the working directory would find it too is returned
+    as given, so that runs recorded with it (a study's fingerprint, pipeline.json) keep comparing equal."""
+    p = Path(path)
+    if p.is_absolute() or not path:
+        return path
+    here = p.resolve() if p.exists() else None
+    folder = Path(named_in).resolve().parent
+    for base in (folder, *folder.parents):
+        candidate = base / p
+        if candidate.exists():
+            return path if here is not None and candidate.resolve() == here else str(candidate)
+    return path
+
+
+# keys whose values are paths, as a recipe stage, a study's set: or a train config names them
+PATH_OPTIONS = ("config", "checkpoint", "teacher", "data-dir", "data_dir", "distill.teacher", "model.checkpoint",
+                "data.data_dir")
+
+
+def is_path_key(key: str) -> bool:
+    """``train.config``, ``0.teacher``, ``distill.teacher``, ``prune.model.checkpoint``: a key naming a path."""
+    return any(key == k or key.endswith("." + k) for k in PATH_OPTIONS)
+
+
+def resolve_named_options(opts: dict, named_in: str | Path) -> dict:
+    """``opts`` with the values of its path keys (and ``set: [k=v, ...]`` entries naming paths) resolved by
+    :func:`resolve_named` against the file ``named_in`` that holds them."""
+    out = {}
+    for k, v in opts.items():
+        if isinstance(v, str) and is_path_key(str(k)):
+            v = resolve_named(v, named_in)
+        elif k == "set" and isinstance(v, str):
+            v = _resolve_set(v, named_in)
+        elif k == "set" and isinstance(v, list):
+            v = [_resolve_set(x, named_in) if isinstance(x, str) else x for x in v]
+        out[k] = v
+    return out
+
+
+def _resolve_set(pair: str, named_in: str | Path) -> str:
+    key, eq, value = pair.partition("=")
+    return f"{key}={resolve_named(value, named_in)}" if eq and is_path_key(key.strip()) else pair
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -82,7 +82,7 @@ def find_lr(config: str | None = None, steps: int = 100, start: float = 1e-6, en
     -> {'lrs', 'losses', 'suggested_lr', 'plot'}; the plot is written to ``plot_path`` unless it is None."""
     from .config import TRAIN_FLAGS, flags_to_tree, load_train_config
     from .errors import EdlabError
-    from .train import data_from_config, model_from_config, resolve_device
+    from .train import data_from_config, model_from_config, resolve_device, use_threads
 
     if not 0 < start < end:
         raise EdlabError(f"--start must be > 0 and below --end (got {start}, {end})")
@@ -90,10 +90,7 @@ def find_lr(config: str | None = None, steps: int = 100, start: float = 1e-6, en
     if unknown:
         raise EdlabError(f"unknown training option(s) {', '.join(unknown)}")
     cfg = load_train_config(config, flags_to_tree(options, TRAIN_FLAGS), list(sets))
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     device = resolve_device(cfg.device)
     data = data_from_config(cfg, device)
     model = model_from_config(cfg, data.num_classes)

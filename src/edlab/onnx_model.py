@@ -81,13 +81,18 @@ def export_stamp(model: nn.Module, dataset: str | None, input_size, precision: s
     """What an exported file records: data, normalisation, the source's config and metadata, and its inference
     (one view per image: the exported graph is one forward pass)."""
     from .data import STATS
+    from .score import profile
 
     meta = getattr(model, "edlab_metadata", None) or {}
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     dataset = dataset or (config.get("data") or {}).get("dataset") or "cifar10"
     mean, std = STATS.get(dataset, STATS["cifar10"])
+    dense = getattr(model, "edlab_dense_reference", None)
+    # ps of the source: the graph cannot show structured pruning as such (the pruned model is physically
+    # smaller, and the exporter folds BN, so its parameters are not on the dense reference's footing)
+    ps = profile(model, tuple(input_size), views=1).ps if dense else None
     return {"dataset": dataset, "mean": list(mean), "std": list(std), "input_size": list(input_size),
-            "config": config, "dense_reference": getattr(model, "edlab_dense_reference", None),
+            "config": config, "dense_reference": dense, "ps": ps,
             "inference": {"tta": "none", "views": 1, "precision": precision},
             "source_test_accuracy": meta.get("test_accuracy")}
 
@@ -237,8 +242,21 @@ def onnx_profile(path: str | Path, views: int | None = None, input_size=None):
     if n_views > 1:
         notes.append(f"{n_views} forward passes per image (test-time views): f = {n_views} x the MACs of one pass")
     size = tuple(shapes[inputs[0].name][1:])
+    dense, ps, pu = _fractions(meta, params, nonzero)
     return Profile(rules="course", rules_description=course.describe(), input_size=size, params=params,
                    nonzero_params=nonzero, macs=macs, ops=macs * n_views, bits_w=weight_bits, bits_a=act_bits,
-                   ps=0.0, pu=(params - nonzero) / params if params else 0.0, score=p_term + o_term,
+                   ps=ps, pu=pu, score=p_term + o_term,
                    score_params_term=p_term, score_ops_term=o_term, rows=rows, arch_params=params, views=n_views,
-                   dense=None, formula_view=None, notes=notes)
+                   dense=dense, formula_view=None, notes=notes)
+
+
+def _fractions(meta: dict, params: int, nonzero: int) -> tuple[dict | None, float, float]:
+    """(dense reference, ps, pu) of a graph: relative to the dense model its stamp records, as the checkpoint
+    it was exported from reads (ps recorded at export, pu = zero weights / dense weights); a file without
+    that record (another tool's, or an unpruned model's) reads ps 0 and pu relative to its own weights."""
+    ref, ps = meta.get("dense_reference"), meta.get("ps")
+    ok = isinstance(ref, dict) and all(isinstance(ref.get(k), int) and ref[k] > 0 for k in ("params", "macs"))
+    if not ok:
+        return None, 0.0, (params - nonzero) / params if params else 0.0
+    ps = float(ps) if isinstance(ps, int | float) and 0 <= ps < 1 else 0.0
+    return {"params": ref["params"], "macs": ref["macs"]}, ps, (params - nonzero) / ref["params"]

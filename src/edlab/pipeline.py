@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import parse_overrides, read_yaml, safe_name
+from .config import parse_overrides, read_yaml, resolve_named_options, safe_name
 from .errors import EdlabError
 from .runs import check_out_path, write_json
 from .stages import STAGES, run_stage, stage_kwargs
@@ -41,7 +41,9 @@ LOCK = ".edlab-pipeline.lock"
 
 
 def load_recipe(path: str, sets: list[str] | None = None) -> dict:
-    """Read and check a recipe; ``sets`` like ``prune.structured=0.5`` or ``0.epochs=3`` edit a stage."""
+    """Read and check a recipe; ``sets`` like ``prune.structured=0.5`` or ``0.epochs=3`` edit a stage. Paths
+    the recipe names (``config:``, ``checkpoint:``, ``teacher:``, ...) are read from the recipe's folder
+    (config.resolve_named); paths in ``sets`` (the command line's) from the working directory."""
     recipe = read_yaml(path)
     unknown = set(recipe) - {"name", "out", "stages"}
     if unknown:
@@ -56,7 +58,7 @@ def load_recipe(path: str, sets: list[str] | None = None) -> dict:
         (name, opts), = st.items()
         if opts is not None and not isinstance(opts, dict):
             raise EdlabError(f"recipe {path}: options of stage {i} ({name}) must be a mapping")
-        parsed.append([str(name), dict(opts or {})])
+        parsed.append([str(name), resolve_named_options(dict(opts or {}), path)])  # paths: from the recipe's folder
     for i, (name, _) in enumerate(parsed):  # a typo in stage 3 must not surface after stages 0-2 ran
         if name not in STAGES:
             raise EdlabError(f"recipe {path}: stage {i} '{name}' is not an edlab command "

@@ -634,14 +634,14 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
         load_teacher,
         resolve_device,
         resolve_precision,
+        use_threads,
     )
 
     recipe.validate()
     if recipe.distill and cfg.distill.teacher:
         raise EdlabError("give --distill (the unpruned model teaches) or --teacher CKPT, not both")
     t_start = time.perf_counter()
-    if getattr(cfg, "threads", None):  # on a shared machine, fewer threads than cores avoids OpenMP stalls
-        torch.set_num_threads(cfg.threads)
+    use_threads(getattr(cfg, "threads", None))
     device = resolve_device(cfg.device)
     amp = resolve_precision(cfg.precision, device)
     inference = inference_record(cfg, amp)  # every score below charges the views this stage evaluates with
@@ -739,6 +739,7 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
             "inference": inference,
             "stages": with_stage(model, {"stage": "prune", "structured": recipe.structured,
                                          "unstructured": recipe.unstructured, "ps": p.ps, "pu": p.pu,
+                                         "train_subset": cfg.data.train_subset,
                                          "test_accuracy": test["accuracy"], "views": inference["views"],
                                          **({"teacher_val_leak": leak["teacher_val_leak"]}
                                             if "teacher" in leak else {})})}

@@ -550,7 +550,7 @@ def _save(model: nn.Module, run, test: dict, val: float | None, cfg, options: di
     from .checkpoint import save_checkpoint, with_stage
 
     entry = {"stage": "quantize", **{k: v for k, v in options.items() if k != "source_checkpoint"},
-             "test_accuracy": test["accuracy"], "views": inference["views"]}
+             "train_subset": cfg.data.train_subset, "test_accuracy": test["accuracy"], "views": inference["views"]}
     meta = dict(test_accuracy=test["accuracy"], val_accuracy=val, config=cfg.model_dump(mode="json"),
                 quantization=options, inference=inference, stages=with_stage(model, entry))
     save_checkpoint(model, run.file("model.ckpt"), **meta)
@@ -611,21 +611,19 @@ def _fold(model: nn.Module, options: dict) -> nn.Module:
 
 
 def _int8(source: nn.Module, data, run, options: dict, console, calib_images: int, test: bool = True) -> dict:
-    """int8: ONNX Runtime static quantization (edlab.export). The score is counted on a torch copy whose
-    conv/linear layers declare 8-bit weights and inputs, which is what the int8 graph runs (BN, folded into
-    the int8 weights and int32 biases there, is still counted at 32 bits by the course rules)."""
+    """int8: ONNX Runtime static quantization (edlab.export). The score is the int8 file's own, counted from
+    its graph as ``edlab score model.int8.onnx`` counts it (int8 weights, uint8 activations, BN folded into
+    int32 biases; ps and pu relative to the dense model the file records): one model, one reading. (It was
+    counted on a torch copy with 8-bit conv/linear layers and BN unfolded, which read another score, and the
+    file read ps 0.)"""
     from .export import int8_stage
+    from .onnx_model import onnx_profile
 
     extra = int8_stage(source, data, run, calib_images=calib_images, console=console, test=test)
     options.update(extra.pop("options"))
-    scored = copy.deepcopy(source).cpu()
-    for m in scored.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            m.weight_bits = m.act_bits = 8
     inference = {"tta": "none", "views": 1, "precision": "int8"}  # ONNX Runtime runs one view per image
-    scored.edlab_metadata = {**(getattr(source, "edlab_metadata", None) or {}), "inference": inference}
     test = {"accuracy": extra.pop("test_accuracy"), "loss": extra.pop("test_loss")}
-    return {"scored": scored, "test": test, "val_accuracy": extra.pop("val_accuracy"),
+    return {"profile": onnx_profile(extra["onnx"]), "test": test, "val_accuracy": extra.pop("val_accuracy"),
             "checkpoint": extra["onnx"], "inference": inference, "reference_tta": "none",
             "extra": extra}
 
@@ -653,7 +651,7 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     from .config import to_yaml
     from .runs import Run, command_line
     from .score import profile
-    from .train import check_teacher, data_from_config, evaluate, resolve_device
+    from .train import check_teacher, data_from_config, evaluate, resolve_device, use_threads
 
     if method not in METHODS:
         raise EdlabError(f"unknown method '{method}' (choices: {', '.join(METHODS)})")
@@ -699,8 +697,7 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
         raise EdlabError(f"--distill/--teacher: method {method} does not train (use binaryconnect or qat)")
     check_teacher(cfg.distill.teacher)
     torch.manual_seed(cfg.seed)
-    if cfg.threads:  # --threads / threads=N: as train and prune do
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)  # --threads / threads=N: as train and prune do
     device = resolve_device(cfg.device)
     data = data_from_config(cfg, device)
     run = Run.open(cfg.out) if resume else Run.create(cfg.name, cfg.out)
@@ -739,7 +736,7 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
         "seconds": seconds, "device": str(device), "dataset": cfg.data.dataset,
         "model": getattr(source, "edlab_spec", {}).get("name"), "checkpoint": str(r["checkpoint"]),
         "options": options, "inference": r["inference"], "reference_views": TTA_VIEWS[r["reference_tta"]],
-        **r["extra"], **profile(r["scored"]).to_dict(), "command": command_line(),
+        **r["extra"], **(r.get("profile") or profile(r["scored"])).to_dict(), "command": command_line(),
         "run_dir": str(run.path),
         # a teacher of this stage or of an earlier one that saw the validation images makes val read high
         "val_leak": max(upstream_val_leak(source),

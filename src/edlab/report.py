@@ -14,7 +14,7 @@ Output folder::
 
     index.html   the page            report.md    the runs table in Markdown
     curves.png   learning curves     pareto.png   score vs accuracy with the Pareto front
-    layers.png   per-layer score of the best model (when it has a model.ckpt)
+    layers.png   per-layer score of the best model (its model.ckpt, or the .onnx of an int8 stage)
     .edlab-report  marker: this folder is a report, so the next report may replace it
 """
 
@@ -81,8 +81,10 @@ class RunInfo:
 
     @property
     def checkpoint(self) -> Path | None:
-        p = self.path / "model.ckpt"
-        return p if p.is_file() else None
+        """The model file the run wrote: model.ckpt, or the .onnx of an int8 stage (or a packed file)."""
+        from .checkpoint import RUN_MODEL_FILES
+
+        return next((self.path / n for n in RUN_MODEL_FILES if (self.path / n).is_file()), None)
 
 
 def _num(v: Any) -> float | None:
@@ -567,21 +569,22 @@ def build_report(paths: list[str | Path], out: str | Path, floor: float | list[f
     if best is None:
         layer_note = "no best model: " + rule
     elif best.checkpoint is None:
-        layer_note = f"{best.name} has no model.ckpt: no per-layer breakdown"
+        layer_note = f"{best.name} has no model file: no per-layer breakdown"
     else:
-        from .checkpoint import load_checkpoint
-        from .score import profile
+        from .score import score_file
 
-        try:
+        name = best.checkpoint.name
+        try:  # a checkpoint, or the graph of an .onnx file (the int8 stage's model), as `edlab score` counts it
             s = best.summary
             size = tuple(s["input_size"]) if isinstance(s.get("input_size"), list) else (3, 32, 32)
-            prof = profile(load_checkpoint(best.checkpoint), input_size=size, rules=s.get("rules") or "course")
+            rules = "course" if name.endswith(".onnx") else s.get("rules") or "course"
+            prof = score_file(str(best.checkpoint), rules=rules, input_size=size)
             layer_rows = [vars(r) for r in prof.rows]
             layer_note = (f"{best.name}: score {prof.score:.4g} = params term {prof.score_params_term:.4g} + "
-                          f"ops term {prof.score_ops_term:.4g} ({prof.rules} rules, counted from model.ckpt)")
-        except Exception as e:  # one unreadable checkpoint must not cost the whole page
+                          f"ops term {prof.score_ops_term:.4g} ({prof.rules} rules, counted from {name})")
+        except Exception as e:  # one unreadable model file must not cost the whole page
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            layer_note = f"{best.name}: model.ckpt could not be profiled ({first})"
+            layer_note = f"{best.name}: {name} could not be profiled ({first})"
     figures["layers"] = bool(layer_rows) and plot_layers(layer_rows, f"per-layer score: {best.name}",
                                                          out / "layers.png")
     in_front = set(front)

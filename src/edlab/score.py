@@ -729,13 +729,19 @@ def story_lines(target: str, kind: str, meta: dict, p: Profile) -> list[str]:
     arch = m.get("name") or "-"
     if m:
         arch += f" (width {m.get('width', 1)}, conv {m.get('conv', 'standard')})"
-    lines.append(f"architecture: {arch}; {p.params:,} parameters counted ({p.nonzero_params:,} nonzero), "
-                 f"{p.macs:,} MACs per forward pass")
+    extra = p.params - p.arch_params  # LSQ step sizes, BinaryConnect scales: counted in w, not architecture
+    counted = f"{p.arch_params:,} weights and biases + {extra:,} quantizer step sizes/scales = {p.params:,} " \
+        "parameters counted" if extra > 0 else f"{p.params:,} parameters counted"
+    lines.append(f"architecture: {arch}; {counted} ({p.nonzero_params:,} nonzero), {p.macs:,} MACs per forward pass")
+    stages = stage_history(meta)
     if d:
         split = d.get("split_seed", cfg.get("seed"))
+        # the config is the last stage's: its train_subset is what that stage trained on (each stage's own
+        # count is in the stages line)
+        last = f"its last stage ({stages[-1].get('stage', '?')})" if len(stages) > 1 else "it"
         lines.append(f"data: {d.get('dataset', '-')}, validation split {d.get('val_size', '-')} training images "
-                     f"(split_seed {split})" + (f", trained on {d['train_subset']:,} images" if d.get("train_subset")
-                                                else ""))
+                     f"(split_seed {split})" + (f"; {last} trained on {d['train_subset']:,} images"
+                                                if isinstance(d.get("train_subset"), int) else ""))
     inference = meta.get("inference") or {}
     acc = [f"{k} {100 * meta[k + '_accuracy']:.2f} %" for k in ("test", "val")
            if isinstance(meta.get(k + "_accuracy"), (int, float)) and 0 <= meta[k + "_accuracy"] <= 1]
@@ -744,7 +750,6 @@ def story_lines(target: str, kind: str, meta: dict, p: Profile) -> list[str]:
         how = f"tta {inference.get('tta', cfg.get('tta', 'none'))} ({p.views} view{'s' * (p.views > 1)} per image)"
         how += f", {inference['precision']}" if inference.get("precision") else ""
         lines.append(f"accuracy: {', '.join(acc) or 'not recorded'}; measured with {how}")
-    stages = stage_history(meta)
     if stages:
         def one(s: dict) -> str:
             extra = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, _set_dotted, build, read_yaml, safe_name
+from .config import TrainConfig, _set_dotted, build, read_yaml, resolve_named, resolve_named_options, safe_name
 from .errors import EdlabError
 from .runs import check_out_path, write_json
 
@@ -105,11 +105,18 @@ def _fail(file: str, msg: str) -> EdlabError:
 
 
 def _find(path: str, study_file: str) -> str:
-    """Paths in a study file: as given (from the working directory), else beside the study file."""
-    if Path(path).exists():
-        return path
-    beside = Path(study_file).parent / path
-    return str(beside) if beside.exists() else path
+    """A path the study file names, read from the study file's folder (config.resolve_named)."""
+    return resolve_named(path, study_file)
+
+
+def _resolve_inline(recipe: Any, study_file: str) -> Any:
+    """An inline recipe's stage paths read from the study file's folder: the sweep writes the recipe into its
+    out folder, where they would no longer be found."""
+    stages = recipe.get("stages") if isinstance(recipe, dict) else None
+    if not isinstance(stages, list):
+        return recipe  # (load_recipe says what is wrong with it)
+    return {**recipe, "stages": [{n: resolve_named_options(o, study_file) if isinstance(o, dict) else o
+                                  for n, o in st.items()} if isinstance(st, dict) else st for st in stages]}
 
 
 def _flat(tree: Any, file: str, what: str) -> dict[str, Any]:
@@ -167,6 +174,7 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
     inline = None
     if kind == "recipe" and isinstance(raw["recipe"], dict | list):
         inline = raw["recipe"] if isinstance(raw["recipe"], dict) else {"stages": raw["recipe"]}
+        inline = _resolve_inline(inline, path)
         base = ""
     else:
         base = _find(str(raw[kind]), path)
@@ -180,6 +188,7 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
     fixed = _flat(raw.get("set"), path, "set")
     if quick:
         fixed.update(quick_block)
+    fixed = resolve_named_options(fixed, path)  # (a --set's paths stay the working directory's)
     fixed.update(_flat(parse_overrides(list(sets)), path, "--set"))
     if out is None:
         out = str(raw["out"]) + suffix if raw.get("out") else f"runs/study-{name}"
@@ -265,6 +274,7 @@ def _parse_teacher(t: Any, path: str, quick: bool) -> dict | None:
     sets = edits(t.get("set"), "teacher.set")
     if quick:
         sets.update(edits(t.get("quick"), "teacher.quick"))
+    sets = resolve_named_options(sets, path)
     stages = t.get("stages", list(TRAINS))
     if not isinstance(stages, list) or not stages or not set(stages) <= set(TRAINS):
         raise _fail(path, f"teacher.stages must be a list of {', '.join(TRAINS)}, got {stages!r}")
@@ -663,7 +673,7 @@ def full_epochs(st: Study, point: dict[str, Any]) -> tuple[float, float]:
     counts = []
     for name, opts in stages:
         if name == "train":
-            cfg = read_yaml(_find(str(opts["config"]), st.file)) if opts.get("config") else {}
+            cfg = read_yaml(str(opts["config"])) if opts.get("config") else {}
             counts.append(float(opts.get("epochs", cfg.get("epochs", TrainConfig().epochs))))
         elif name == "prune":
             counts.append(float(opts.get("finetune-epochs", Recipe.finetune_epochs)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -276,6 +277,15 @@ class FitState:
     seconds: float = 0.0
     skipped_steps: int = 0
     history: list[dict] = field(default_factory=list)
+
+
+def use_threads(threads: int | None) -> None:
+    """Config ``threads``: torch's CPU threads, at most the cores this process may use. On a shared machine
+    fewer threads than cores avoids OpenMP stalls; more than the cores only wait on each other (threads=1024
+    made a tiny run 30x slower on 2 cores)."""
+    if threads:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(min(threads, cores))
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, hard: torch.Tensor, t: float,
@@ -778,11 +788,17 @@ def inference_record(cfg: TrainConfig, amp: torch.dtype | None, precision: str |
             "precision": precision or (str(amp).replace("torch.", "") if amp else "fp32")}
 
 
-def model_summary(model: nn.Module) -> dict:
-    """Size and score figures for summary.json (the score module counts them from the model)."""
+def model_summary(model: nn.Module, one_view: bool = False) -> dict:
+    """Size and score figures for summary.json (the score module counts them from the model). The score
+    charges the test-time views the accuracy was measured with; ``one_view`` adds ``score_one_view``, the
+    score of one forward pass per image (what a model is scored at without test-time augmentation), so that
+    a 6-view run is not read against 1-view scores by mistake."""
     from .score import profile
 
-    return profile(model).to_dict()
+    p = profile(model).to_dict()
+    if one_view:
+        p["score_one_view"] = p["score_params_term"] + p["score_ops_term"] / max(1, p["views"])
+    return p
 
 
 def config_change(saved, cfg: TrainConfig) -> str | None:
@@ -845,8 +861,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     cfg = with_split_seed(cfg)
     check_teacher(cfg.distill.teacher)
     torch.manual_seed(cfg.seed)
-    if cfg.threads:  # on a shared machine, fewer threads than cores avoids OpenMP stalls
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     d = distributed.setup(cfg.device)
     device = distributed.rank_device(d, resolve_device(cfg.device))
     error, path = None, None
@@ -892,6 +907,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
     # the stage's epochs: 9.9 when a fractional run ran to its end, the epochs run when it stopped early
     epochs = cfg.epochs if state.epoch >= math.ceil(cfg.epochs) else state.epoch
     stages = with_stage(model, {"stage": "train", "model": cfg.model.name, "epochs": epochs,
+                                "train_subset": cfg.data.train_subset,
                                 "test_accuracy": test["accuracy"], "views": inference["views"],
                                 **({"teacher_val_leak": leak["teacher_val_leak"]} if teacher is not None else {})})
     best_val = state.best_val if state.best_epoch > 0 else None  # None: no validation split (val_size 0)
@@ -908,7 +924,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
         "wall_seconds_this_process": time.perf_counter() - t0, "skipped_steps": state.skipped_steps,
         "tta": cfg.tta, "ema": cfg.ema, "device": str(device), "world_size": d.world,
         "precision": inference["precision"], "inference": inference,
-        "model": cfg.model.name, "dataset": cfg.data.dataset, **model_summary(model),
+        "model": cfg.model.name, "dataset": cfg.data.dataset, **model_summary(model, one_view=True),
         "command": command_line(), "run_dir": str(run.path),
     }
     summary.update(leak)  # a teacher (here or upstream) that saw the validation images makes val read high

@@ -66,5 +66,8 @@ def train(config, resume, sets, **flags):
         return
     val = (f"best val {pct(s['best_val_accuracy'])} @ epoch {s['best_epoch']}" if s["best_val_accuracy"] is not None
            else "no validation split")
+    score = f"score {s['score']:.4f}"
+    if s.get("views", 1) > 1:  # the views are charged: say so, and what one view per image would score
+        score += f" ({s['views']} test-time views charged; one view {s['score_one_view']:.4f})"
     out.print(f"test accuracy {pct(s['test_accuracy'])}  ({val})  params {s['params']:,}  MACs {s['macs']:,}  "
-              f"score {s['score']:.4f}  {s['seconds'] / 60:.1f} min  -> {s['run_dir']}")
+              f"{score}  {s['seconds'] / 60:.1f} min  -> {s['run_dir']}")
