@@ -115,3 +115,18 @@ def test_replaying_a_full_fidelity_study_gives_what_the_pruned_study_spends_and_
     sh = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
     assert bench.replay(sh, runs)[:2] == (5, 0)
     assert bench.replay(optuna.pruners.NopPruner(), runs)[0] == 9
+
+
+def test_full_fidelity_counts_a_fine_tuning_after_each_pruning_step(tmp_path):
+    """A prune stage fine-tunes after every step of each kind it prunes (structured, then unstructured): the
+    budget at full fidelity counts them all (the challenge's --quick trials ran 6 epochs against 5 counted)."""
+    from edlab.study import full_epochs
+
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    study = tmp_path / "s.yaml"
+    study.write_text("name: r\nrecipe:\n  - train: {config: tiny.yaml, epochs: 3}\n"
+                     "  - prune: {finetune-epochs: 2, steps: 2}\n  - quantize: {method: qat, epochs: 1}\n"
+                     "grid: {prune.structured: [0.2], prune.unstructured: [0.0, 0.3]}\n")
+    st = load_study(str(study))
+    assert full_epochs(st, {"prune.structured": 0.2, "prune.unstructured": 0.0}) == (3.0, 3 + 4 + 1)
+    assert full_epochs(st, {"prune.structured": 0.2, "prune.unstructured": 0.3}) == (3.0, 3 + 8 + 1)

@@ -675,8 +675,10 @@ def full_epochs(st: Study, point: dict[str, Any]) -> tuple[float, float]:
         if name == "train":
             cfg = read_yaml(str(opts["config"])) if opts.get("config") else {}
             counts.append(float(opts.get("epochs", cfg.get("epochs", TrainConfig().epochs))))
-        elif name == "prune":
-            counts.append(float(opts.get("finetune-epochs", Recipe.finetune_epochs)))
+        elif name == "prune":  # fine-tuning after each step of each kind (structured, then unstructured)
+            kinds = sum(float(opts.get(k) or 0) > 0 for k in ("structured", "unstructured"))
+            counts.append(float(opts.get("finetune-epochs", opts.get("epochs", Recipe.finetune_epochs)))
+                          * int(opts.get("steps", Recipe.steps)) * max(kinds, 1))
         elif name == "quantize" and opts.get("method", "qat") in STAGE_DEFAULTS:
             counts.append(float(opts.get("epochs", STAGE_DEFAULTS[opts.get("method", "qat")]["epochs"])))
     return (counts[0] if counts else 0.0), sum(counts)
