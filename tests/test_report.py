@@ -264,13 +264,19 @@ def test_a_run_whose_teacher_saw_its_validation_images_is_marked(tmp_path):
     assert "teacher that trained" in (tmp_path / "out" / "index.html").read_text()
 
 
-def test_the_augment_column_says_when_crop_flip_crops_nothing(tmp_path):
-    """crop_pad 0 turns crop-flip into mirrors only: the table says so instead of the policy's name."""
-    for name, data in (("mirrors", {"augment": "crop-flip", "crop_pad": 0}),
-                       ("crops", {"augment": "crop-flip", "crop_pad": 4}), ("plain", {"augment": "none"})):
+def test_the_augment_column_says_when_crop_flip_crops_nothing_and_what_mixes_the_batches(tmp_path):
+    """crop_pad 0 turns crop-flip into mirrors only: the table says so instead of the policy's name; mixup,
+    CutMix and a teacher's crop pool are named beside it."""
+    pool = {"teacher": "t.ckpt", "crop_pool": 8}
+    for name, data, distill in (("mirrors", {"augment": "crop-flip", "crop_pad": 0}, {}),
+                                ("crops", {"augment": "crop-flip", "crop_pad": 4}, {}),
+                                ("plain", {"augment": "none"}, {}),
+                                ("mixed", {"augment": "crop-flip", "mixup": 0.2, "cutmix": 1.0}, {}),
+                                ("pooled", {"augment": "crop-flip"}, pool),
+                                ("no-teacher", {"augment": "crop-flip"}, {"crop_pool": 8})):
         run = tmp_path / "runs" / name
         run.mkdir(parents=True)
-        (run / "config.yaml").write_text(json.dumps({"data": data}))  # JSON is YAML
+        (run / "config.yaml").write_text(json.dumps({"data": data, "distill": distill}))  # JSON is YAML
         (run / "summary.json").write_text(json.dumps({"best_val_accuracy": 0.8, "test_accuracy": 0.8,
                                                      "score": 0.03}))
     build_report([tmp_path / "runs"], tmp_path / "out")
@@ -278,6 +284,8 @@ def test_the_augment_column_says_when_crop_flip_crops_nothing(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
     assert "| flip only (crop_pad 0) |" in rows["mirrors"]
     assert "| crop-flip |" in rows["crops"] and "| none |" in rows["plain"]
+    assert "| crop-flip + mixup 0.2 + cutmix 1 |" in rows["mixed"]
+    assert "| crop-flip + teacher crop pool 8 |" in rows["pooled"] and "| crop-flip |" in rows["no-teacher"]
 
 
 def test_a_result_whose_name_is_a_number_is_listed_under_its_folder(tmp_path):

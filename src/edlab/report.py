@@ -476,11 +476,14 @@ LAYER_COLUMNS = ["layer", "type", "params", "nonzero", "MACs", "bits w/a", "para
 
 def _augment(r: RunInfo) -> str:
     """The augmentation as trained: crop-flip with crop_pad 0 shifts nothing (mirrors only, the setting that
-    lets a teacher's logits be cached), which the policy's name alone would hide in a comparison."""
+    lets a teacher's logits be cached), which the policy's name alone would hide in a comparison; batch
+    mixing (mixup, CutMix) and a teacher's crop pool change what the student sees as much, so they are named."""
     policy = r.get("data", "augment")
-    if policy == "crop-flip" and r.get("data", "crop_pad") == 0:
-        return "flip only (crop_pad 0)"
-    return _g(policy)
+    text = "flip only (crop_pad 0)" if policy == "crop-flip" and r.get("data", "crop_pad") == 0 else _g(policy)
+    extras = [f"{k} {_g(v)}" for k in ("mixup", "cutmix") if (v := r.get("data", k))]
+    if r.get("distill", "teacher") and (pool := r.get("distill", "crop_pool")):
+        extras.append(f"teacher crop pool {_g(pool)}")
+    return " + ".join([text, *extras])
 
 
 def layer_cells(row: dict, total: float) -> list[str]:
