@@ -29,6 +29,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( 16 / WORKERS ))}
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU: $(uname -m) CPU"
 $PY -c "import torch, edlab; print('torch', torch.__version__, 'edlab', edlab.__version__, 'cuda', torch.cuda.is_available())"
+$PY -c "import optuna, pydantic" || { echo "optuna/pydantic missing: put their wheels in .whl/ (docs/benchmarks.md)"; exit 2; }
 if [ -f .gpu/prepare_cifar10.py ]; then
   $PY .gpu/prepare_cifar10.py /tmp/data > /dev/null || exit 1
   export EDLAB_DATA_DIR=/tmp/data
