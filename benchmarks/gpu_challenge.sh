@@ -61,7 +61,8 @@ pack_winner(st, study)
 render({**write_report(st, study, url), "out": str(st.out)}, console())
 PY
 fi
-timeout 60 $PY -m edlab report "$STUDY_OUT" --floor 0.90 --out /tmp/strict-report > /dev/null
+timeout 120 $PY -m edlab report "$STUDY_OUT" --floor 0.90 --out /tmp/strict-report > /dev/null || \
+  echo "edlab report failed or ran past 120 s (exit $?)"
 for f in "$STUDY_OUT/study.json" "$STUDY_OUT/winner.pack" /tmp/strict-report/report.md /tmp/strict-report/pareto.png; do
   [ -f "$f" ] && cp "$f" "$OUT/" || echo "missing: $f"
 done
