@@ -303,3 +303,41 @@ def test_challenge_course_study_quantizes_one_student_and_packs_the_chosen_point
     scores = [t["score"] for t in sorted(done, key=lambda t: t["slot"])]
     assert scores[0] > scores[1] > scores[2]  # 5/5 > 4/5 > 4/4 bits
     assert rep["winner"]["slot"] == 2 and (tmp_path / "out" / "winner.pack").is_file()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSUMED_EPOCHS_PER_S = 0.45  # studies/challenge-gpu.yaml's sizing assumption (4 workers on the H200), not measured
+TEACHER_S = 50  # configs/resnet18-94-gpu.yaml: 46.8 s on the H200 (docs/benchmarks.md), inside the sweep's time
+SETUP_S = 40  # the script's own start: wheels, the data's preparation (an allowance)
+
+
+def test_gpu_challenge_study_loads_both_ways_and_its_cap_fits_the_scripts_time(tmp_path, monkeypatch):
+    """studies/challenge-gpu.yaml, normal and --quick, and the arithmetic its comment states: the epochs cap plus
+    the trials still in flight on the other workers at their longest, at the assumed rate, fit the time that
+    benchmarks/gpu_challenge.sh gives the sweep once the teacher is trained; the cap binds before the trials do."""
+    import re
+
+    from edlab.study import budget, budget_line, full_epochs, load_study
+
+    monkeypatch.chdir(ROOT)
+    full = load_study("studies/challenge-gpu.yaml", out=str(tmp_path / "s"), floor=0.90)
+    quick = load_study("studies/challenge-gpu.yaml", quick=True, out=str(tmp_path / "q"), floor=0.90)
+    assert full.mode == quick.mode == "search" and full.test == quick.test == "chosen" and full.pack
+    assert full.pruner["type"] == "successive-halving" and full.objective["min_score_with_val_at_least"] == 0.9
+    assert quick.trials < full.trials and quick.fixed != full.fixed
+
+    b = budget(full)
+    per_trial = full_epochs(full, {})[1]
+    longest = full_epochs(full, {"prune.structured": 0.3, "prune.unstructured": 0.5})[1]  # two fine-tunings
+    assert b["full_fidelity_epochs"] == per_trial * full.trials > b["cap_epochs"]
+    assert f"{b['full_fidelity_epochs']:g} training epochs at full fidelity" in budget_line(full)
+    assert f"no trial starts after {b['cap_epochs']} epochs" in budget_line(full)
+    assert budget(quick)["full_fidelity_epochs"] <= budget(quick)["cap_epochs"]  # --quick runs all its trials
+
+    script = (ROOT / "benchmarks" / "gpu_challenge.sh").read_text()
+    limit = int(re.search(r'echo 1500 \|\| echo (\d+)', script).group(1))
+    finish = int(re.search(r"FINISH_S=\$\{FINISH_S:-(\d+)\}", script).group(1))
+    workers = int(re.search(r'echo 1 \|\| echo (\d+)', script).group(1))
+    assert limit <= 600 - 30  # the device runs one command <= 600 s; 30 s to send $OUT back
+    trials_s = limit - SETUP_S - finish - TEACHER_S
+    assert (b["cap_epochs"] + (workers - 1) * longest) / ASSUMED_EPOCHS_PER_S <= trials_s
