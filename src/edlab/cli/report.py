@@ -6,14 +6,16 @@ import click
 
 
 @click.command("report")
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--page", "page_file", type=click.Path(), default=None,
+              help="Rebuild a sectioned results page from its page file (docs/report.md#pages) instead.")
 @click.option("--out", default="report", show_default=True,
               help="Report folder; refused if it exists, is not empty and is not an earlier report.")
 @click.option("--floor", type=float, multiple=True, default=(0.9,), show_default=True,
               help="Best model = lowest score with validation accuracy >= floor; none reach it: highest val. "
               "Repeat it to draw more floors on the Pareto plot (the first one selects).")
 @click.option("--title", default="edlab report", show_default=True)
-def report(paths, out, floor, title):
+def report(paths, out, floor, title, page_file):
     """A static HTML page (plus PNGs and report.md) comparing runs found under run/pipeline/study folders.
 
     Opens from disk with no server or network: learning curves, the runs table, score vs accuracy with the
@@ -24,7 +26,20 @@ def report(paths, out, floor, title):
       edlab report runs/ --out report          # then open report/index.html
       edlab report runs/r20-compress studies/s1 --out cmp --floor 0.88
       edlab report runs/study-challenge --floor 0.9 --floor 0.865   # both challenge floors drawn
+      edlab report --page docs/results/deck.yaml   # rebuild docs/results/deck.md from its run folders
     """
+    if page_file:
+        if paths:
+            raise click.UsageError("--page reads its folders from the page file: give no PATHS with it")
+        from ..page import build_page
+
+        r = build_page(page_file)
+        empty = [t for t, n in r["sections"].items() if not n]
+        click.echo(f"page: {len(r['sections'])} sections ({len(empty)} without runs yet), "
+                   f"{len(r['figures'])} figures -> {r['out']}")
+        return
+    if not paths:
+        raise click.UsageError("give run, pipeline or study folders (or --page FILE)")
     from ..report import build_report
 
     r = build_report(list(paths), out, list(floor), title)
