@@ -21,7 +21,7 @@ def pack(checkpoint, out, as_json):
       edlab pack runs/r20-qat4/model.ckpt --out r20-qat4.pack
       edlab score r20-qat4.pack && edlab eval r20-qat4.pack
     """
-    from ..checkpoint import resolve_model_path
+    from ..runs import resolve_model_path
     from ..pack import pack as pack_file
 
     checkpoint = resolve_model_path(checkpoint)
