@@ -64,6 +64,7 @@ def test_the_public_api_resolves():
     with pytest.raises(AttributeError):
         edlab.no_such_function  # noqa: B018
     import edlab.score
+
     import edlab.train
 
     assert inspect.ismodule(edlab.train) and inspect.ismodule(edlab.score)  # no API name hides a module

@@ -160,7 +160,7 @@ def _one_run(key: str, value, teacher: str, out: str) -> str:
     """Train TINY_RUN with ``key=value``: 'ok', 'refused: LINE', 'stopped: LINE' (EdlabError while running)."""
     import torch
 
-    from edlab.config import set_dotted, build
+    from edlab.config import build, set_dotted
     from edlab.train import train
 
     edits: dict = {}
