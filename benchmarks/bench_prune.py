@@ -24,7 +24,7 @@ import torch
 from edlab.bench import compare
 from edlab.models import create_model
 from edlab.prune import prune_structured
-from edlab.score import profile
+from edlab.scoring import profile
 
 
 def main() -> None:

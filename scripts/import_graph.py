@@ -2,7 +2,8 @@
 modules that import click or rich.
 
 Every import counts, also the lazy ones inside functions: a cycle through a function-level import still
-ties two layers together. Used by docs (the layering note) and tests/test_api.py (the layering rules).
+ties two layers together. Used by docs (the layering note), tests/test_api.py (the layering rules) and
+tests/test_imports.py (no cycle at all, no private name taken from another module).
 
     python scripts/import_graph.py            # module -> edlab modules it imports   [click, rich]
     python scripts/import_graph.py --json

@@ -160,12 +160,12 @@ def _one_run(key: str, value, teacher: str, out: str) -> str:
     """Train TINY_RUN with ``key=value``: 'ok', 'refused: LINE', 'stopped: LINE' (EdlabError while running)."""
     import torch
 
-    from edlab.config import _set_dotted, build
+    from edlab.config import build, set_dotted
     from edlab.train import train
 
     edits: dict = {}
     for k, v in {**CONTEXT.get(key, {}), key: value, "out": out}.items():
-        _set_dotted(edits, k, teacher if v == "TEACHER" else v)
+        set_dotted(edits, k, teacher if v == "TEACHER" else v)
     try:
         cfg = build(TrainConfig, TINY_RUN, edits)
     except EdlabError as e:

@@ -7,8 +7,9 @@ import torch
 
 from edlab import EdlabError, create_model, load_checkpoint, save_checkpoint
 from edlab.prune import order_split_outputs, prune_structured
-from edlab.quantize import LSQConv2d, calibrate, quantize_qat
-from edlab.score import RULES, profile
+from edlab.qlayers import LSQConv2d
+from edlab.quantize import calibrate, quantize_qat
+from edlab.scoring import RULES, profile
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

@@ -82,7 +82,7 @@ def test_fp32_export_matches_pytorch(tmp_path, kind):
 
 def test_convnext_exports_and_scores_like_the_checkpoint(tmp_path):
     from edlab.onnx_model import onnx_profile
-    from edlab.score import profile
+    from edlab.scoring import profile
 
     model = create_model("convnext_nano", width=0.5).eval()
     with torch.no_grad():  # as after training: fresh norms and skip scales (all ones) would be one shared tensor
@@ -143,7 +143,7 @@ def test_int8_stage_writes_onnx_summary_and_latency(tiny_ckpt, tmp_path):
 def test_onnx_files_are_first_class_for_eval_score_bench_and_info(tiny_ckpt, tmp_path):
     """The .onnx files edlab writes carry their dataset and normalisation: eval, score, bench and info read them."""
     from edlab.onnx_model import onnx_metadata, onnx_profile
-    from edlab.score import profile
+    from edlab.scoring import profile
 
     fp32, int8 = tmp_path / "m.onnx", tmp_path / "m.int8.onnx"
     assert CliRunner().invoke(cli, ["export", str(tiny_ckpt), "--no-eval", "--out", str(fp32)]).exit_code == 0

@@ -13,8 +13,9 @@ from edlab.checkpoint import load_checkpoint, save_checkpoint
 from edlab.cli import cli
 from edlab.fold import fold_bn
 from edlab.models import create_model
-from edlab.quantize import LSQConv2d, binarize, calibrate, quantize_qat
-from edlab.score import profile
+from edlab.qlayers import LSQConv2d
+from edlab.quantize import binarize, calibrate, quantize_qat
+from edlab.scoring import profile
 
 X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -129,7 +130,7 @@ def test_quantize_fold_bn_cli(tiny_ckpt, tmp_path):
 @pytest.mark.filterwarnings("ignore:structured pruning")
 def test_folding_a_pruned_model_does_not_pass_for_structured_pruning():
     from edlab.prune import prune_structured
-    from edlab.score import dense_reference
+    from edlab.scoring import dense_reference
 
     m = trained_like(create_model("resnet20", blocks=[1, 1, 1], width=0.5))
     m.edlab_dense_reference = dense_reference(m)

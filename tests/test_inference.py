@@ -17,8 +17,9 @@ from edlab.config import load_train_config
 from edlab.models import create_model
 from edlab.prune import prune_structured, prune_unstructured
 from edlab.quantize import binarize, calibrate, quantize_checkpoint, quantize_qat, stage_config
-from edlab.score import profile, views_of
-from edlab.train import TTA_VIEWS, train
+from edlab.scoring import profile, views_of
+from edlab.train import train
+from edlab.views import TTA_VIEWS
 
 TINY = ["model.name=resnet20", "model.width=0.25", "data.dataset=synthetic", "data.val_size=128",
         "data.train_subset=256", "data.batch_size=64", "epochs=1", "precision=fp32", "threads=1"]

@@ -11,8 +11,9 @@ from test_quantize import threads_from_env, tiny_checkpoint  # noqa: F401  (fixt
 from edlab.checkpoint import load_checkpoint, save_checkpoint
 from edlab.cli import cli
 from edlab.models import create_model
-from edlab.quantize import LSQConv2d, calibrate, layer_bits_plan, parse_layer_bits, quantize_qat
-from edlab.score import REF_MACS, REF_PARAMS, profile
+from edlab.qlayers import LSQConv2d
+from edlab.quantize import calibrate, layer_bits_plan, parse_layer_bits, quantize_qat
+from edlab.scoring import REF_MACS, REF_PARAMS, profile
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 RULES = "first=8,last=8/32,layers.1.0.shortcut.0=float,layers.2.*=2/4"

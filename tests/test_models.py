@@ -84,7 +84,7 @@ def test_small_student_blocks_depthwise_counted_by_hand(tmp_path):
     """The challenge's student: blocks [2, 3, 3], widths 16/32/64, depthwise blocks. Its parameter count,
     summed here layer by layer, is what the score counts, and it survives a checkpoint round trip."""
     from edlab.checkpoint import load_checkpoint, save_checkpoint
-    from edlab.score import profile
+    from edlab.scoring import profile
 
     def block(cin, cout):  # conv1 + bn1 + conv2 + bn2 (+ 1x1 shortcut + BN when the shape changes)
         return _dw_sep(cin, cout) + 2 * cout + _dw_sep(cout, cout) + 2 * cout + \
@@ -134,7 +134,7 @@ def test_small_student_from_a_config(tiny_cfg):
 def test_separable_blocks_drop_the_inner_norm_and_keep_the_macs():
     """conv: separable is depthwise 3x3 -> pointwise 1x1 with no BN + ReLU between (Xception): the same convs
     and MACs as the depthwise student, less the inner BN's 2 parameters per channel."""
-    from edlab.score import profile
+    from edlab.scoring import profile
 
     dw = create_model("resnet20", blocks=[2, 3, 3], conv="depthwise")
     sep = create_model("resnet20", blocks=[2, 3, 3], conv="separable")

@@ -7,13 +7,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edlab.checkpoint import load_checkpoint, save_checkpoint
+from edlab.checkpoint import save_checkpoint
 from edlab.cli import cli
+from edlab.loader import load_checkpoint
 from edlab.models import create_model
 from edlab.pack import pack_bits, pack_model, unpack_bits, unpack_model
 from edlab.prune import prune_structured, prune_unstructured
 from edlab.quantize import binarize, calibrate, quantize_qat, to_half
-from edlab.score import profile
+from edlab.scoring import profile
 
 X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 

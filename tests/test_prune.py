@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from edlab import EdlabError, create_model, load_checkpoint, save_checkpoint
 from edlab.prune import fold_masks, has_masks, hold_masks, prune_structured, prune_unstructured, schedule, sparsity_of
-from edlab.score import profile
+from edlab.scoring import profile
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -116,7 +116,7 @@ def test_pruned_checkpoints_reload_in_a_fresh_process(tmp_path):
         save_checkpoint(m, path)
         saved[str(path)] = (m(X).sum().item(), profile(m).score, profile(m).ps, profile(m).pu)
     torch.save(X, tmp_path / "x.pt")
-    code = ("import json, sys, torch; from edlab import load_checkpoint; from edlab.score import profile\n"
+    code = ("import json, sys, torch; from edlab import load_checkpoint; from edlab.scoring import profile\n"
             f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
             "out = {}\n"
             "for p in sys.argv[1:]:\n"

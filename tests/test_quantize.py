@@ -19,22 +19,9 @@ from edlab.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from edlab.cli import cli
 from edlab.config import load_train_config
 from edlab.models import create_model
-from edlab.quantize import (
-    BinaryConv2d,
-    BinaryLinear,
-    LSQConv2d,
-    LSQLinear,
-    binarize,
-    binarize_ste,
-    calibrate,
-    clip_latent_,
-    lsq_quantize,
-    quantize_checkpoint,
-    quantize_qat,
-    stage_config,
-    to_half,
-)
-from edlab.score import profile
+from edlab.qlayers import BinaryConv2d, BinaryLinear, LSQConv2d, LSQLinear, binarize_ste, lsq_quantize
+from edlab.quantize import binarize, calibrate, clip_latent_, quantize_checkpoint, quantize_qat, stage_config, to_half
+from edlab.scoring import profile
 from edlab.train import data_from_config, evaluate, fit
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -250,7 +237,7 @@ def test_quantized_checkpoints_reload_in_a_fresh_process(tmp_path):
     code = f"""
 import torch
 from edlab.checkpoint import load_checkpoint
-from edlab.score import profile
+from edlab.scoring import profile
 ref = torch.load({str(tmp_path / 'expected.pt')!r})
 for name in ("binary", "qat"):
     m = load_checkpoint({str(tmp_path)!r} + "/" + name + ".ckpt")
@@ -414,7 +401,8 @@ def test_binaryconnect_on_cifar10_beats_the_seed_update_order(tmp_path):
 
 def test_progressive_qat_starts_a_lower_bit_stage_from_the_last_ones_weights():
     from edlab.models import create_model
-    from edlab.quantize import QUANT_TYPES, LSQConv2d, dequantize_qat, quantize_qat
+    from edlab.qlayers import QUANT_TYPES, LSQConv2d
+    from edlab.quantize import dequantize_qat, quantize_qat
 
     model = quantize_qat(create_model("resnet20", width=0.25), 8, 8, first_last_bits=8)
     latent = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, LSQConv2d)}

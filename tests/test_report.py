@@ -304,8 +304,8 @@ def test_an_int8_best_model_gets_its_per_layer_breakdown(runs_root, tmp_path):
     """The demo's best model is the int8 stage's .onnx file (no model.ckpt): the report said "no per-layer
     breakdown" while `edlab score` profiles ONNX files. It now draws the file's rows, counted as score does."""
     pytest.importorskip("onnxruntime")
+    from edlab.inspect_file import score_file
     from edlab.quantize import quantize_checkpoint
-    from edlab.score import score_file
 
     int8 = tmp_path / "int8"
     quantize_checkpoint(str(runs_root / "a" / "model.ckpt"), "int8", calib_images=64, out=str(int8))

@@ -14,7 +14,8 @@ from rich.console import Console
 from edlab.errors import EdlabError
 from edlab.layers import DepthwiseSeparable, LayerNorm2d
 from edlab.models import create_model
-from edlab.score import RULES, dense_reference, profile, render, score, what_if_table
+from edlab.score_table import render
+from edlab.scoring import RULES, dense_reference, profile, score, what_if_table
 
 SUMMARY = {"score", "score_params_term", "score_ops_term", "params", "nonzero_params", "macs"}
 SUMMARY |= {"bits_w", "bits_a", "ps", "pu"}

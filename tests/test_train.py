@@ -162,11 +162,11 @@ def test_ema_is_the_running_average_of_the_weights():
 
 
 def test_test_time_views_are_the_trained_symmetries():
-    from edlab.train import _shift, tta_logits
+    from edlab.views import shift, tta_logits
 
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
-    assert torch.equal(_shift(x, 1, 1)[..., 1:, 1:], x[..., :-1, :-1])  # content moves down-right
-    assert torch.equal(_shift(x, -1, -1)[..., :-1, :-1], x[..., 1:, 1:])
+    assert torch.equal(shift(x, 1, 1)[..., 1:, 1:], x[..., :-1, :-1])  # content moves down-right
+    assert torch.equal(shift(x, -1, -1)[..., :-1, :-1], x[..., 1:, 1:])
 
     class LeftHalf(torch.nn.Module):  # not flip-invariant: TTA must change its output
         def forward(self, x):

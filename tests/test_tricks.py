@@ -154,7 +154,7 @@ def test_linear_schedule_and_fractional_epoch_step_counts():
 
 
 def test_airbench_views_are_flip_shift_views_with_airbench_weights():
-    from edlab.train import _shift, tta_logits
+    from edlab.views import shift, tta_logits
 
     x = torch.randn(2, 3, 8, 8)
 
@@ -163,7 +163,7 @@ def test_airbench_views_are_flip_shift_views_with_airbench_weights():
             return x[..., :3, :2].mean((1, 2, 3))[:, None].repeat(1, 2)
 
     m = Corner()
-    views = [x, x.flip(3), _shift(x, 1, 1), _shift(x, 1, 1).flip(3), _shift(x, -1, -1), _shift(x, -1, -1).flip(3)]
+    views = [x, x.flip(3), shift(x, 1, 1), shift(x, 1, 1).flip(3), shift(x, -1, -1), shift(x, -1, -1).flip(3)]
     want = sum(w * m(v) for w, v in zip([1 / 4, 1 / 4, 1 / 8, 1 / 8, 1 / 8, 1 / 8], views))
     assert torch.allclose(tta_logits(m, x, "airbench"), want)
     assert torch.allclose(tta_logits(m, x, "flip-shift"), sum(m(v) for v in views) / 6)

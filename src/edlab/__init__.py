@@ -12,20 +12,21 @@ import importlib
 from .errors import EdlabError
 
 # public name -> "module:attribute" (grouped by the command each one serves). No name is also a submodule's
-# (edlab.train, edlab.score, edlab.pack, edlab.lr_find stay modules): the functions are train_model,
-# score_file, pack_checkpoint, find_lr.
+# (edlab.train, edlab.pack, edlab.lr_find stay modules: the functions are train_model, pack_checkpoint,
+# find_lr); ``score`` is the course formula, edlab.scoring:score (the counting module is edlab.scoring).
 _API = {
     # models, configs, data, checkpoints
     "create_model": "models:create_model", "list_models": "models:list_models",
     "register_model": "models:register_model", "model_sizes": "models:model_sizes",  # edlab models
     "TrainConfig": "config:TrainConfig", "load_train_config": "config:load_train_config", "get_data": "data:get_data",
-    "load_checkpoint": "checkpoint:load_checkpoint", "save_checkpoint": "checkpoint:save_checkpoint",
-    "load_model": "checkpoint:load_model",
+    "load_checkpoint": "loader:load_checkpoint", "save_checkpoint": "checkpoint:save_checkpoint",
+    "load_model": "loader:load_model",
     # edlab train, eval, lr-find
     "train_run": "train:train_run", "train_model": "train:train", "fit": "train:fit", "evaluate": "train:evaluate",
     "evaluate_checkpoint": "train:evaluate_checkpoint", "find_lr": "lr_find:find_lr",
     # edlab score, info
-    "profile": "score:profile", "score_file": "score:score_file", "info": "score:describe",
+    "profile": "scoring:profile", "score": "scoring:score", "score_file": "inspect_file:score_file",
+    "info": "inspect_file:describe",
     # edlab prune
     "prune_structured": "prune:prune_structured", "prune_unstructured": "prune:prune_unstructured",
     "prune_checkpoint": "prune:prune_checkpoint",

@@ -115,7 +115,8 @@ def dense_parent(path: str, model: nn.Module) -> nn.Module | None:
     """The dense architecture the checkpoint at ``path`` (loaded as ``model``) was derived from, rebuilt
     from its arch spec with random weights (latency does not depend on them); None when the checkpoint is
     a plain dense model (same shapes and no dense reference)."""
-    from .checkpoint import checkpoint_info, model_from_header
+    from .checkpoint import model_from_header
+    from .loader import checkpoint_info
 
     parent = model_from_header({"arch": checkpoint_info(path)["arch"]})
     shapes = {k: v.shape for k, v in parent.state_dict().items()}
@@ -142,8 +143,8 @@ def bench_target(target: str, parent: str | None = None, no_parent: bool = False
     also {"macs": {row model name: MACs per image}}."""
     from pathlib import Path
 
-    from .checkpoint import load_model, resolve_model_path
-    from .score import parse_size
+    from .loader import load_model, resolve_model_path
+    from .scoring import parse_size
 
     sizes = _sizes(batch_sizes) if isinstance(batch_sizes, str) else list(batch_sizes)
     shape = parse_size(input_size)
@@ -167,7 +168,7 @@ def bench_target(target: str, parent: str | None = None, no_parent: bool = False
     result = {"target": target, "parent": parent_desc, "speedup": speedups, "rows": rows}
     if macs:
         from .onnx_model import onnx_profile
-        from .score import profile
+        from .scoring import profile
 
         result["macs"] = {n: onnx_profile(m.path).macs if getattr(m, "edlab_onnx", False)
                           else profile(m.to("cpu"), shape).macs for n, m in models.items()}

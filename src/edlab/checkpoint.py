@@ -14,9 +14,6 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import os
-import signal
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,8 +25,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import EdlabError
+from .files import atomic_write_bytes
 from .layers import LayerNorm2d
 from .models import create_model
+from .scoring import dense_reference_of
 
 FORMAT = "edlab-ckpt/2"  # /2 adds header_sha256 and dtypes/shapes to the tensor digest; /1 files still load
 READABLE_FORMATS = ("edlab-ckpt/1", FORMAT)
@@ -73,8 +72,8 @@ register_leaf(nn.GroupNorm, lambda m: dict(num_groups=m.num_groups, num_channels
                                            affine=m.affine))
 
 
-# Stage modules that register leaf types (quantized layers, ...): imported when a checkpoint needs them.
-LEAF_PROVIDERS = ("edlab.quantize", "edlab.prune")
+# Modules that register leaf types (the quantized layers, ...): imported when a checkpoint needs them.
+LEAF_PROVIDERS = ("edlab.qlayers", "edlab.prune")
 
 
 def _import_leaf_providers() -> None:
@@ -83,7 +82,7 @@ def _import_leaf_providers() -> None:
             importlib.import_module(name)
 
 
-def _describe_modules(model: nn.Module) -> dict[str, dict]:
+def describe_modules(model: nn.Module) -> dict[str, dict]:
     out = {}
     for name, m in model.named_modules():
         for tname, (cls, describe) in _LEAF_TYPES.items():
@@ -98,7 +97,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def _build_base(arch: dict) -> nn.Module:
+def build_base(arch: dict) -> nn.Module:
     builder = arch.get("builder", "edlab")
     if builder == "edlab":
         return create_model(arch["name"], arch.get("num_classes", 10), **arch.get("options", {}))
@@ -146,49 +145,6 @@ def _header_digest(header: dict) -> str:
     return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-# Fault injection for the reliability tests (tests/test_kill.py): EDLAB_FAULT=kill-in-write:N makes the
-# N-th atomic write of this process write half its bytes to the temp file and then SIGKILL the process, the
-# worst moment for a crash. Unset (always, outside tests) it costs one dict lookup per write.
-_WRITES = 0
-
-
-def _fault_point(f, data: bytes) -> None:
-    global _WRITES
-    spec = os.environ.get("EDLAB_FAULT", "")
-    if not spec.startswith("kill-in-write:"):
-        return
-    _WRITES += 1
-    if _WRITES == int(spec.split(":")[1]):
-        f.write(data[: len(data) // 2])
-        f.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over the target: a reader (or a crash)
-    sees the old file or the new one, never a mix. Concurrent writers each use their own temp file, so
-    the last rename wins and the file is always one writer's complete bytes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            _fault_point(f, data)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(model: nn.Module, path: str | Path, arch: dict | None = None, **metadata: Any) -> Path:
     """Save ``model`` (weights in their own dtype) with its architecture spec and JSON-able metadata."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -201,7 +157,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, arch: dict | None = None
     header = {
         "format": FORMAT,
         "arch": arch or arch_of(model),
-        "modules": _describe_modules(model),
+        "modules": describe_modules(model),
         "dense_reference": getattr(model, "edlab_dense_reference", None),
         "sha256": _tensor_digest(state),
         "metadata": metadata,
@@ -263,8 +219,8 @@ def model_from_header(header: dict) -> nn.Module:
 
 
 def _model_from_header(header: dict) -> nn.Module:
-    model = _build_base(header["arch"])
-    current = _describe_modules(model)
+    model = build_base(header["arch"])
+    current = describe_modules(model)
     for name, desc in header.get("modules", {}).items():
         if current.get(name) == desc:
             continue
@@ -279,22 +235,16 @@ def _model_from_header(header: dict) -> nn.Module:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise EdlabError(f"checkpoint module '{name}' cannot be rebuilt: {first}") from None
     if header.get("dense_reference") is not None:  # the basis of ps/pu: counts, or one line (score's rule)
-        from .score import _dense_ref
-
         try:
-            model.edlab_dense_reference = _dense_ref(model, header["dense_reference"])
+            model.edlab_dense_reference = dense_reference_of(model, header["dense_reference"])
         except EdlabError as e:
             raise EdlabError(f"checkpoint header is malformed ({e})") from None
     return model
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model saved at ``path`` (in eval mode); never executes code from the file. A packed
-    deployment file (``edlab pack``, edlab.pack) loads too."""
-    from .pack import is_packed, unpack_model
-
-    if Path(path).is_file() and is_packed(path):
-        return unpack_model(Path(path).read_bytes(), path).to(map_location)
+    """Rebuild the model saved at ``path`` (in eval mode); never executes code from the file. This format
+    only: ``edlab.load_checkpoint`` (edlab.loader) also takes a packed deployment file."""
     header, tensors = read_checkpoint(path)
     model = model_from_header(header)
     dtypes = {v.dtype for k, v in tensors.items() if v.is_floating_point()}
@@ -305,14 +255,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         raise EdlabError(f"{path}: weights do not fit the architecture: {first[-1].strip()}") from None
-    model.edlab_metadata = _checked_metadata(header.get("metadata"), path)
+    model.edlab_metadata = checked_metadata(header.get("metadata"), path)
     return model.to(map_location).eval()
 
 
 _JSON_KINDS = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}  # else a number
 
 
-def _checked_metadata(meta: Any, path) -> dict:
+def checked_metadata(meta: Any, path) -> dict:
     """Metadata is data from the file: a mapping, not too deep, its config and the config's sections
     mappings, else one line naming the field (with defaults in their place, a command would evaluate or
     fine-tune on another dataset and normalisation than the model was trained with); a data folder it names
@@ -355,16 +305,6 @@ def trained_with(model: nn.Module) -> dict:
             "tta": tta if tta in ("none", "flip", "flip-shift", "airbench") else "none"}
 
 
-def checkpoint_info(path: str | Path) -> dict:
-    """The verified header of a checkpoint or packed file: arch, modules, metadata."""
-    from .pack import is_packed, read_pack_header
-
-    if Path(path).is_file() and is_packed(path):
-        return read_pack_header(path)
-    header, _ = read_checkpoint(path)
-    return header
-
-
 def stage_history(metadata: dict) -> list[dict]:
     """The stages a model went through, oldest first: the ``stages`` its checkpoint records, or, for a
     checkpoint written before edlab recorded them, what its metadata shows (a prune recipe, a quantization)."""
@@ -397,41 +337,3 @@ def upstream_val_leak(model: nn.Module) -> int:
 def with_stage(model: nn.Module, entry: dict) -> list[dict]:
     """The model's stage history (from the checkpoint it was loaded from) plus ``entry``: what a stage saves."""
     return [*stage_history(getattr(model, "edlab_metadata", None) or {}), entry]
-
-
-RUN_MODEL_FILES = ("model.ckpt", "model.int8.onnx", "model.onnx", "model.pack")  # what a run folder holds
-
-
-def resolve_model_path(target: str | Path) -> str:
-    """A run folder -> the model file in it (a stage writes model.ckpt, the int8 stage model.int8.onnx);
-    anything else unchanged. So ``edlab score runs/latest`` and ``edlab.load_model("runs/latest")`` work."""
-    target = str(target)
-    p = Path(target)
-    if not p.is_dir():
-        return target
-    for name in RUN_MODEL_FILES:
-        if (p / name).is_file():
-            return str(p / name)
-    raise EdlabError(f"{target} is a folder without a model file ({', '.join(RUN_MODEL_FILES)}): give a run "
-                     f"folder or a checkpoint")
-
-
-def load_model(target: str | Path, refuse_onnx: str = "") -> nn.Module:
-    """A checkpoint, packed file or .onnx path, a run folder, or a registered model name -> nn.Module
-    (an .onnx file runs through ONNX Runtime, wrapped as a module; a model name gets fresh weights).
-    ``refuse_onnx``: why the caller cannot take an ONNX model (prune and quantize change the weights of a
-    checkpoint); given, an .onnx target is that one line, before the file is read."""
-    from .models import list_models
-
-    target = resolve_model_path(target)
-    if target.endswith(".onnx"):
-        if refuse_onnx:
-            raise EdlabError(f"{target} is an ONNX model: {refuse_onnx}")
-        from .onnx_model import OrtModule
-
-        return OrtModule(target)
-    if Path(target).exists() or target.endswith(".ckpt"):
-        return load_checkpoint(target)
-    if target in list_models():
-        return create_model(target)
-    raise EdlabError(f"'{target}' is neither a checkpoint file nor a model (models: {', '.join(list_models())})")

@@ -205,7 +205,7 @@ def choices(section: type[BaseModel], field: str) -> list[str]:
     return [str(v) for v in get_args(section.model_fields[field].annotation)]
 
 
-def _set_dotted(tree: dict, key: str, value: Any) -> None:
+def set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     if len(parts) > MAX_DEPTH or not all(parts):
         raise EdlabError(f"--set {key[:80]}: expected section.key=value")
@@ -231,7 +231,7 @@ def parse_overrides(pairs: list[str]) -> dict:
         except RecursionError:
             raise EdlabError(f"--set {key.strip()}: the value is nested too deeply") from None
         check_tree(value, f"--set {key.strip()}")
-        _set_dotted(tree, key.strip(), value)
+        set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -422,7 +422,7 @@ def flags_to_tree(values: dict, mapping: dict) -> dict:
     tree: dict = {}
     for flag, key in mapping.items():
         if values.get(flag) is not None:
-            _set_dotted(tree, key, values[flag])
+            set_dotted(tree, key, values[flag])
     return tree
 
 

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import EdlabError
+from .onnx_model import export_stamp, ort_session, stamp
 from .runs import check_out_path
 
 QUANT_FORMATS = ("qoperator", "qdq")
@@ -89,8 +90,6 @@ def export_onnx(model: nn.Module, path: str | Path, int8: bool = False, calib_lo
     quantize_static's default, fast on ARM with I8MM and on x86 with AVX-VNNI-INT8 only). The file is stamped
     with its dataset, input normalisation and source config (edlab.onnx_model), so that edlab eval, score and
     bench read it like a checkpoint."""
-    from .onnx_model import export_stamp, stamp
-
     info = export_stamp(model, dataset, input_size, "int8" if int8 else "fp32")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,23 +139,6 @@ def export_onnx(model: nn.Module, path: str | Path, int8: bool = False, calib_lo
                         calibrate_method=CalibrationMethod.MinMax)
     stamp(path, info)
     return path
-
-
-OPT_LEVELS = ("basic", "extended", "all")
-
-
-def ort_session(path: str | Path, threads: int = 1, level: str = "all"):
-    """An ONNX Runtime CPU session with ``threads`` threads, at graph optimisation level ALL by default (its
-    NHWC transformer keeps the int8 convs channels-last, without transposes between them)."""
-    ort = _require_ort()
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def ort_evaluate(session, loader) -> dict:
@@ -249,8 +231,8 @@ def export_checkpoint(checkpoint: str, fmt: str = "onnx", int8: bool = False, ca
     ``calib_images`` training images) and, with ``do_eval``, measure its test accuracy under ONNX Runtime.
     ``out``: the .onnx file, or a folder for model[.int8].onnx (default: next to the checkpoint). Returns
     {path, bytes, test_accuracy, images} (the last two None without ``do_eval``)."""
-    from .checkpoint import load_checkpoint
     from .data import get_data
+    from .loader import load_checkpoint
 
     if fmt != "onnx":
         raise EdlabError(f"unknown export format '{fmt}' (choices: onnx)")

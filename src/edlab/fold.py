@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .checkpoint import build_base
 from .errors import EdlabError
+from .qlayers import BinaryLayer, LSQLayer
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -109,15 +111,13 @@ def _pairs(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, str]], di
 @torch.no_grad()
 def _fold_pair(layer: nn.Module, bn: nn.Module) -> str | None:
     """Merge ``bn`` into ``layer`` in place; return why not (and leave both unchanged) when it cannot."""
-    from .quantize import _LSQ, _Binary
-
-    if isinstance(layer, _Binary):
+    if isinstance(layer, BinaryLayer):
         return "BinaryConnect layer: no per-channel weight scale to absorb the BN scale"
     s = bn.running_var.add(bn.eps).rsqrt()
     if bn.affine:
         s = s * bn.weight
     shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-    if isinstance(layer, _LSQ):
+    if isinstance(layer, LSQLayer):
         codes = (layer.weight * (layer.weight_mask if layer.weight_mask is not None else 1)) / \
             (layer.weight_step.abs() + 1e-12).view(shape)
         at_min = (codes.clamp(layer.qn_w, layer.qp_w).round() == layer.qn_w).flatten(1).any(1)
@@ -195,9 +195,7 @@ def _folded_reference(model: nn.Module, pairs: list[tuple[str, str]]) -> dict | 
     spec = getattr(model, "edlab_spec", None)
     if not ref or not spec or not pairs:
         return None
-    from .checkpoint import _build_base
-
-    dense = dict(_build_base(spec).named_modules())
+    dense = dict(build_base(spec).named_modules())
     removed = 0
     for layer_name, bn_name in pairs:
         layer, bn = dense.get(layer_name), dense.get(bn_name)

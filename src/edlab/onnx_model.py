@@ -50,7 +50,7 @@ def stamp(path: str | Path, info: dict) -> None:
     """Write ``info`` (JSON) into the file's metadata_props under "edlab", replacing an earlier stamp."""
     import onnx
 
-    from .checkpoint import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     m = _load(path)
     for p in [p for p in m.metadata_props if p.key == "edlab"]:
@@ -71,9 +71,9 @@ def onnx_metadata(path: str | Path, model=None) -> dict:
                 raise EdlabError(f"{path}: its edlab metadata is not valid JSON") from None
             if not isinstance(value, dict):
                 return {}
-            from .checkpoint import _checked_metadata
+            from .checkpoint import checked_metadata
 
-            return _checked_metadata(value, path)  # data from the file: checked, never followed
+            return checked_metadata(value, path)  # data from the file: checked, never followed
     return {}
 
 
@@ -81,7 +81,7 @@ def export_stamp(model: nn.Module, dataset: str | None, input_size, precision: s
     """What an exported file records: data, normalisation, the source's config and metadata, and its inference
     (one view per image: the exported graph is one forward pass)."""
     from .data import STATS
-    from .score import profile
+    from .scoring import profile
 
     meta = getattr(model, "edlab_metadata", None) or {}
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
@@ -97,14 +97,33 @@ def export_stamp(model: nn.Module, dataset: str | None, input_size, precision: s
             "source_test_accuracy": meta.get("test_accuracy")}
 
 
+OPT_LEVELS = ("basic", "extended", "all")
+
+
+def ort_session(path: str | Path, threads: int = 1, level: str = "all"):
+    """An ONNX Runtime CPU session with ``threads`` threads, at graph optimisation level ALL by default (its
+    NHWC transformer keeps the int8 convs channels-last, without transposes between them)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime as ort
+    except ImportError:
+        raise EdlabError("ONNX export needs onnx and onnxruntime: pip install 'edlab[onnx]'") from None
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
 class OrtModule(nn.Module):
     """An ONNX file run by ONNX Runtime on the CPU, called like a model: normalised float images in, logits
     out. ``edlab_metadata`` is its stamp, so that eval finds its dataset and score its views."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
         super().__init__()
-        from .export import ort_session
-
         meta = onnx_metadata(path)
         self.path = str(path)
         try:
@@ -161,7 +180,7 @@ def onnx_profile(path: str | Path, views: int | None = None, input_size=None):
     """The course score of an ONNX file, counted from its graph (see the module docstring)."""
     from onnx import numpy_helper
 
-    from .score import RULES, Profile, Row
+    from .scoring import RULES, Profile, Row
 
     model = _load(path)
     meta = onnx_metadata(path, model)

@@ -30,7 +30,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .checkpoint import arch_of, checked_metadata, describe_modules, load_checkpoint, model_from_header
 from .errors import EdlabError
+from .files import atomic_write_bytes
+from .qlayers import QUANT_TYPES, BinaryLayer, LSQLayer
+from .runs import resolve_model_path
+from .scoring import RULES, profile
 
 MAGIC = b"EDLABPK1"
 _DTYPES = {str(t).replace("torch.", ""): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
@@ -129,9 +134,6 @@ def _dt(t: torch.Tensor) -> str:
 
 def pack_model(model: nn.Module, metadata: dict | None = None) -> tuple[bytes, dict]:
     """The packed bytes of ``model`` (eval-mode inference form) and a breakdown of their sizes."""
-    from .checkpoint import _describe_modules, arch_of
-    from .quantize import _LSQ, QUANT_TYPES, _Binary
-
     model = model.eval()
     w = _Writer()
     done: set[str] = set()  # state-dict keys already written
@@ -139,7 +141,7 @@ def pack_model(model: nn.Module, metadata: dict | None = None) -> tuple[bytes, d
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(m, QUANT_TYPES):
-            (_pack_lsq if isinstance(m, _LSQ) else _pack_binary)(w, prefix[:-1], m)
+            (_pack_lsq if isinstance(m, LSQLayer) else _pack_binary)(w, prefix[:-1], m)
             done.update({f"{prefix}weight", f"{prefix}weight_mask"})
         elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
             _pack_float(w, f"{prefix}weight", m.weight)
@@ -154,14 +156,14 @@ def pack_model(model: nn.Module, metadata: dict | None = None) -> tuple[bytes, d
             done.update(f"{prefix}{k}" for k in ("weight", "bias", "running_mean", "running_var",
                                                  "num_batches_tracked"))
             folded.append(name)
-        if isinstance(m, _Binary) and m.scale:
+        if isinstance(m, BinaryLayer) and m.scale:
             done.add(f"{prefix}weight_scale")  # recomputed from the rebuilt latent weights, but stored too:
             w.raw(f"{prefix}weight_scale", m.weight_scale, "values")
     for key, t in model.state_dict().items():
         if key not in done:
             w.raw(key, t, "values" if t.is_floating_point() else "other")
     payload = b"".join(w.chunks)
-    header = {"format": "edlab-pack/1", "arch": arch_of(model), "modules": _describe_modules(model),
+    header = {"format": "edlab-pack/1", "arch": arch_of(model), "modules": describe_modules(model),
               "dense_reference": getattr(model, "edlab_dense_reference", None), "bn_folded": folded,
               "tensors": w.entries, "payload_sha256": hashlib.sha256(payload).hexdigest(),
               "metadata": metadata if metadata is not None else getattr(model, "edlab_metadata", {})}
@@ -235,8 +237,6 @@ def unpack_model(raw: bytes, path: str | Path = "<bytes>") -> nn.Module:
     Latent weights are rebuilt from the codes: code x step for k-bit layers (a code 0 that was not pruned as a
     quarter step, which quantizes back to 0 and keeps the weight counted as stored), +-1 or +-scale for binary
     layers; BN layers take the folded scale and shift with running mean 0, variance 1 and eps 0."""
-    from .checkpoint import model_from_header
-
     header, payload = _read(raw, path)
     try:
         model = model_from_header(header)
@@ -280,9 +280,7 @@ def unpack_model(raw: bytes, path: str | Path = "<bytes>") -> nn.Module:
     except RuntimeError as e:
         raise EdlabError(f"{path}: packed tensors do not fit the architecture: "
                          f"{str(e).strip().splitlines()[-1].strip()}") from None
-    from .checkpoint import _checked_metadata
-
-    model.edlab_metadata = _checked_metadata(header.get("metadata"), path)  # data from the file: checked
+    model.edlab_metadata = checked_metadata(header.get("metadata"), path)  # data from the file: checked
     model.edlab_packed = True
     return model.eval()
 
@@ -325,8 +323,6 @@ def _rebuild_quantized(model: nn.Module, state: dict, masks: dict, e: dict, data
 # ------------------------------------------------------------------------------------------------ files
 def counted_bytes(model: nn.Module) -> float:
     """Bytes the score's parameter term stands for: sum of nonzero entries x bits / 8 (course rules)."""
-    from .score import RULES, profile
-
     return profile(model).score_params_term * RULES["course"].ref_params * 32 / 8
 
 
@@ -335,8 +331,6 @@ def pack(checkpoint: str | Path, out: str | Path, metadata: dict | None = None) 
     other bytes), the bytes the score counts, and a check that the packed model reloads with equal outputs.
     ``metadata`` is merged over the checkpoint's: a study that tested its chosen point after training (``test:
     chosen``) records that figure in the packed file, so `edlab info` on it shows the test accuracy."""
-    from .checkpoint import atomic_write_bytes, load_checkpoint, resolve_model_path
-
     checkpoint = resolve_model_path(checkpoint)
     if checkpoint.endswith(".onnx"):
         raise EdlabError("edlab pack packs an edlab checkpoint; an .onnx file is already a deployment file")
@@ -345,7 +339,7 @@ def pack(checkpoint: str | Path, out: str | Path, metadata: dict | None = None) 
         raise EdlabError("--out must not be the checkpoint itself")
     if dst.is_dir():
         raise EdlabError(f"--out {dst} is a folder; give a file name (e.g. {dst / 'model.pack'})")
-    model = load_checkpoint(src)
+    model = unpack_model(src.read_bytes(), src) if src.is_file() and is_packed(src) else load_checkpoint(src)
     meta = {**getattr(model, "edlab_metadata", {}), **(metadata or {})}
     blob, sizes = pack_model(model, meta)
     again = unpack_model(blob, dst)

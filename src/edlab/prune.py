@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .config import DISTILL_FLAGS
 from .errors import EdlabError
-from .score import _dense_ref, dense_reference, profile
+from .scoring import dense_reference, dense_reference_of, profile
 
 IMPORTANCES = ("l1", "l2", "bn", "taylor")
 TARGETS = ("params", "macs")
@@ -73,7 +73,7 @@ def _check_fraction(label: str, value: float) -> None:
 def ensure_dense_reference(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) -> dict[str, int]:
     """The dense reference ps/pu are fractions of; computed now if the model has none. A model pruned
     before keeps its original one, so pruning a pruned model still reports ps/pu against the dense one."""
-    ref = _dense_ref(model, None)  # one set on the model is checked: counts, or one line (not KeyError 'params')
+    ref = dense_reference_of(model)  # one set on the model is checked: counts, or one line (not KeyError 'params')
     if ref is None:
         ref = dense_reference(model, tuple(input_size))
         model.edlab_dense_reference = ref
@@ -782,9 +782,9 @@ def prune_checkpoint(target: str, structured: float = 0.0, unstructured: float =
     step; write a run directory (metrics.jsonl, finetune.jsonl, config.yaml, summary.json, model.ckpt) and
     return its summary. ``options``: the fine-tuning options of PRUNE_FLAGS (dataset, train_subset, threads,
     teacher, ...); ``sets``: any fine-tuning config key ("optim.lr=0.01"). See :class:`Recipe` for the rest."""
-    from .checkpoint import load_model
     from .config import flags_to_tree
-    from .quantize import is_quantized
+    from .loader import load_model
+    from .qlayers import is_quantized
     from .runs import Run
     from .train import check_teacher, data_from_config, resolve_device
 

@@ -9,17 +9,11 @@ directory and a model scored with its real bits (docs/quantization.md):
   2019).
 * ``int8``: post-training static int8 through ONNX Runtime (``edlab.export``).
 
-Why the quantized layers look the way they do. A quantized layer is a subclass of ``nn.Conv2d`` /
-``nn.Linear`` that keeps the real-valued weight as its ``weight`` Parameter and quantizes it inside
-``forward`` through a straight-through estimator (STE). The optimizer therefore always steps the real
-weights with the gradient computed at the quantized ones, which is exactly BinaryConnect's order, in the one
-training loop (``edlab.train.fit``) and without any hook in it. The seed instead stepped the binarized
-weights and then restored the saved real ones: every update was overwritten and nothing learned
-(``tests/test_quantize.py`` reproduces that). BinaryConnect's clip of the real weights to [-1, 1] "after each
-step" is done at the start of the next training forward (nothing reads the weights in between, so it is the
-same thing) and by :func:`clip_latent_` once more after training. Layers declare ``weight_bits`` /
-``act_bits`` for ``edlab.score``. In eval mode the quantized weight is computed once and cached (recomputed
-when the real weight changes), so inference, export and the score's trace see only the convolution.
+The quantized layers themselves (the straight-through estimators, BinaryConv2d/Linear, LSQConv2d/Linear)
+are in ``edlab.qlayers``, which says why they look the way they do; this module makes and trains them. They
+step the real weights with the gradient at the quantized ones, BinaryConnect's order. The seed instead stepped
+the binarized weights and then restored the saved real ones: every update was overwritten and nothing learned
+(``tests/test_quantize.py`` reproduces that).
 """
 
 from __future__ import annotations
@@ -30,11 +24,22 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .checkpoint import conv_kwargs, register_leaf
+from .checkpoint import conv_kwargs
 from .errors import EdlabError
-from .train import TTA_VIEWS, final_test, inference_record
+from .qlayers import (
+    QUANT_TYPES,
+    BinaryConv2d,
+    BinaryLayer,
+    BinaryLinear,
+    LSQConv2d,
+    LSQLinear,
+    QuantLayer,
+    is_quantized,
+    linear_kwargs,
+)
+from .train import final_test, inference_record
+from .views import TTA_VIEWS
 
 METHODS = ("fp16", "bf16", "binaryconnect", "qat", "int8")
 # Fine-tuning defaults of the training stages, between the checkpoint's saved config and the user's flags:
@@ -43,254 +48,6 @@ STAGE_DEFAULTS = {
     "binaryconnect": {"epochs": 5, "optim": {"lr": 0.02}, "sched": {"name": "cosine", "warmup_epochs": 0}},
     "qat": {"epochs": 5, "optim": {"lr": 0.01}, "sched": {"name": "cosine", "warmup_epochs": 0}},
 }
-
-
-# ------------------------------------------------------------------------------------- the estimators
-def binarize_ste(w: torch.Tensor, stochastic: bool = False) -> torch.Tensor:
-    """sign(w) forward (0 -> +1); backward passes the gradient straight through where |w| <= 1 and cancels it
-    where |w| > 1 (hard-tanh STE, Courbariaux et al.). ``stochastic``: +1 with probability
-    hard_sigmoid(w) = clip((w + 1) / 2, 0, 1), else -1."""
-    if stochastic:
-        p = ((w.detach() + 1) / 2).clamp(0, 1)
-        b = (torch.rand_like(p) < p).to(w.dtype) * 2 - 1
-    else:
-        b = (w.detach() >= 0).to(w.dtype) * 2 - 1
-    # value b; gradient 1 where |w| <= 1, boundary included (torch's clamp/hardtanh give 0 at +-1, which would
-    # freeze every weight the clip has put on the boundary)
-    inside = (w.detach().abs() <= 1).to(w.dtype)
-    return b + (w - w.detach()) * inside
-
-
-def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, grad_scale: float) -> torch.Tensor:
-    """round(clip(x / s, qn, qp)) * s with the LSQ gradients: STE through round, the step's gradient scaled
-    by ``grad_scale`` = 1 / sqrt(elements x qp) so that it learns at the pace of the weights."""
-    s = step.abs() + 1e-12  # a step that an update pushed below zero acts as its magnitude
-    s = s * grad_scale + (s - s * grad_scale).detach()  # value s, gradient x grad_scale
-    q = (x / s).clamp(qn, qp)
-    return (q + (q.round() - q).detach()) * s
-
-
-def init_step(x: torch.Tensor, qn: int, qp: int, dim: int | None = None) -> torch.Tensor:
-    """The step minimising the mean squared quantization error of ``x`` over 40 clipping ranges (5-100% of
-    max |x|), per slice along ``dim`` (per output channel for weights) or for the whole tensor. On a trained
-    resnet20's weights its error is below that of LSQ's 2 mean|x| / sqrt(qp) at every k (1.5x lower at 2 bits,
-    35x at 8 bits, where LSQ's start clips far too much) and of max|x| / qp below 8 bits."""
-    x = x.detach().float()
-    flat = x.reshape(x.shape[dim], -1) if dim is not None else x.reshape(1, -1)
-    if dim is None and flat.shape[1] > 1 << 18:  # activations: a strided sample is plenty
-        flat = flat[:, :: flat.shape[1] // (1 << 18)]
-    amax = flat.abs().amax(1, keepdim=True).clamp_min(1e-8)
-    best_err = torch.full_like(amax, float("inf"))
-    best = amax / qp
-    for r in torch.linspace(0.05, 1.0, 40).tolist():
-        s = amax * r / qp
-        err = (((flat / s).clamp(qn, qp).round() * s - flat) ** 2).sum(1, keepdim=True)
-        better = err < best_err
-        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
-    return best.reshape(-1) if dim is not None else best.reshape(())
-
-
-# ---------------------------------------------------------------------------------------------- layers
-class _QuantLayer:
-    """What the binary and k-bit layers share: the eval-mode cache of the quantized weight, and the mask of
-    pruned weights. A layer made from a pruned one (exact zeros in its weight) keeps those weights at zero:
-    its quantized weights are masked (zero there, and no gradient reaches those real weights), so fine-tuning
-    keeps the sparsity and the score's count of zero weights stays true (a zero real weight would otherwise
-    binarize to +1)."""
-
-    _cache: tuple | None = None
-
-    def _setup_mask(self, masked: bool) -> None:
-        self.masked = masked
-        self.register_buffer("weight_mask", torch.ones_like(self.weight, dtype=torch.bool) if masked else None)
-
-    def _apply_mask_(self) -> None:
-        if self.weight_mask is not None:
-            with torch.no_grad():
-                self.weight.mul_(self.weight_mask)
-
-    def _cache_key(self) -> tuple:
-        return tuple((t._version, t.data_ptr(), t.dtype) for t in self._weight_sources())
-
-    def effective_weight(self) -> torch.Tensor:
-        """The weight the layer computes with (fresh in training; cached, without gradient, in eval)."""
-        if self.training:
-            return self.quantized_weight()
-        key = self._cache_key()
-        if self._cache is None or self._cache[0] != key:
-            with torch.inference_mode(False), torch.no_grad():  # a plain tensor (also outside inference_mode)
-                self._cache = (key, self.quantized_weight())
-        return self._cache[1]
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._cache = None
-        if not mode:  # computed now, not inside the first inference pass (or the score's trace of it)
-            self.effective_weight()
-        return self
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._cache = None
-        self._act_range = None
-
-
-class _Binary(_QuantLayer):
-    """BinaryConnect weights: sign of the clipped real weight, optionally times alpha = mean |w| per output
-    channel (XNOR-Net style). Activations and BN stay real."""
-
-    weight_bits = 1
-
-    def _setup(self, stochastic: bool, scale: bool, masked: bool) -> None:
-        self.stochastic, self.scale = stochastic, scale
-        self._setup_mask(masked)
-        n = self.weight.shape[0]
-        # a Parameter (never trained) rather than a buffer so that the score counts its storage at 32 bits
-        self.weight_scale = nn.Parameter(torch.ones(n), requires_grad=False) if scale else None
-
-    def _weight_sources(self) -> list[torch.Tensor]:
-        return [self.weight]
-
-    def quantized_weight(self) -> torch.Tensor:
-        w, mask = self.weight, self.weight_mask
-        if self.training:
-            with torch.no_grad():  # BinaryConnect's clip, for the update of the previous step
-                w.clamp_(-1, 1)
-            self._apply_mask_()
-        b = binarize_ste(w, self.stochastic and self.training)
-        if mask is not None:
-            b = b * mask
-        if not self.scale:
-            return b
-        dims = tuple(range(1, w.dim()))
-        kept = mask.sum(dims).clamp_min(1) if mask is not None else w[0].numel()
-        alpha = w.clamp(-1, 1).abs().sum(dims) / kept  # mean |w| of the kept weights; gradient flows through it
-        with torch.no_grad():
-            self.weight_scale.copy_(alpha.detach())
-        return b * alpha.view(-1, *([1] * (w.dim() - 1)))
-
-
-class BinaryConv2d(_Binary, nn.Conv2d):
-    """nn.Conv2d with BinaryConnect weights (see :class:`_Binary`); ``weight`` holds the real weights."""
-
-    def __init__(self, *args, stochastic: bool = False, scale: bool = False, masked: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup(stochastic, scale, masked)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.effective_weight(), self.bias)
-
-
-class BinaryLinear(_Binary, nn.Linear):
-    """nn.Linear with BinaryConnect weights (see :class:`_Binary`)."""
-
-    def __init__(self, *args, stochastic: bool = False, scale: bool = False, masked: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup(stochastic, scale, masked)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight(), self.bias)
-
-
-class _LSQ(_QuantLayer):
-    """k-bit weights (signed, one learned step per output channel) and, when ``bits_a`` is set, k-bit
-    activations at the layer's input (one learned step; unsigned when the calibration batch has no negative
-    value, as after a ReLU). Steps start at the MSE-best value (:func:`init_step`): the weight steps when the
-    layer is made from a float one, the activation step at the first forward pass (calibration)."""
-
-    _act_range: tuple[int, int] | None = None
-
-    def _setup(self, bits_w: int, bits_a: int | None, masked: bool) -> None:
-        self.weight_bits, self.act_bits = bits_w, bits_a
-        self._setup_mask(masked)
-        self.qn_w, self.qp_w = -(2 ** (bits_w - 1)), 2 ** (bits_w - 1) - 1
-        self.weight_step = nn.Parameter(init_step(self.weight, self.qn_w, self.qp_w, dim=0))
-        if bits_a is not None:
-            self.act_step = nn.Parameter(torch.ones(()))
-            self.register_buffer("act_ready", torch.zeros((), dtype=torch.bool))
-            self.register_buffer("act_signed", torch.zeros((), dtype=torch.bool))
-
-    def reset_steps(self) -> None:
-        """Weight steps from the current weights; activation step at the next forward pass."""
-        with torch.no_grad():
-            self.weight_step.copy_(init_step(self.weight, self.qn_w, self.qp_w, dim=0))
-            if self.act_bits is not None:
-                self.act_ready.fill_(False)
-        self._cache = self._act_range = None
-
-    def _weight_sources(self) -> list[torch.Tensor]:
-        return [self.weight, self.weight_step]
-
-    def quantized_weight(self) -> torch.Tensor:
-        w = self.weight if self.weight_mask is None else self.weight * self.weight_mask  # no gradient there
-        g = 1.0 / (w[0].numel() * self.qp_w) ** 0.5
-        step = self.weight_step.view(-1, *([1] * (w.dim() - 1)))
-        return lsq_quantize(w, step, self.qn_w, self.qp_w, g)
-
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_bits is None:
-            return x
-        if self._act_range is None:  # after construction or loading: one host read, then cached
-            if not bool(self.act_ready):
-                signed = bool(x.detach().min() < 0)
-                qn, qp = (-(2 ** (self.act_bits - 1)), 2 ** (self.act_bits - 1) - 1) if signed else \
-                    (0, 2 ** self.act_bits - 1)
-                with torch.no_grad():
-                    self.act_step.copy_(init_step(x, qn, qp))
-                    self.act_signed.fill_(signed)
-                    self.act_ready.fill_(True)
-            b = self.act_bits
-            self._act_range = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if bool(self.act_signed) else (0, 2 ** b - 1)
-        qn, qp = self._act_range
-        return lsq_quantize(x, self.act_step, qn, qp, 1.0 / (x[0].numel() * qp) ** 0.5)
-
-
-class LSQConv2d(_LSQ, nn.Conv2d):
-    """nn.Conv2d with k-bit LSQ weights and (optionally) input activations; ``weight`` holds real weights."""
-
-    def __init__(self, *args, bits_w: int = 8, bits_a: int | None = 8, masked: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup(bits_w, bits_a, masked)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantize_input(x), self.effective_weight(), self.bias)
-
-
-class LSQLinear(_LSQ, nn.Linear):
-    """nn.Linear with k-bit LSQ weights and (optionally) input activations."""
-
-    def __init__(self, *args, bits_w: int = 8, bits_a: int | None = 8, masked: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup(bits_w, bits_a, masked)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantize_input(x), self.effective_weight(), self.bias)
-
-
-QUANT_TYPES = (BinaryConv2d, BinaryLinear, LSQConv2d, LSQLinear)
-
-
-def is_quantized(model: nn.Module) -> bool:
-    """Binary (binaryconnect) or k-bit (qat) layers: a model that is not quantized again, nor pruned."""
-    return any(isinstance(m, QUANT_TYPES) for m in model.modules())
-
-
-def _linear_kwargs(m: nn.Linear) -> dict:
-    return dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
-
-
-def _binary_kwargs(m: _Binary) -> dict:
-    return {"stochastic": m.stochastic, "scale": m.scale, "masked": m.masked}
-
-
-def _lsq_kwargs(m: _LSQ) -> dict:
-    return {"bits_w": m.weight_bits, "bits_a": m.act_bits, "masked": m.masked}
-
-
-register_leaf(BinaryConv2d, lambda m: {**conv_kwargs(m), **_binary_kwargs(m)})
-register_leaf(BinaryLinear, lambda m: {**_linear_kwargs(m), **_binary_kwargs(m)})
-register_leaf(LSQConv2d, lambda m: {**conv_kwargs(m), **_lsq_kwargs(m)})
-register_leaf(LSQLinear, lambda m: {**_linear_kwargs(m), **_lsq_kwargs(m)})
 
 
 # ------------------------------------------------------------------------------------------ conversion
@@ -330,7 +87,7 @@ def _replace_layers(model: nn.Module, make, keep: set[str] | None = None, keep_f
 
 
 def _kwargs(m: nn.Module) -> dict:
-    return conv_kwargs(m) if isinstance(m, nn.Conv2d) else _linear_kwargs(m)
+    return conv_kwargs(m) if isinstance(m, nn.Conv2d) else linear_kwargs(m)
 
 
 def binarize(model: nn.Module, keep_first_last: bool = True, scale: bool = False,
@@ -481,9 +238,9 @@ def clip_latent_(model: nn.Module) -> None:
     """After training: clip the real weights of BinaryConnect layers to [-1, 1] (the clip of the last
     optimizer step) and re-zero the pruned weights of every quantized layer."""
     for m in model.modules():
-        if isinstance(m, _Binary):
+        if isinstance(m, BinaryLayer):
             m.weight.clamp_(-1, 1)
-        if isinstance(m, _QuantLayer):
+        if isinstance(m, QuantLayer):
             m._apply_mask_()
             m._cache = None
 
@@ -647,10 +404,11 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     layers into the convs before them (``edlab.fold``): after fine-tuning (binaryconnect, qat) or before the
     cast (fp16, bf16, int8), so that what is tested, scored and saved is the deployment form.
     ``train_subset``, ``threads``: as ``sets`` data.train_subset=N and threads=N (an entry of ``sets`` wins)."""
-    from .checkpoint import load_model, upstream_val_leak
+    from .checkpoint import upstream_val_leak
     from .config import to_yaml
+    from .loader import load_model
     from .runs import Run, command_line
-    from .score import profile
+    from .scoring import profile
     from .train import check_teacher, data_from_config, evaluate, resolve_device, use_threads
 
     if method not in METHODS:

@@ -82,7 +82,7 @@ class RunInfo:
     @property
     def checkpoint(self) -> Path | None:
         """The model file the run wrote: model.ckpt, or the .onnx of an int8 stage (or a packed file)."""
-        from .checkpoint import RUN_MODEL_FILES
+        from .runs import RUN_MODEL_FILES
 
         return next((self.path / n for n in RUN_MODEL_FILES if (self.path / n).is_file()), None)
 
@@ -574,7 +574,7 @@ def build_report(paths: list[str | Path], out: str | Path, floor: float | list[f
     elif best.checkpoint is None:
         layer_note = f"{best.name} has no model file: no per-layer breakdown"
     else:
-        from .score import score_file
+        from .inspect_file import score_file
 
         name = best.checkpoint.name
         try:  # a checkpoint, or the graph of an .onnx file (the int8 stage's model), as `edlab score` counts it

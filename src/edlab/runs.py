@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from .checkpoint import atomic_write_bytes
 from .errors import EdlabError
+from .files import atomic_write_bytes
 
 
 def _clean(v: Any) -> Any:
@@ -71,11 +71,11 @@ def _metric_items(row: dict) -> dict[str, float]:
             if isinstance(v, int | float) and not isinstance(v, bool) and k != "epoch" and math.isfinite(v)}
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -122,7 +122,7 @@ class MlflowTracker:
             exp = self._client.get_experiment_by_name(name)
             exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(name)
             self.id = self._client.create_run(exp_id, run_name=run_dir.name).info.run_id
-            for k, v in _flatten(config).items():
+            for k, v in flatten(config).items():
                 self._client.log_param(self.id, k, v)
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -282,3 +282,20 @@ class Run:
         if self._tracker is not None:
             self._tracker.close()
             self._tracker = None
+
+
+RUN_MODEL_FILES = ("model.ckpt", "model.int8.onnx", "model.onnx", "model.pack")  # what a run folder holds
+
+
+def resolve_model_path(target: str | Path) -> str:
+    """A run folder -> the model file in it (a stage writes model.ckpt, the int8 stage model.int8.onnx);
+    anything else unchanged. So ``edlab score runs/latest`` and ``edlab.load_model("runs/latest")`` work."""
+    target = str(target)
+    p = Path(target)
+    if not p.is_dir():
+        return target
+    for name in RUN_MODEL_FILES:
+        if (p / name).is_file():
+            return str(p / name)
+    raise EdlabError(f"{target} is a folder without a model file ({', '.join(RUN_MODEL_FILES)}): give a run "
+                     f"folder or a checkpoint")

@@ -45,11 +45,12 @@ def _resolve(target: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def _info(target: str, input_size: str = "3,32,32", layers: bool = False, echo=print,
+def show_info(target: str, input_size: str = "3,32,32", layers: bool = False, echo=print,
           table_console=None) -> dict:
     """`edlab info` (the command and a recipe's info stage): the story lines, and the layer table with --layers
     (drawn on ``table_console``, the command's rich console, when given)."""
-    from .score import describe, render
+    from .inspect_file import describe
+    from .score_table import render
 
     lines, p = describe(target, input_size)
     for line in lines:
@@ -59,7 +60,7 @@ def _info(target: str, input_size: str = "3,32,32", layers: bool = False, echo=p
     return p.to_dict()
 
 
-def _models(echo=print) -> dict[str, int]:
+def show_models(echo=print) -> dict[str, int]:
     from .models import model_sizes
 
     sizes = model_sizes()
@@ -72,8 +73,8 @@ STAGES: dict[str, Stage] = {
     "train": Stage("edlab.train:train_run", "config", named="edlab.config:TRAIN_FLAGS", resumable=True),
     "eval": Stage("edlab.train:evaluate_checkpoint", "checkpoint", takes_checkpoint=True, writes_json=True,
                   takes_out=False),
-    "score": Stage("edlab.score:score_file", "target", takes_checkpoint=True, writes_json=True, takes_out=False),
-    "info": Stage("edlab.stages:_info", "target", takes_checkpoint=True, takes_out=False),
+    "score": Stage("edlab.inspect_file:score_file", "target", takes_checkpoint=True, writes_json=True, takes_out=False),
+    "info": Stage("edlab.stages:show_info", "target", takes_checkpoint=True, takes_out=False),
     "bench": Stage("edlab.bench:bench_target", "target", takes_checkpoint=True, writes_json=True, takes_out=False),
     "prune": Stage("edlab.prune:prune_checkpoint", "target", named="edlab.prune:PRUNE_FLAGS", takes_checkpoint=True,
                    aliases={"epochs": ("finetune_epochs", None), "global": ("global_pruning", None),
@@ -89,7 +90,7 @@ STAGES: dict[str, Stage] = {
     "sweep": Stage("edlab.study:sweep", "study_file"),
     "lr-find": Stage("edlab.lr_find:find_lr", "config", named="edlab.config:TRAIN_FLAGS", takes_out=False,
                      aliases={"plot": ("plot_path", None)}),
-    "models": Stage("edlab.stages:_models", takes_out=False),
+    "models": Stage("edlab.stages:show_models", takes_out=False),
 }
 # keywords the pipeline fills in itself, not stage options
 INTERNAL = {"console", "table_console", "echo", "progress", "options", "sets", "macs", "worker_index"}

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, _set_dotted, build, read_yaml, resolve_named, resolve_named_options, safe_name
+from .config import TrainConfig, build, read_yaml, resolve_named, resolve_named_options, safe_name, set_dotted
 from .errors import EdlabError
 from .runs import check_out_path, write_json
 
@@ -410,7 +410,7 @@ def validate(st: Study) -> None:
 def _tree(flat: dict[str, Any]) -> dict:
     tree: dict = {}
     for k, v in flat.items():
-        _set_dotted(tree, k, v)
+        set_dotted(tree, k, v)
     return tree
 
 

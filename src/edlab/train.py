@@ -26,11 +26,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import crop_pool, mix
-from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint, upstream_val_leak, with_stage
+from .checkpoint import save_checkpoint, upstream_val_leak, with_stage
 from .config import OptimConfig, SchedConfig, TrainConfig, to_yaml
 from .data import Data, get_data
 from .distributed import Dist
 from .errors import EdlabError
+from .files import atomic_write_bytes
+from .loader import load_checkpoint
 from .models import create_model
 from .runs import Run, command_line
 from .tricks import (
@@ -43,6 +45,7 @@ from .tricks import (
     set_whiten_bias_trainable,
     whiten_first_conv,
 )
+from .views import TTA_VIEWS, tta_logits
 
 
 # ---------------------------------------------------------------------------------------------- device
@@ -167,34 +170,6 @@ def total_steps(epochs: float, steps_per_epoch: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-# Test-time view sets -> forward passes per image; the score charges them (f = views x MACs of one pass).
-# airbench: the six flip-shift images, weighted as airbench94 weighs them.
-TTA_VIEWS = {"none": 1, "flip": 2, "flip-shift": 6, "airbench": 6}
-
-
-def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """Translate a batch by (dy, dx) pixels, filling with the reflected border (what crop-flip trains on)."""
-    p = max(abs(dy), abs(dx))
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (p, p, p, p), mode="reflect")
-    return padded[..., p - dy:p - dy + h, p - dx:p - dx + w]
-
-
-def tta_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """Logits averaged over test-time views: the mirror image (flip) and one-pixel translations
-    (flip-shift, 6 views), the symmetries the network was trained with; costs 2x / 6x an evaluation."""
-    out = model(x)
-    if tta == "none":
-        return out
-    out = out.float() + model(x.flip(3)).float()
-    if tta == "flip":
-        return out / 2
-    shifted = sum(model(s).float() + model(s.flip(3)).float() for s in (_shift(x, 1, 1), _shift(x, -1, -1)))
-    if tta == "airbench":  # airbench94's weights of the same 6 views: the unshifted pair counts twice
-        return out / 4 + shifted / 8
-    return (out + shifted) / 6
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, amp: torch.dtype | None = None, tta: str = "none") -> dict:
     """Mean cross-entropy and accuracy over a loader (sums kept on device: one sync at the end)."""
@@ -783,7 +758,7 @@ def with_split_seed(cfg: TrainConfig) -> TrainConfig:
 def inference_record(cfg: TrainConfig, amp: torch.dtype | None, precision: str | None = None) -> dict:
     """How the reported accuracy was measured, per image: test-time views (the score multiplies f by them)
     and the arithmetic (``precision`` names it when it is not an autocast dtype, e.g. a half model). Stored
-    in checkpoints and summaries; ``edlab.score.views_of`` reads it back."""
+    in checkpoints and summaries; ``edlab.scoring.views_of`` reads it back."""
     return {"tta": cfg.tta, "views": TTA_VIEWS[cfg.tta],
             "precision": precision or (str(amp).replace("torch.", "") if amp else "fp32")}
 
@@ -793,7 +768,7 @@ def model_summary(model: nn.Module, one_view: bool = False) -> dict:
     charges the test-time views the accuracy was measured with; ``one_view`` adds ``score_one_view``, the
     score of one forward pass per image (what a model is scored at without test-time augmentation), so that
     a 6-view run is not read against 1-view scores by mistake."""
-    from .score import profile
+    from .scoring import profile
 
     p = profile(model).to_dict()
     if one_view:
@@ -809,7 +784,7 @@ def config_change(saved, cfg: TrainConfig) -> str | None:
     path or machine continues there (portable runs)."""
     import yaml
 
-    from .runs import _flatten
+    from .runs import flatten
 
     try:
         old = yaml.safe_load(saved.read_text()) or {}
@@ -824,8 +799,8 @@ def config_change(saved, cfg: TrainConfig) -> str | None:
                                   ("distill", "crop_pool", 0)):  # saved before these existed: they were off
         if isinstance(old.get(section), dict):
             old[section].setdefault(key, default)
-    old = _flatten(old)
-    new = _flatten(cfg.model_dump(mode="json"))
+    old = flatten(old)
+    new = flatten(cfg.model_dump(mode="json"))
     free = {"threads", "tracker", "nan_policy", "grad_clip", "optim.lr", "out", "data.data_dir"}
     for key in sorted((set(old) | set(new)) - free):
         if old.get(key, "unset") != new.get(key, "unset"):
@@ -962,7 +937,8 @@ def evaluate_checkpoint(checkpoint: str, dataset: str | None = None, data_dir: s
     folder) on the dataset it was trained on, with the views it was measured with (``tta="trained"``).
     Returns {checkpoint, dataset, precision, tta, views, test_accuracy, test_loss, images}.
     ``progress(text)``, if given, hears what is about to be evaluated."""
-    from .checkpoint import load_model, resolve_model_path, trained_with
+    from .checkpoint import trained_with
+    from .loader import load_model, resolve_model_path
 
     if dataset is not None and dataset not in DATASETS:
         raise EdlabError(f"unknown dataset '{dataset}' (choices: {', '.join(DATASETS)})")

@@ -9,7 +9,7 @@ import json
 import click
 
 DATASETS = ("cifar10", "cifar100", "synthetic")
-TTA_NAMES = ("none", "flip", "flip-shift", "airbench")  # edlab.train.TTA_VIEWS
+TTA_NAMES = ("none", "flip", "flip-shift", "airbench")  # edlab.views.TTA_VIEWS
 
 # OSErrors that describe the machine, not a bug: reported in one line (every write is atomic, so the
 # files written before the failure are whole).

@@ -1,4 +1,4 @@
-"""edlab info -> edlab.stages._info (edlab.score.describe, printed)."""
+"""edlab info -> edlab.stages.show_info (edlab.inspect_file.describe, printed)."""
 
 import click
 
@@ -20,7 +20,7 @@ def info(target, input_size, layers):
       edlab info r20-qat4.pack --layers
       edlab info resnet20
     """
-    from ..stages import _info
+    from ..stages import show_info
 
     out = console()
-    _info(target, input_size, layers, echo=out.print, table_console=out)
+    show_info(target, input_size, layers, echo=out.print, table_console=out)

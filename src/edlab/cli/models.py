@@ -1,4 +1,4 @@
-"""edlab models -> edlab.stages._models (edlab.models.model_sizes, printed)."""
+"""edlab models -> edlab.stages.show_models (edlab.models.model_sizes, printed)."""
 
 import click
 
@@ -6,6 +6,6 @@ import click
 @click.command()
 def models():
     """List the registered models with their parameter counts (10 classes)."""
-    from ..stages import _models
+    from ..stages import show_models
 
-    _models(echo=click.echo)
+    show_models(echo=click.echo)

@@ -21,8 +21,8 @@ def pack(checkpoint, out, as_json):
       edlab pack runs/r20-qat4/model.ckpt --out r20-qat4.pack
       edlab score r20-qat4.pack && edlab eval r20-qat4.pack
     """
-    from ..checkpoint import resolve_model_path
     from ..pack import pack as pack_file
+    from ..runs import resolve_model_path
 
     checkpoint = resolve_model_path(checkpoint)
     r = pack_file(checkpoint, out)

@@ -1,4 +1,4 @@
-"""edlab score -> edlab.score.score_file."""
+"""edlab score -> edlab.inspect_file.score_file (drawn by edlab.score_table)."""
 
 import click
 
@@ -27,7 +27,8 @@ def score(target, rules, input_size, bits_w, bits_a, tta, as_json):
       edlab score runs/r20/model.ckpt --tta none  # the same weights run on one view per image
       edlab score resnet20 --bits-w 8 --bits-a 8  # what-if estimate
     """
-    from ..score import render, score_file
+    from ..inspect_file import score_file
+    from ..score_table import render
 
     p = score_file(target, rules, input_size, bits_w, bits_a, tta)
     if as_json:

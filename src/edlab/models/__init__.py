@@ -1,43 +1,15 @@
-"""Model registry: ``create_model(name, num_classes, **options)`` builds any zoo model by name.
+"""The model zoo: ``create_model(name, num_classes, **options)`` builds any zoo model by name.
 
-A family registers its builders with :func:`register_model`; one file per family (``resnet.py``).
-The name and options used are recorded on the model as ``model.edlab_spec`` so that a checkpoint can
-rebuild the same architecture in a fresh process (see ``edlab.checkpoint``).
+The registry lives in ``_registry.py``; one file per family (``resnet.py``, ...) registers its builders
+with :func:`register_model`. Importing this package imports every family, so the registry is full.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from . import airbench, convnext, resnet  # noqa: F401  (each registers its family)
+from ._registry import create_model, list_models, register_model
 
-import torch.nn as nn
-
-from ..errors import EdlabError
-
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    _REGISTRY[fn.__name__] = fn
-    return fn
-
-
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def create_model(name: str, num_classes: int = 10, **options) -> nn.Module:
-    """Build a registered model. Options are the family's (``width``, ``conv``, ...)."""
-    if name not in _REGISTRY:
-        raise EdlabError(f"unknown model '{name}' (choices: {', '.join(list_models())})")
-    try:
-        model = _REGISTRY[name](num_classes=num_classes, **options)
-    except TypeError as e:
-        raise EdlabError(f"model '{name}': {e}") from None
-    model.edlab_spec = {"name": name, "num_classes": num_classes, "options": dict(options)}
-    return model
-
-
-from . import airbench, convnext, resnet  # noqa: E402,F401  (each registers its family)
+__all__ = ["create_model", "list_models", "model_sizes", "register_model"]
 
 
 def model_sizes() -> dict[str, int]:

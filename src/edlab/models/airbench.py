@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import conv3x3, stage_plan
-from . import register_model
+from ._registry import register_model
 
 
 class ConvGroup(nn.Module):

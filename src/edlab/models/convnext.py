@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from ..errors import EdlabError
 from ..layers import LayerNorm2d, stage_plan
-from . import register_model
+from ._registry import register_model
 from .resnet import stage_depths
 
 

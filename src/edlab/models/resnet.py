@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import EdlabError
 from ..layers import conv1x1, conv3x3, stage_plan
-from . import register_model
+from ._registry import register_model
 
 
 class BasicBlock(nn.Module):

@@ -14,6 +14,9 @@ layer classes, so custom layers, grouped/depthwise convs and pruned (physically 
 Bits come from the model's own state: a module's ``weight_bits`` / ``act_bits`` attribute (its own or the
 nearest enclosing module's), else the dtype of the weight and of the activation seen in the trace.
 ``rules="micronet"`` counts by the NeurIPS 2019 MicroNet challenge rules instead. See docs/score.md.
+
+This module counts; the table ``edlab score`` prints is drawn by edlab.score_table, and the score of a file
+(checkpoint, packed, ONNX, run folder) is read by edlab.inspect_file.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import EdlabError
+from .views import TTA_VIEWS
 
 REF_PARAMS = 5.6e6  # half of CIFAR ResNet-18's 11,173,962 parameters
 REF_MACS = 2.8e8  # half of its 555,422,720 conv + linear MACs on a 32x32 image
@@ -400,7 +404,9 @@ def _run(model: nn.Module, input_size: tuple[int, ...], make: Any) -> _Tracer:
             m.training = training
 
 
-def _dense_ref(model: nn.Module, dense: Any) -> dict[str, int] | None:
+def dense_reference_of(model: nn.Module, dense: Any = None) -> dict[str, int] | None:
+    """The dense reference ps and pu are counted against, checked: ``dense`` ({"params", "macs"} or a
+    Profile), else the model's ``edlab_dense_reference``; None when there is neither."""
     ref = dense if dense is not None else getattr(model, "edlab_dense_reference", None)
     if ref is None:
         return None
@@ -442,7 +448,7 @@ def profile(
             raise EdlabError(f"{label} must be a positive int, got {b!r}")
     if not input_size or not all(isinstance(s, int) and s > 0 for s in input_size):
         raise EdlabError(f"input_size must be positive ints (C, H, W), got {input_size!r}")
-    ref = _dense_ref(model, dense)
+    ref = dense_reference_of(model, dense)
     n_views = views_of(model) if views is None else views
     if not isinstance(n_views, int) or isinstance(n_views, bool) or n_views < 1:
         raise EdlabError(f"views must be a positive int (forward passes per image), got {n_views!r}")
@@ -567,8 +573,6 @@ def profile(
 def views_of(model: nn.Module) -> int:
     """Forward passes per image of the inference recorded with the model: the ``inference.views`` of its
     checkpoint metadata, else the views of the ``tta`` its saved config evaluated with, else 1."""
-    from .train import TTA_VIEWS
-
     meta = getattr(model, "edlab_metadata", None)
     meta = meta if isinstance(meta, dict) else {}
     inference = meta.get("inference")
@@ -585,80 +589,6 @@ def dense_reference(model: nn.Module, input_size: Sequence[int] = (3, 32, 32)) -
     return {"params": p.arch_params, "macs": p.macs}
 
 
-# ---------------------------------------------------------------- output
-
-
-def _num(x: float) -> str:
-    return f"{x:.4f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.3g}"
-
-
-def _bits(b: float | None) -> str:
-    return "-" if b is None else f"{b:g}" if float(b).is_integer() else f"{b:.2f}"
-
-
-def _cells(name: str, kind: str, r: Row | Profile, extra: bool) -> list[str]:
-    """One table line; a Profile gives the totals line (same counts, shares 100 %)."""
-    nonzero = r.nonzero if isinstance(r, Row) else r.nonzero_params
-    shares = (r.share_params, r.share_ops) if isinstance(r, Row) else (1.0, 1.0)
-    cells = [name, kind, f"{r.params:,}", f"{nonzero:,}", f"{r.macs:,}"] + (
-        [f"{r.ops:,.0f}"] if extra else []
-    )
-    return cells + [
-        f"{_bits(r.bits_w)}/{_bits(r.bits_a)}",
-        f"{100 * shares[0]:.1f}",
-        f"{100 * shares[1]:.1f}",
-    ]
-
-
-def render(profile: Profile, console: Any = None) -> None:
-    """Print the per-layer table, the totals, both terms, the formula view and the rules line."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    p = profile
-    extra = p.ops != p.macs  # the rules count more than MACs: show what f counts per layer
-    header = (
-        ["layer", "type", "params", "nonzero", "MACs"] + (["ops"] if extra else []) + ["bits", "%w", "%f"]
-    )
-    lines = [_cells(r.name, r.type, r, extra) for r in p.rows] + [_cells("total", "", p, extra)]
-    views = f", {p.views} views per image" if p.views > 1 else ""
-    title = f"edlab score ({p.rules} rules, input {'x'.join(map(str, p.input_size))}{views})"
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    table.caption = "bits: weight/activation; %w, %f: share of the params and ops terms"
-    if p.nonzero_params == p.params:  # nothing to say per layer: give the width to the names
-        header.remove("nonzero")
-        lines = [line[:3] + line[4:] for line in lines]
-        table.caption += "; no zero weights"
-    table.add_column("layer", overflow="fold", min_width=12)  # a narrow terminal wraps the names...
-    table.add_column("type", overflow="ellipsis", min_width=6)
-    for i, col in enumerate(header[2:], 2):  # ...and never cuts a number
-        width = max(len(col), *(len(line[i]) for line in lines))
-        table.add_column(col, justify="right", no_wrap=True, min_width=width)
-    for i, line in enumerate(lines):
-        table.add_row(*line, style="bold" if i == len(lines) - 1 else None)
-    console.print(table)
-    console.print(
-        f"[bold]score = {_num(p.score)}[/bold]  (params term {_num(p.score_params_term)} "
-        f"+ ops term {_num(p.score_ops_term)})"
-    )
-    v = p.formula_view
-    if v:
-        console.print(
-            f"formula view: w = {v['w']:,}, f = {v['f']:,}, ps = {v['ps']:.4f}, pu = {v['pu']:.4f}, "
-            f"qw = {_bits(v['qw'])}, qa = {_bits(v['qa'])} -> {_num(v['score'])}  "
-            f"(MAC reduction 1 - macs/f = {v['ps_macs']:.4f})"
-        )
-    else:
-        console.print(
-            f"ps = {p.ps:.4f}, pu = {p.pu:.4f} (the course formula view does not apply to these rules)"
-        )
-    console.print(f"rules: {p.rules_description}")
-    for note in p.notes:
-        console.print(f"note: {note}")
-
-
 def parse_size(text: str | Sequence[int]) -> tuple[int, ...]:
     """"3,32,32" (or a sequence) -> (3, 32, 32): the C,H,W of one input image."""
     try:
@@ -668,100 +598,3 @@ def parse_size(text: str | Sequence[int]) -> tuple[int, ...]:
     if len(size) != 3 or min(size) < 1:
         raise EdlabError(f"--input-size expects C,H,W (e.g. 3,32,32), got '{text}'")
     return size
-
-
-def score_file(target: str, rules: str = "course", input_size: str | Sequence[int] = "3,32,32",
-               bits_w: int | None = None, bits_a: int | None = None, tta: str = "recorded") -> Profile:
-    """The profile (score, terms, per-layer rows) of a checkpoint, packed or .onnx file, run folder or zoo
-    model name: what ``edlab score`` prints. ``tta``: the test-time views charged; "recorded" = those the
-    file's accuracy was measured with. ``bits_w``/``bits_a``: a what-if for every layer."""
-    from .checkpoint import load_model, resolve_model_path
-    from .train import TTA_VIEWS
-
-    size = parse_size(input_size)
-    if tta != "recorded" and tta not in TTA_VIEWS:
-        raise EdlabError(f"unknown tta '{tta}' (choices: recorded, {', '.join(TTA_VIEWS)})")
-    views = None if tta == "recorded" else TTA_VIEWS[tta]
-    target = resolve_model_path(target)
-    if target.endswith(".onnx"):
-        if rules != "course" or bits_w or bits_a:
-            raise EdlabError("an ONNX file is scored as it is, under the course rules (no --rules/--bits-*)")
-        from .onnx_model import onnx_profile
-
-        return onnx_profile(target, views=views)
-    return profile(load_model(target), input_size=size, rules=rules, bits_w=bits_w, bits_a=bits_a, views=views)
-
-
-def describe(target: str, input_size: str | Sequence[int] = "3,32,32") -> tuple[list[str], Profile]:
-    """The story of a model file (``edlab info``): lines of text (rich markup for the file name) and its
-    profile. A zoo model name: its size with fresh weights."""
-    from pathlib import Path
-
-    from .checkpoint import load_model, resolve_model_path
-
-    size = parse_size(input_size)
-    target = resolve_model_path(target)
-    if target.endswith(".onnx"):
-        from .onnx_model import onnx_profile
-
-        p = onnx_profile(target)
-        meta = load_model(target).edlab_metadata
-        kind = "ONNX file (ONNX Runtime)"
-    else:
-        model = load_model(target)
-        p = profile(model, input_size=size)
-        meta = getattr(model, "edlab_metadata", None) or {"config": {"model": {"name": target}}}
-        kind = "packed file" if getattr(model, "edlab_packed", False) else \
-            "checkpoint" if Path(target).exists() else "zoo model (fresh weights)"
-    return story_lines(target, kind, meta, p), p
-
-
-def story_lines(target: str, kind: str, meta: dict, p: Profile) -> list[str]:
-    """What `edlab info` prints: the file's history in a few lines, from its recorded metadata."""
-    from pathlib import Path
-
-    from .checkpoint import stage_history
-
-    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    size = f", {Path(target).stat().st_size:,} bytes" if Path(target).is_file() else ""
-    m, d = cfg.get("model") or {}, cfg.get("data") or {}
-    lines = [f"[bold]{target}[/bold]: {kind}{size}"]
-    arch = m.get("name") or "-"
-    if m:
-        arch += f" (width {m.get('width', 1)}, conv {m.get('conv', 'standard')})"
-    extra = p.params - p.arch_params  # LSQ step sizes, BinaryConnect scales: counted in w, not architecture
-    counted = f"{p.arch_params:,} weights and biases + {extra:,} quantizer step sizes/scales = {p.params:,} " \
-        "parameters counted" if extra > 0 else f"{p.params:,} parameters counted"
-    lines.append(f"architecture: {arch}; {counted} ({p.nonzero_params:,} nonzero), {p.macs:,} MACs per forward pass")
-    stages = stage_history(meta)
-    if d:
-        split = d.get("split_seed", cfg.get("seed"))
-        # the config is the last stage's: its train_subset is what that stage trained on (each stage's own
-        # count is in the stages line)
-        last = f"its last stage ({stages[-1].get('stage', '?')})" if len(stages) > 1 else "it"
-        lines.append(f"data: {d.get('dataset', '-')}, validation split {d.get('val_size', '-')} training images "
-                     f"(split_seed {split})" + (f"; {last} trained on {d['train_subset']:,} images"
-                                                if isinstance(d.get("train_subset"), int) else ""))
-    inference = meta.get("inference") or {}
-    acc = [f"{k} {100 * meta[k + '_accuracy']:.2f} %" for k in ("test", "val")
-           if isinstance(meta.get(k + "_accuracy"), (int, float)) and 0 <= meta[k + "_accuracy"] <= 1]
-    # (an accuracy outside [0, 1]: the -1 "no validation split" of checkpoints written before it was None)
-    if acc or inference:
-        how = f"tta {inference.get('tta', cfg.get('tta', 'none'))} ({p.views} view{'s' * (p.views > 1)} per image)"
-        how += f", {inference['precision']}" if inference.get("precision") else ""
-        lines.append(f"accuracy: {', '.join(acc) or 'not recorded'}; measured with {how}")
-    if stages:
-        def one(s: dict) -> str:
-            extra = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()
-                              if k not in ("stage", "test_accuracy", "views") and v not in (None, 0, False))
-            return s.get("stage", "?") + (f" ({extra})" if extra else "")
-        lines.append("stages: " + " -> ".join(one(s) for s in stages))
-    lines.append(f"score {p.score:.4f} = params term {p.score_params_term:.4f} + ops term {p.score_ops_term:.4f} "
-                 f"({p.rules} rules; bits w/a {p.bits_w:.3g}/{p.bits_a:.3g}; ps {p.ps:.3f}, pu {p.pu:.3f}"
-                 + (f"; f charged {p.views}x: {p.views} views per image" if p.views > 1 else "") + ")")
-    if cfg.get("epochs") is not None:
-        o, sch = cfg.get("optim") or {}, cfg.get("sched") or {}
-        lines.append(f"training config: {cfg.get('epochs')} epochs, {o.get('name')} lr {o.get('lr')} wd "
-                     f"{o.get('weight_decay')}, {sch.get('name')} schedule, batch {d.get('batch_size')}, augment "
-                     f"{d.get('augment')}, seed {cfg.get('seed')}" + (f", ema {cfg['ema']}" if cfg.get("ema") else ""))
-    return lines
