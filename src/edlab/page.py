@@ -201,6 +201,22 @@ def build_page(page_file: str | Path) -> dict:
     return {"out": out, "figures": figures, "sections": found}
 
 
+def report_or_page(paths: list[str | Path] | tuple, out: str | Path = "report",
+                   floor: float | list[float] | tuple[float, ...] = 0.9, title: str = "edlab report",
+                   page: str | Path | None = None) -> dict:
+    """What `edlab report` (the command and a recipe's report stage) does: a comparison page of the run folders
+    (:func:`edlab.report.build_report`), or, given ``page``, the sectioned page its page file describes."""
+    from .report import build_report
+
+    if page is None:
+        if not paths:
+            raise EdlabError("give run, pipeline or study folders (or a page file: --page FILE)")
+        return build_report(list(paths), out, floor, title)
+    if paths:
+        raise EdlabError("--page reads its folders from the page file: give no PATHS with it")
+    return build_page(page)
+
+
 def _shown(path: Path) -> str:
     """The page file as a user types it: relative to the working directory when it lies below it."""
     try:

@@ -85,7 +85,7 @@ STAGES: dict[str, Stage] = {
                     aliases={"format": ("fmt", None), "eval": ("do_eval", None), "no-eval": ("do_eval", False),
                              "per-tensor": ("per_channel", False)}),
     "pack": Stage("edlab.pack:pack", "checkpoint", takes_checkpoint=True),
-    "report": Stage("edlab.report:build_report", "paths"),
+    "report": Stage("edlab.page:report_or_page", "paths"),
     "demo": Stage("edlab.pipeline:demo"),
     "sweep": Stage("edlab.study:sweep", "study_file"),
     "lr-find": Stage("edlab.lr_find:find_lr", "config", named="edlab.config:TRAIN_FLAGS", takes_out=False,

@@ -1,4 +1,4 @@
-"""edlab report -> edlab.report.build_report."""
+"""edlab report -> edlab.page.report_or_page (a comparison page: edlab.report.build_report; --page: edlab.page)."""
 
 from pathlib import Path
 
@@ -28,21 +28,14 @@ def report(paths, out, floor, title, page_file):
       edlab report runs/study-challenge --floor 0.9 --floor 0.865   # both challenge floors drawn
       edlab report --page docs/results/deck.yaml   # rebuild docs/results/deck.md from its run folders
     """
-    if page_file:
-        if paths:
-            raise click.UsageError("--page reads its folders from the page file: give no PATHS with it")
-        from ..page import build_page
+    from ..page import report_or_page
 
-        r = build_page(page_file)
+    r = report_or_page(list(paths), out, list(floor), title, page=page_file)
+    if page_file:
         empty = [t for t, n in r["sections"].items() if not n]
         click.echo(f"page: {len(r['sections'])} sections ({len(empty)} without runs yet), "
                    f"{len(r['figures'])} figures -> {r['out']}")
         return
-    if not paths:
-        raise click.UsageError("give run, pipeline or study folders (or --page FILE)")
-    from ..report import build_report
-
-    r = build_report(list(paths), out, list(floor), title)
     for name in r["skipped"]:  # one broken run costs its row, not the page
         click.echo(f"edlab: warning: left out {name}", err=True)
     best = f"; best: {r['best'].name} ({r['rule']})" if r["best"] else ""
