@@ -311,7 +311,7 @@ def claim(study):
     return None
 
 
-def _next_trial(st: Study, study):
+def next_trial(st: Study, study):
     """A WAITING trial, else (search) a new draw while the budget lasts; surplus draws are dropped."""
     from optuna.trial import TrialState
 

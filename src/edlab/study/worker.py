@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdlabError
-from .queue import _next_trial, retry
+from .queue import next_trial, retry
 from .schema import TRAINS, Study, directions, full_epochs, recipe_path, set_args, val_floor
 from .trial import run_point
 
@@ -117,7 +117,7 @@ def run_worker(st: Study, study, index: int = 0, echo=print) -> int:
     done = 0
     tag = f"[worker {index}] " if index else ""
     while True:
-        trial = _next_trial(st, study)
+        trial = next_trial(st, study)
         if trial is None:
             return done
         slot = trial.user_attrs["slot"]
