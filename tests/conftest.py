@@ -59,6 +59,36 @@ def tiny_cfg(tmp_path):
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A resnet20 (width 0.5) trained for 2 epochs on synthetic data and saved with its config, as by `edlab
+    train`: trained once for the whole run, read by every test that needs trained weights (quantize, export,
+    fold, distillation). Tests only read it and write their outputs elsewhere (``--out``); a test that writes
+    beside the checkpoint copies its folder into its tmp_path first."""
+    from edlab.config import load_train_config
+    from edlab.train import train
+
+    out = tmp_path_factory.mktemp("trained") / "tiny-src"
+    train(load_train_config(None, None, [
+        "model.name=resnet20", "model.width=0.5", "data.dataset=synthetic", "data.val_size=200",
+        "data.train_subset=512", "data.batch_size=64", "epochs=2", "optim.lr=0.05", "precision=fp32",
+        f"out={out}"]))
+    return out / "model.ckpt"
+
+
+@pytest.fixture
+def threads_from_env():
+    """Honour OMP_NUM_THREADS for torch in a test and restore the setting afterwards: on a shared 2-core machine
+    a second thread makes tiny models up to 4x slower. Files whose tests train use it for all their tests
+    (``pytestmark = pytest.mark.usefixtures("threads_from_env")``); not autouse for the whole run, where it
+    would undo a module's ``one_thread``."""
+    before = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def synthetic_ckpt(tmp_path):
     """An untrained resnet20 (width 0.25) saved as `edlab train --dataset synthetic` saves it (its config in

@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from click.testing import CliRunner
 from conftest import cifar_dir, kill_after_epoch
-from test_quantize import threads_from_env, tiny_checkpoint  # noqa: F401  (fixtures)
 
 import edlab.train as train_mod
 from edlab.checkpoint import load_checkpoint, save_checkpoint
@@ -22,10 +21,7 @@ from edlab.models import create_model
 from edlab.quantize import stage_config
 from edlab.train import data_from_config, distill_loss, fit, train
 
-
-@pytest.fixture
-def tiny_ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.getbasetemp())
+pytestmark = pytest.mark.usefixtures("threads_from_env")  # (conftest)
 
 
 def invoke(*args):

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_quantize import threads_from_env, tiny_checkpoint  # noqa: F401  (fixtures)
 
 from edlab.checkpoint import load_checkpoint
 from edlab.cli import cli
@@ -20,12 +19,9 @@ pytest.importorskip("onnxruntime")
 
 from edlab.export import _plain_batches, export_onnx, ort_evaluate, ort_session  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("threads_from_env")  # (conftest)
+
 X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture
-def tiny_ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.getbasetemp())
 
 
 def ops(path) -> set[str]:

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from edlab.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from edlab.cli import cli
-from edlab.config import load_train_config
 from edlab.models import create_model
 from edlab.quantize import (
     BinaryConv2d,
@@ -37,18 +35,9 @@ from edlab.quantize import (
 from edlab.score import profile
 from edlab.train import data_from_config, evaluate, fit
 
+pytestmark = pytest.mark.usefixtures("threads_from_env")  # (conftest)
+
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(autouse=True)
-def threads_from_env():
-    """conftest sets 2 torch threads whatever OMP_NUM_THREADS says; on a shared 2-core machine that is up to 4x
-    slower for these tiny models, so honour OMP_NUM_THREADS here (and restore the setting afterwards)."""
-    before = torch.get_num_threads()
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
-    yield
-    torch.set_num_threads(before)
 
 
 def rows(model):
@@ -265,25 +254,6 @@ for name in ("binary", "qat"):
 
 
 # ------------------------------------------------------------------------------------------- the stage
-def tiny_checkpoint(base) -> Path:
-    """A resnet20 (width 0.5) trained for 2 epochs on synthetic data and saved with its config, as by `edlab
-    train`; made once per session under pytest's base temp folder (test_export.py uses it too)."""
-    from edlab.train import train
-
-    out = Path(base) / "tiny-src"
-    if not (out / "model.ckpt").exists():
-        train(load_train_config(None, None, [
-            "model.name=resnet20", "model.width=0.5", "data.dataset=synthetic", "data.val_size=200",
-            "data.train_subset=512", "data.batch_size=64", "epochs=2", "optim.lr=0.05", "precision=fp32",
-            f"out={out}"]))
-    return out / "model.ckpt"
-
-
-@pytest.fixture
-def tiny_ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.getbasetemp())
-
-
 def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
