@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import EdlabError
-from ..runs import check_out_path, write_json
 from .queue import enqueue_missing, import_optuna, open_study, recover, redact, retry, storage_url
 from .schema import Study, full_epochs, load_study, recipe_path, teacher_path
 from .select import best, pack_winner, test_chosen, trial_rows
@@ -57,6 +56,8 @@ def budget_line(st: Study) -> str:
 
 
 def write_report(st: Study, study, url: str) -> dict:
+    from ..runs import write_json  # (runs loads torch, which `import edlab.study` does not need)
+
     rows = sorted(trial_rows(study), key=lambda r: (r["slot"] if r["slot"] is not None else -1, r["number"]))
     for r in rows:  # waiting grid/list trials: show their point before a worker has written it
         if r["point"] is None and r["slot"] is not None and st.mode != "search" and r["slot"] < len(st.points):
@@ -125,6 +126,8 @@ STUDY_MARK = ".edlab-study"
 def _claim_out(out: Path) -> None:
     """The study folder is the sweep's: it writes study.json, recipe.yaml, logs/ and trials/ there, so a
     folder with other files (a user's own study.json or recipe.yaml) is refused, never overwritten."""
+    from ..runs import check_out_path
+
     check_out_path(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not (out / STUDY_MARK).exists():
         legacy = (out / "study.db").exists() or (out / "trials").is_dir()  # made before the mark existed
