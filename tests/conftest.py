@@ -76,6 +76,26 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     return out / "model.ckpt"
 
 
+# `edlab train`'s arguments for the smallest run the commands' tests drive (test_reliability, test_hardening)
+TINY_TRAIN = ["--model", "resnet20", "--dataset", "synthetic", "--train-subset", "128", "--batch-size", "64",
+              "--precision", "fp32", "--threads", "1", "--set", "model.width=0.25", "--set", "data.val_size=64"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished `edlab train TINY_TRAIN --epochs 1` run folder (config.yaml, model.ckpt, resume.pt, ...),
+    trained once for the whole run. Tests read it; one that writes into it (a --resume) copies it first:
+    ``shutil.copytree(tiny_run, tmp_path / "run")`` (a run folder continues wherever it is copied)."""
+    from click.testing import CliRunner
+
+    from edlab.cli import cli
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    r = CliRunner().invoke(cli, ["train", *TINY_TRAIN, "--epochs", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
 @pytest.fixture
 def threads_from_env():
     """Honour OMP_NUM_THREADS for torch in a test and restore the setting afterwards: on a shared 2-core machine

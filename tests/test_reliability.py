@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY_TRAIN
 from killtest import env
 from safetensors.torch import save as st_save
 
@@ -29,8 +30,7 @@ from edlab.models import create_model
 from edlab.runs import Run
 from edlab.train import data_from_config, fit, model_from_config, read_resume, train
 
-TINY = ["--model", "resnet20", "--dataset", "synthetic", "--train-subset", "128", "--batch-size", "64",
-        "--precision", "fp32", "--threads", "1", "--set", "model.width=0.25", "--set", "data.val_size=64"]
+TINY = TINY_TRAIN  # (conftest's tiny run)
 
 
 def invoke(*args):
@@ -45,13 +45,10 @@ def assert_one_line_error(r, msg: str = "", code: int = 2):
     assert msg in r.stderr, r.stderr
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A tiny trained checkpoint (1 epoch, synthetic) for the commands that take one."""
-    out = tmp_path_factory.mktemp("rel") / "run"
-    r = invoke("train", *TINY, "--epochs", "1", "--out", out)
-    assert r.exit_code == 0, r.output
-    return out / "model.ckpt"
+@pytest.fixture
+def ckpt(tiny_run):
+    """A tiny trained checkpoint (1 epoch, synthetic) for the commands that take one: conftest's tiny run."""
+    return tiny_run / "model.ckpt"
 
 
 # ------------------------------------------------------------------------------------------ hostile files
