@@ -76,6 +76,17 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     return out / "model.ckpt"
 
 
+@pytest.fixture(scope="session")
+def int8_stage(tiny_ckpt, tmp_path_factory) -> tuple[Path, dict]:
+    """`edlab quantize --method int8` of ``tiny_ckpt`` (128 calibration images): its run folder (``int8``) and
+    summary, made once for the whole run (test_export checks the stage, test_report draws it)."""
+    pytest.importorskip("onnxruntime")
+    from edlab.quantize import quantize_checkpoint
+
+    out = tmp_path_factory.mktemp("int8-stage") / "int8"
+    return out, quantize_checkpoint(tiny_ckpt, "int8", calib_images=128, out=str(out))
+
+
 # `edlab train`'s arguments for the smallest run the commands' tests drive (test_reliability, test_hardening)
 TINY_TRAIN = ["--model", "resnet20", "--dataset", "synthetic", "--train-subset", "128", "--batch-size", "64",
               "--precision", "fp32", "--threads", "1", "--set", "model.width=0.25", "--set", "data.val_size=64"]

@@ -114,10 +114,10 @@ def test_int8_export_runs_integer_kernels_and_agrees_with_fp32(tiny_ckpt, tmp_pa
     assert abs(int8 - fp32) <= 0.05
 
 
-def test_int8_stage_writes_onnx_summary_and_latency(tiny_ckpt, tmp_path):
-    s = quantize_checkpoint(tiny_ckpt, "int8", calib_images=128, out=str(tmp_path / "int8"))
-    saved = json.loads((tmp_path / "int8" / "summary.json").read_text())
-    assert saved["checkpoint"].endswith("model.int8.onnx") and (tmp_path / "int8" / "model.int8.onnx").exists()
+def test_int8_stage_writes_onnx_summary_and_latency(int8_stage):
+    out, s = int8_stage  # quantize_checkpoint(tiny_ckpt, "int8", calib_images=128): conftest
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["checkpoint"].endswith("model.int8.onnx") and (out / "model.int8.onnx").exists()
     assert s["bits_a"] == 8 and s["bits_w"] == 8  # the int8 file's count: int8 weights (int32 biases, BN folded
     # into them, count at 32 bits in the params term)
     lat = s["latency"]
