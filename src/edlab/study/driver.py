@@ -41,6 +41,7 @@ def budget(st: Study, rows: list[dict] | None = None) -> dict:
 
 
 def budget_line(st: Study) -> str:
+    """The budget in one line, printed before the trials start."""
     b = budget(st)
     n = len(st.points) if st.mode != "search" else st.trials
     full = b["full_fidelity_epochs"]
@@ -56,6 +57,7 @@ def budget_line(st: Study) -> str:
 
 
 def write_report(st: Study, study, url: str) -> dict:
+    """Write <out>/study.json (the study as read, every trial, the selection, the budget) and return it."""
     from ..runs import write_json  # (runs loads torch, which `import edlab.study` does not need)
 
     rows = sorted(trial_rows(study), key=lambda r: (r["slot"] if r["slot"] is not None else -1, r["number"]))

@@ -21,6 +21,7 @@ from .schema import Study, directions, full_epochs
 
 
 def import_optuna():
+    """Optuna, quiet, or the one-line error that says how to install it (it is an optional dependency)."""
     try:
         import optuna
     except ImportError:
@@ -43,6 +44,7 @@ def retry(fn, *args, **kwargs):
 
 
 def storage_url(st: Study, storage: str | None) -> str:
+    """``--storage`` as given, else the SQLite file <out>/study.db (one machine's workers share it)."""
     if storage:
         return storage
     st.out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +136,7 @@ def make_pruner(optuna, st: Study):
 
 
 def redact(url: str) -> str:
+    """A storage URL fit to print and to record in study.json: its password hidden."""
     try:
         from sqlalchemy.engine import make_url
 

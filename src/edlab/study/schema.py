@@ -380,6 +380,7 @@ def validate(st: Study) -> None:
 
 
 def nested(flat: dict[str, Any]) -> dict:
+    """{'optim.lr': 1} -> {'optim': {'lr': 1}}: dotted overrides as the config tree ``build`` merges."""
     tree: dict = {}
     for k, v in flat.items():
         _set_dotted(tree, k, v)
@@ -387,6 +388,7 @@ def nested(flat: dict[str, Any]) -> dict:
 
 
 def trial_config(st: Study, point: dict[str, Any], out: str) -> TrainConfig:
+    """The train config of one point of a config study: base, fixed overrides, the point, the study's edits."""
     return build(TrainConfig, read_yaml(st.base), nested(st.fixed), nested(point), {"out": out},
                  nested(study_edits(st, "train")))
 
@@ -401,10 +403,12 @@ def study_edits(st: Study, stage: str, trains: bool = True) -> dict[str, Any]:
 
 
 def teacher_path(st: Study) -> str:
+    """The study's teacher checkpoint: the one it names, or where the sweep trains it (<out>/teacher)."""
     return st.teacher.get("checkpoint") or str(st.out / "teacher" / "model.ckpt")
 
 
 def directions(st: Study) -> list[str]:
+    """The Optuna directions of the objective: val up; a score down; Pareto both (val up, score down)."""
     if st.objective == "pareto":
         return ["maximize", "minimize"]
     return ["minimize"] if isinstance(st.objective, dict) else ["maximize"]
@@ -457,10 +461,13 @@ def _text(v: Any) -> str:
 
 
 def set_args(flat: dict[str, Any]) -> list[str]:
+    """Overrides as ``--set KEY=VALUE`` texts, what a recipe stage and a recorded command line take."""
     return [f"{k}={_text(v)}" for k, v in flat.items()]
 
 
 def recipe_path(st: Study) -> str:
+    """The recipe file of a recipe study; an inline recipe is written to <out>/recipe.yaml first (rewritten only
+    when it changed)."""
     if st.inline_recipe is None:
         return st.base
     st.out.mkdir(parents=True, exist_ok=True)

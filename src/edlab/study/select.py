@@ -11,6 +11,8 @@ from .schema import Study, val_floor
 
 
 def trial_rows(study) -> list[dict]:
+    """One row per trial (duplicates and surplus draws left out) with what study.json lists; a point tested
+    after the trials (test: chosen) carries that figure."""
     rows = []
     tested = retry(lambda: study.user_attrs)
     for t in retry(study.get_trials, deepcopy=False):
