@@ -371,11 +371,12 @@ def test_nan_via_the_cli_stop_and_skip(ckpt, tmp_path):
 
 
 def test_resume_after_lowering_the_lr(tiny_cfg, tmp_path, nan_at_call, one_thread):
-    cfg = tiny_cfg(epochs=2, out=str(tmp_path / "r"))
+    small = {"data.train_subset": 128}  # (two steps an epoch: the NaN in epoch 2, the lowered lr resumes it)
+    cfg = tiny_cfg(epochs=2, out=str(tmp_path / "r"), **small)
     nan_at_call(len(data_from_config(cfg, torch.device("cpu")).train) + 1)
     with pytest.raises(EdlabError):
         train(cfg)
-    train(tiny_cfg(epochs=2, out=str(tmp_path / "r"), **{"optim.lr": 0.01}), resume=True)
+    train(tiny_cfg(epochs=2, out=str(tmp_path / "r"), **{"optim.lr": 0.01}, **small), resume=True)
 
 
 # ----------------------------------------------------------------------------------------- concurrency
