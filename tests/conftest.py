@@ -43,6 +43,41 @@ def kill_after_epoch(cfg, epoch: int, make_model=None):
     return run
 
 
+def invoke(*args):
+    """Run an edlab command in process (click's runner): its exit code, output and stderr, no subprocess."""
+    from click.testing import CliRunner
+
+    from edlab.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_one_line_error(r, msg: str = "", code: int = 2):
+    """The failure contract: exit code, one line on stderr naming the problem, no traceback."""
+    assert r.exit_code == code, (r.exit_code, r.output, r.exception)
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert msg in r.stderr, r.stderr
+
+
+def rewrite_header(src: Path, dst: Path, edit) -> Path:
+    """A copy of a valid checkpoint whose edlab JSON header went through ``edit`` (digest kept valid, so
+    only the header's content is hostile)."""
+    import json
+
+    from safetensors.torch import save as st_save
+
+    from edlab.checkpoint import _header_digest, read_checkpoint
+
+    header, tensors = read_checkpoint(src)
+    new = edit(header)
+    if isinstance(new, dict):  # the digest is no signature: a hostile file carries a valid one
+        new["header_sha256"] = _header_digest(new)
+    meta = json.dumps(new) if not isinstance(new, str) else new
+    dst.write_bytes(st_save(tensors, metadata={"edlab": meta}))
+    return dst
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """A TrainConfig that trains a small resnet20 on synthetic data in seconds."""
@@ -97,12 +132,8 @@ def tiny_run(tmp_path_factory) -> Path:
     """A finished `edlab train TINY_TRAIN --epochs 1` run folder (config.yaml, model.ckpt, resume.pt, ...),
     trained once for the whole run. Tests read it; one that writes into it (a --resume) copies it first:
     ``shutil.copytree(tiny_run, tmp_path / "run")`` (a run folder continues wherever it is copied)."""
-    from click.testing import CliRunner
-
-    from edlab.cli import cli
-
     out = tmp_path_factory.mktemp("tiny-run") / "run"
-    r = CliRunner().invoke(cli, ["train", *TINY_TRAIN, "--epochs", "1", "--out", str(out)])
+    r = invoke("train", *TINY_TRAIN, "--epochs", "1", "--out", out)
     assert r.exit_code == 0, r.output
     return out
 

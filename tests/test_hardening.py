@@ -23,8 +23,9 @@ from edlab.config import SchedConfig, load_train_config
 from edlab.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
-from test_reliability import TINY, invoke  # noqa: E402  (the same tiny run and runner)
-from test_reliability import assert_one_line_error as one_line  # noqa: E402
+from conftest import TINY_TRAIN as TINY  # noqa: E402  (the same tiny run and runner)
+from conftest import assert_one_line_error as one_line  # noqa: E402
+from conftest import invoke  # noqa: E402
 
 
 @pytest.fixture(scope="module")

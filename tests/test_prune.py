@@ -286,9 +286,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, msg, tmp_path):
 def test_a_malformed_dense_reference_is_one_line(synthetic_ckpt, runs_unchanged):
     """A dense reference (the unpruned counts ps and pu are fractions of) without counts: KeyError 'params'
     after the run folder was made, before."""
-    from test_reliability import _rewrite_header, assert_one_line_error, invoke
+    from conftest import assert_one_line_error, invoke, rewrite_header
 
-    bad = _rewrite_header(synthetic_ckpt, synthetic_ckpt.with_name("bad.ckpt"),
+    bad = rewrite_header(synthetic_ckpt, synthetic_ckpt.with_name("bad.ckpt"),
                           lambda h: {**h, "dense_reference": {"builder": "not-a-zoo-model"}})
     assert_one_line_error(invoke("prune", bad, "--structured", "0.3"), "dense reference must be {'params'")
     runs_unchanged()
@@ -301,7 +301,7 @@ def test_a_malformed_dense_reference_is_one_line(synthetic_ckpt, runs_unchanged)
 def test_an_onnx_file_is_refused_before_a_run_folder_is_made(synthetic_ckpt, runs_unchanged):
     """Before: ZeroDivisionError in sparsity_of, and an empty run folder per attempt."""
     pytest.importorskip("onnxruntime")
-    from test_reliability import assert_one_line_error, invoke
+    from conftest import assert_one_line_error, invoke
 
     onnx = synthetic_ckpt.with_name("m.onnx")
     assert invoke("export", synthetic_ckpt, "--out", onnx).exit_code == 0
@@ -312,7 +312,7 @@ def test_an_onnx_file_is_refused_before_a_run_folder_is_made(synthetic_ckpt, run
 def test_a_quantized_checkpoint_is_refused_before_a_run_folder_is_made(synthetic_ckpt, runs_unchanged):
     """A QAT model (as `edlab quantize --method qat` saves it): Torch-Pruning used to fail on its layers after
     the run folder was made and runs/latest moved to it."""
-    from test_reliability import assert_one_line_error, invoke
+    from conftest import assert_one_line_error, invoke
 
     from edlab.quantize import calibrate, quantize_qat
 

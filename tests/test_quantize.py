@@ -346,7 +346,7 @@ def test_quantize_takes_what_prune_takes(synthetic_ckpt, tmp_path, target):
 @pytest.mark.parametrize("method", ["int8", "bf16"])
 def test_an_onnx_file_is_refused_as_onnx_not_as_corrupt(synthetic_ckpt, runs_unchanged, method):
     pytest.importorskip("onnxruntime")
-    from test_reliability import assert_one_line_error
+    from conftest import assert_one_line_error
 
     onnx = synthetic_ckpt.with_name("m.onnx")
     assert invoke("export", synthetic_ckpt, "--out", onnx).exit_code == 0
