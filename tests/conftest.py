@@ -1,3 +1,7 @@
+"""What the tests share: helpers (invoke, assert_one_line_error, rewrite_header, kill_after_epoch), configs
+(tiny_cfg, TINY_TRAIN) and the trained files that cost seconds to make, made once per run (session fixtures:
+tiny_ckpt, tiny_run, int8_stage) and read by every test that needs them. No test module imports another."""
+
 import os
 from pathlib import Path
 
