@@ -1,3 +1,7 @@
+"""What the tests share: helpers (invoke, assert_one_line_error, rewrite_header, kill_after_epoch), configs
+(tiny_cfg, TINY_TRAIN) and the trained files that cost seconds to make, made once per run (session fixtures:
+tiny_ckpt, tiny_run, int8_stage) and read by every test that needs them. No test module imports another."""
+
 import os
 from pathlib import Path
 
@@ -43,6 +47,41 @@ def kill_after_epoch(cfg, epoch: int, make_model=None):
     return run
 
 
+def invoke(*args):
+    """Run an edlab command in process (click's runner): its exit code, output and stderr, no subprocess."""
+    from click.testing import CliRunner
+
+    from edlab.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_one_line_error(r, msg: str = "", code: int = 2):
+    """The failure contract: exit code, one line on stderr naming the problem, no traceback."""
+    assert r.exit_code == code, (r.exit_code, r.output, r.exception)
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert msg in r.stderr, r.stderr
+
+
+def rewrite_header(src: Path, dst: Path, edit) -> Path:
+    """A copy of a valid checkpoint whose edlab JSON header went through ``edit`` (digest kept valid, so
+    only the header's content is hostile)."""
+    import json
+
+    from safetensors.torch import save as st_save
+
+    from edlab.checkpoint import _header_digest, read_checkpoint
+
+    header, tensors = read_checkpoint(src)
+    new = edit(header)
+    if isinstance(new, dict):  # the digest is no signature: a hostile file carries a valid one
+        new["header_sha256"] = _header_digest(new)
+    meta = json.dumps(new) if not isinstance(new, str) else new
+    dst.write_bytes(st_save(tensors, metadata={"edlab": meta}))
+    return dst
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """A TrainConfig that trains a small resnet20 on synthetic data in seconds."""
@@ -57,6 +96,63 @@ def tiny_cfg(tmp_path):
         return load_train_config(None, None, base + [f"{k}={v}" for k, v in sets.items()])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A resnet20 (width 0.5) trained for 2 epochs on synthetic data and saved with its config, as by `edlab
+    train`: trained once for the whole run, read by every test that needs trained weights (quantize, export,
+    fold, distillation). Tests only read it and write their outputs elsewhere (``--out``); a test that writes
+    beside the checkpoint copies its folder into its tmp_path first."""
+    from edlab.config import load_train_config
+    from edlab.train import train
+
+    out = tmp_path_factory.mktemp("trained") / "tiny-src"
+    train(load_train_config(None, None, [
+        "model.name=resnet20", "model.width=0.5", "data.dataset=synthetic", "data.val_size=200",
+        "data.train_subset=512", "data.batch_size=64", "epochs=2", "optim.lr=0.05", "precision=fp32",
+        f"out={out}"]))
+    return out / "model.ckpt"
+
+
+@pytest.fixture(scope="session")
+def int8_stage(tiny_ckpt, tmp_path_factory) -> tuple[Path, dict]:
+    """`edlab quantize --method int8` of ``tiny_ckpt`` (128 calibration images): its run folder (``int8``) and
+    summary, made once for the whole run (test_export checks the stage, test_report draws it)."""
+    pytest.importorskip("onnxruntime")
+    from edlab.quantize import quantize_checkpoint
+
+    out = tmp_path_factory.mktemp("int8-stage") / "int8"
+    return out, quantize_checkpoint(tiny_ckpt, "int8", calib_images=128, out=str(out))
+
+
+# `edlab train`'s arguments for the smallest run the commands' tests drive (test_reliability, test_hardening)
+TINY_TRAIN = ["--model", "resnet20", "--dataset", "synthetic", "--train-subset", "128", "--batch-size", "64",
+              "--precision", "fp32", "--threads", "1", "--set", "model.width=0.25", "--set", "data.val_size=64"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished `edlab train TINY_TRAIN --epochs 1` run folder (config.yaml, model.ckpt, resume.pt, ...),
+    trained once for the whole run. Tests read it; one that writes into it (a --resume) copies it first:
+    ``shutil.copytree(tiny_run, tmp_path / "run")`` (a run folder continues wherever it is copied)."""
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    r = invoke("train", *TINY_TRAIN, "--epochs", "1", "--out", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture
+def threads_from_env():
+    """Honour OMP_NUM_THREADS for torch in a test and restore the setting afterwards: on a shared 2-core machine
+    a second thread makes tiny models up to 4x slower. Files whose tests train use it for all their tests
+    (``pytestmark = pytest.mark.usefixtures("threads_from_env")``); not autouse for the whole run, where it
+    would undo a module's ``one_thread``."""
+    before = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -115,9 +115,9 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
 def test_metadata_that_is_not_a_mapping_is_refused_by_every_command(synthetic_ckpt, runs_unchanged, edit, msg):
     """Before, such a file was evaluated, pruned, quantized and exported with the defaults (cifar10, its
     normalisation) in place of the dataset it records."""
-    from test_reliability import _rewrite_header, assert_one_line_error, invoke
+    from conftest import assert_one_line_error, invoke, rewrite_header
 
-    bad = _rewrite_header(synthetic_ckpt, synthetic_ckpt.with_name("bad.ckpt"),
+    bad = rewrite_header(synthetic_ckpt, synthetic_ckpt.with_name("bad.ckpt"),
                           lambda h: {**h, "metadata": edit(h["metadata"])})
     with pytest.raises(EdlabError, match=msg):
         load_checkpoint(bad)

@@ -115,12 +115,14 @@ def test_demo_runs_the_whole_workflow_offline(tmp_path):
 
 def test_no_validation_split_is_said_not_shown_as_minus_100(tmp_path):
     """val_size 0 (airbench94.yaml trains on all 50,000 images): no fake "best val -100.00% @ epoch -1"."""
+    from conftest import invoke
+
     from edlab.checkpoint import load_checkpoint
 
-    out = tmp_path / "r"
-    r = edlab("train", "--model", "resnet20", "--dataset", "synthetic", "--epochs", "1", "--train-subset", "128",
-              "--precision", "fp32", "--set", "model.width=0.25", "--set", "data.val_size=0", "--out", out)
-    assert r.returncode == 0, r.stderr
+    out = tmp_path / "r"  # (in process: what train prints, not how a process exits)
+    r = invoke("train", "--model", "resnet20", "--dataset", "synthetic", "--epochs", "1", "--train-subset", "128",
+               "--precision", "fp32", "--set", "model.width=0.25", "--set", "data.val_size=0", "--out", out)
+    assert r.exit_code == 0, r.output
     assert "no validation split" in r.stdout and "-100" not in r.stdout
     s = json.loads((out / "summary.json").read_text())
     assert s["best_val_accuracy"] is None and s["best_epoch"] is None

@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from click.testing import CliRunner
 from conftest import cifar_dir, kill_after_epoch
-from test_quantize import threads_from_env, tiny_checkpoint  # noqa: F401  (fixtures)
 
 import edlab.train as train_mod
 from edlab.checkpoint import load_checkpoint, save_checkpoint
@@ -22,10 +21,7 @@ from edlab.models import create_model
 from edlab.quantize import stage_config
 from edlab.train import data_from_config, distill_loss, fit, train
 
-
-@pytest.fixture
-def tiny_ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.getbasetemp())
+pytestmark = pytest.mark.usefixtures("threads_from_env")  # (conftest)
 
 
 def invoke(*args):
@@ -453,37 +449,34 @@ def test_a_recipe_distils_in_every_stage(tiny_ckpt, tmp_path, monkeypatch):
     assert sum(isinstance(m, nn.BatchNorm2d) for m in final.modules()) == len(kept)
 
 
-def test_a_teacher_that_trained_on_the_validation_images_is_warned_about_and_counted(tiny_cfg, tmp_path):
+def test_a_teacher_that_trained_on_the_validation_images_is_warned_about_counted_and_remembered(tiny_cfg, tmp_path):
     """Evaluation hygiene: the student's validation split must be held out from its teacher too. A teacher
     trained beside the same split passes quietly (0 images); one trained on every image is named, with the
-    count of validation images it saw, in a warning and in the summary."""
-    _, same = train(tiny_cfg(epochs=1, out=str(tmp_path / "t-same")))
-    _, whole = train(tiny_cfg(epochs=1, **{"data.val_size": 0, "out": str(tmp_path / "t-whole")}))
-    assert whole["best_val_accuracy"] is None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning for a teacher of the same split
-        _, s = train(tiny_cfg(epochs=1, **{"distill.teacher": str(tmp_path / "t-same" / "model.ckpt"),
-                                            "out": str(tmp_path / "s-same")}))
-    assert s["teacher_val_leak"] == 0
-    with pytest.warns(UserWarning, match=r"200 of its images were training images of the teacher .*t-whole"):
-        _, s = train(tiny_cfg(epochs=1, **{"distill.teacher": str(tmp_path / "t-whole" / "model.ckpt"),
-                                            "out": str(tmp_path / "s-whole")}))
-    assert s["teacher_val_leak"] == 200 and s["teacher"].endswith("model.ckpt")
+    count of validation images it saw, in a warning and in the summary.
 
-
-def test_a_leaky_teacher_is_remembered_by_every_later_stage(tiny_cfg, tmp_path):
-    """What a teacher learnt of the validation images stays in its student and in every model made from it:
+    What a teacher learnt of the validation images stays in its student and in every model made from it:
     the student's checkpoint records the count in its stage history, and a prune and a quantization of it
     (no teacher of their own) report it as val_leak; a quantization given the leaky teacher directly counts
-    it as its own (options.teacher_val_leak). A student of a clean teacher passes on 0."""
-    train(tiny_cfg(epochs=1, **{"data.val_size": 0, "out": str(tmp_path / "t-whole")}))
+    it as its own (options.teacher_val_leak). A student of a clean teacher passes on 0. (64 training images a
+    run: the counts come from the splits, not from what was learnt.)"""
+    small = {"data.train_subset": 64}
+    _, same = train(tiny_cfg(epochs=1, **small, out=str(tmp_path / "t-same")))
+    _, whole = train(tiny_cfg(epochs=1, **small, **{"data.val_size": 0, "out": str(tmp_path / "t-whole")}))
+    assert whole["best_val_accuracy"] is None
     teacher = str(tmp_path / "t-whole" / "model.ckpt")
-    with pytest.warns(UserWarning, match="training images of the teacher"):
-        _, s = train(tiny_cfg(epochs=1, **{"distill.teacher": teacher, "out": str(tmp_path / "s")}))
-    assert s["teacher_val_leak"] == 200 and s["val_leak"] == 200
-    student = tmp_path / "s" / "model.ckpt"
-    assert load_checkpoint(student).edlab_metadata["stages"][-1]["teacher_val_leak"] == 200
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning for a teacher of the same split
+        _, s = train(tiny_cfg(epochs=1, **small, **{"distill.teacher": str(tmp_path / "t-same" / "model.ckpt"),
+                                                     "out": str(tmp_path / "s-same")}))
+    assert s["teacher_val_leak"] == 0
+    with pytest.warns(UserWarning, match=r"200 of its images were training images of the teacher .*t-whole"):
+        _, s = train(tiny_cfg(epochs=1, **small, **{"distill.teacher": teacher, "out": str(tmp_path / "s-whole")}))
+    assert s["teacher_val_leak"] == 200 and s["teacher"].endswith("model.ckpt")
 
+    # the leaky student's later stages
+    assert s["teacher_val_leak"] == 200 and s["val_leak"] == 200
+    student = tmp_path / "s-whole" / "model.ckpt"
+    assert load_checkpoint(student).edlab_metadata["stages"][-1]["teacher_val_leak"] == 200
     r = invoke("prune", student, "--unstructured", "0.3", "--finetune-epochs", "0", "--out", tmp_path / "p")
     assert r.exit_code == 0, r.output
     p = json.loads((tmp_path / "p" / "summary.json").read_text())
@@ -492,9 +485,9 @@ def test_a_leaky_teacher_is_remembered_by_every_later_stage(tiny_cfg, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "q" / "summary.json").read_text())["val_leak"] == 200
 
-    _, clean = train(tiny_cfg(epochs=1, out=str(tmp_path / "c")))
+    clean = same  # a teacher-less run of the same split
     assert clean["val_leak"] == 0 and "teacher" not in clean
-    r = invoke("quantize", tmp_path / "c" / "model.ckpt", "--method", "qat", "--bits-w", "4", "--epochs", "1",
+    r = invoke("quantize", tmp_path / "t-same" / "model.ckpt", "--method", "qat", "--bits-w", "4", "--epochs", "1",
                "--teacher", teacher, "--set", "data.train_subset=64", "--out", tmp_path / "qt")
     assert r.exit_code == 0, r.output
     q = json.loads((tmp_path / "qt" / "summary.json").read_text())

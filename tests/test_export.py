@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_quantize import threads_from_env, tiny_checkpoint  # noqa: F401  (fixtures)
 
 from edlab.checkpoint import load_checkpoint
 from edlab.cli import cli
@@ -20,12 +19,9 @@ pytest.importorskip("onnxruntime")
 
 from edlab.export import _plain_batches, export_onnx, ort_evaluate, ort_session  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("threads_from_env")  # (conftest)
+
 X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture
-def tiny_ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.getbasetemp())
 
 
 def ops(path) -> set[str]:
@@ -118,21 +114,10 @@ def test_int8_export_runs_integer_kernels_and_agrees_with_fp32(tiny_ckpt, tmp_pa
     assert abs(int8 - fp32) <= 0.05
 
 
-def test_export_cli(tiny_ckpt, tmp_path):
-    out = tmp_path / "cli.int8.onnx"
-    r = CliRunner().invoke(cli, ["export", str(tiny_ckpt), "--int8", "--calib-images", "128", "--out", str(out)])
-    assert r.exit_code == 0, r.output
-    assert out.exists() and "ONNX Runtime test accuracy" in r.output
-    r = CliRunner().invoke(cli, ["export", str(tiny_ckpt), "--no-eval", "--out", str(tmp_path / "stage")])
-    assert r.exit_code == 0 and (tmp_path / "stage" / "model.onnx").exists()  # --out as a folder (pipelines)
-    r = CliRunner().invoke(cli, ["export", str(tiny_ckpt), "--format", "tflite"])
-    assert r.exit_code == 2 and r.stderr.strip() == "edlab: error: unknown export format 'tflite' (choices: onnx)"
-
-
-def test_int8_stage_writes_onnx_summary_and_latency(tiny_ckpt, tmp_path):
-    s = quantize_checkpoint(tiny_ckpt, "int8", calib_images=128, out=str(tmp_path / "int8"))
-    saved = json.loads((tmp_path / "int8" / "summary.json").read_text())
-    assert saved["checkpoint"].endswith("model.int8.onnx") and (tmp_path / "int8" / "model.int8.onnx").exists()
+def test_int8_stage_writes_onnx_summary_and_latency(int8_stage):
+    out, s = int8_stage  # quantize_checkpoint(tiny_ckpt, "int8", calib_images=128): conftest
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["checkpoint"].endswith("model.int8.onnx") and (out / "model.int8.onnx").exists()
     assert s["bits_a"] == 8 and s["bits_w"] == 8  # the int8 file's count: int8 weights (int32 biases, BN folded
     # into them, count at 32 bits in the params term)
     lat = s["latency"]
@@ -141,14 +126,20 @@ def test_int8_stage_writes_onnx_summary_and_latency(tiny_ckpt, tmp_path):
 
 
 def test_onnx_files_are_first_class_for_eval_score_bench_and_info(tiny_ckpt, tmp_path):
-    """The .onnx files edlab writes carry their dataset and normalisation: eval, score, bench and info read them."""
+    """`edlab export` writes them (to a file, or into a folder as a pipeline gives it) and refuses an unknown
+    format. The .onnx files edlab writes carry their dataset and normalisation: eval, score, bench and info read
+    them."""
     from edlab.onnx_model import onnx_metadata, onnx_profile
     from edlab.scoring import profile
 
-    fp32, int8 = tmp_path / "m.onnx", tmp_path / "m.int8.onnx"
-    assert CliRunner().invoke(cli, ["export", str(tiny_ckpt), "--no-eval", "--out", str(fp32)]).exit_code == 0
+    fp32, int8 = tmp_path / "stage" / "model.onnx", tmp_path / "m.int8.onnx"
+    r = CliRunner().invoke(cli, ["export", str(tiny_ckpt), "--no-eval", "--out", str(tmp_path / "stage")])
+    assert r.exit_code == 0 and fp32.exists()  # --out as a folder (pipelines)
     r = CliRunner().invoke(cli, ["export", str(tiny_ckpt), "--int8", "--calib-images", "128", "--out", str(int8)])
     assert r.exit_code == 0, r.output
+    assert int8.exists() and "ONNX Runtime test accuracy" in r.output
+    r = CliRunner().invoke(cli, ["export", str(tiny_ckpt), "--format", "tflite"])
+    assert r.exit_code == 2 and r.stderr.strip() == "edlab: error: unknown export format 'tflite' (choices: onnx)"
     meta = onnx_metadata(int8)
     assert meta["dataset"] == "synthetic" and len(meta["mean"]) == 3 and meta["inference"]["views"] == 1
     accs = {}
@@ -156,8 +147,8 @@ def test_onnx_files_are_first_class_for_eval_score_bench_and_info(tiny_ckpt, tmp
         r = CliRunner().invoke(cli, ["eval", str(path), "--json", "--tta", "none"])
         assert r.exit_code == 0, r.output
         accs[path.name] = json.loads(r.stdout)["test_accuracy"]
-    assert accs["m.onnx"] == pytest.approx(accs[tiny_ckpt.name], abs=0.004)  # the same function, exported
-    assert accs["m.int8.onnx"] == pytest.approx(accs[tiny_ckpt.name], abs=0.05)
+    assert accs[fp32.name] == pytest.approx(accs[tiny_ckpt.name], abs=0.004)  # the same function, exported
+    assert accs[int8.name] == pytest.approx(accs[tiny_ckpt.name], abs=0.05)
     # the score counted from the graphs: the fp32 export has the checkpoint's MACs, the int8 one 8-bit everything
     ref = profile(load_checkpoint(tiny_ckpt), views=1)
     p32, p8 = onnx_profile(fp32), onnx_profile(int8)

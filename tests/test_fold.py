@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn as nn
 from click.testing import CliRunner
-from test_quantize import threads_from_env, tiny_checkpoint  # noqa: F401  (fixtures)
 
 from edlab.checkpoint import load_checkpoint, save_checkpoint
 from edlab.cli import cli
@@ -17,12 +16,9 @@ from edlab.qlayers import LSQConv2d
 from edlab.quantize import binarize, calibrate, quantize_qat
 from edlab.scoring import profile
 
+pytestmark = pytest.mark.usefixtures("threads_from_env")  # (conftest)
+
 X = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture
-def tiny_ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.getbasetemp())
 
 
 def trained_like(model, positive=False):

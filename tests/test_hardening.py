@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -22,8 +23,9 @@ from edlab.config import SchedConfig, load_train_config
 from edlab.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
-from test_reliability import TINY, invoke  # noqa: E402  (the same tiny run and runner)
-from test_reliability import assert_one_line_error as one_line  # noqa: E402
+from conftest import TINY_TRAIN as TINY  # noqa: E402  (the same tiny run and runner)
+from conftest import assert_one_line_error as one_line  # noqa: E402
+from conftest import invoke  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +186,9 @@ def test_resume_with_missing_keys_is_one_line(tmp_path):
         _load(tmp_path / "resume.pt")
 
 
-def test_resume_says_from_which_epoch(tmp_path):
+def test_resume_says_from_which_epoch(tiny_run, tmp_path):
     out = tmp_path / "run"
-    assert invoke("train", *TINY, "--epochs", "1", "--out", out).exit_code == 0
+    shutil.copytree(tiny_run, out)  # a finished run of TINY (conftest)
     r = invoke("train", *TINY, "--epochs", "1", "--out", out, "--resume")
     assert r.exit_code == 0 and "resuming from epoch 1 of 1" in r.output, r.output
 
@@ -301,11 +303,11 @@ def test_float_labels_are_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ machine
-def test_disk_full_is_one_line_and_keeps_what_was_written(tmp_path, monkeypatch):
+def test_disk_full_is_one_line_and_keeps_what_was_written(tiny_run, tmp_path, monkeypatch):
     import edlab.checkpoint as ck
 
     out = tmp_path / "run"
-    assert invoke("train", *TINY, "--epochs", "1", "--out", out).exit_code == 0
+    shutil.copytree(tiny_run, out)  # a finished run of TINY (conftest)
     before = (out / "model.ckpt").read_bytes()
 
     def full(fd):
@@ -441,9 +443,9 @@ def test_options_are_consistent_across_commands():
         assert {"--train-subset", "--threads"} <= names(cmd), cmd
 
 
-def test_resume_says_which_key_differs(tmp_path):
+def test_resume_says_which_key_differs(tiny_run, tmp_path):
     out = tmp_path / "run"
-    assert invoke("train", *TINY, "--epochs", "1", "--out", out).exit_code == 0
+    shutil.copytree(tiny_run, out)  # a finished run of TINY (conftest)
     one_line(invoke("train", *TINY, "--epochs", "1", "--out", out, "--resume", "--set", "optim.momentum=0.5"),
              "optim.momentum: 0.9 saved, 0.5 now")
 

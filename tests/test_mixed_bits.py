@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn as nn
 from click.testing import CliRunner
-from test_quantize import threads_from_env, tiny_checkpoint  # noqa: F401  (fixtures)
 
 from edlab.checkpoint import load_checkpoint, save_checkpoint
 from edlab.cli import cli
@@ -14,6 +13,8 @@ from edlab.models import create_model
 from edlab.qlayers import LSQConv2d
 from edlab.quantize import calibrate, layer_bits_plan, parse_layer_bits, quantize_qat
 from edlab.scoring import REF_MACS, REF_PARAMS, profile
+
+pytestmark = pytest.mark.usefixtures("threads_from_env")  # (conftest)
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 RULES = "first=8,last=8/32,layers.1.0.shortcut.0=float,layers.2.*=2/4"
@@ -26,11 +27,6 @@ EXPECTED = {
     "layers.2.0.conv1": (2, 4), "layers.2.0.conv2": (2, 4), "layers.2.0.shortcut.0": (2, 4),
     "fc": (8, None),
 }
-
-
-@pytest.fixture
-def tiny_ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.getbasetemp())
 
 
 def mixed_model():

@@ -241,14 +241,14 @@ def test_from_scratch_keeps_widths_and_zeros(tiny_cfg, tmp_path):
 
 
 def test_cli_prune_end_to_end(tmp_path, synthetic_ckpt):
+    from edlab.cli import cli
+
     ckpt = synthetic_ckpt
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     args = ["prune", ckpt, "--structured", "0.3", "--unstructured", "0.2", "--finetune-epochs", "1",
             "--train-subset", "128", "--out", out, "--distill"]
-    r = subprocess.run([sys.executable, "-m", "edlab", *map(str, args)], capture_output=True, text=True,
-                       env=env, timeout=240)
-    assert r.returncode == 0, r.stderr
+    r = CliRunner().invoke(cli, [str(a) for a in args])  # in process: test_cli.py drives the real command line
+    assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in rows] == ["dense", "structured", "unstructured"]
     for row in rows:
@@ -286,9 +286,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, msg, tmp_path):
 def test_a_malformed_dense_reference_is_one_line(synthetic_ckpt, runs_unchanged):
     """A dense reference (the unpruned counts ps and pu are fractions of) without counts: KeyError 'params'
     after the run folder was made, before."""
-    from test_reliability import _rewrite_header, assert_one_line_error, invoke
+    from conftest import assert_one_line_error, invoke, rewrite_header
 
-    bad = _rewrite_header(synthetic_ckpt, synthetic_ckpt.with_name("bad.ckpt"),
+    bad = rewrite_header(synthetic_ckpt, synthetic_ckpt.with_name("bad.ckpt"),
                           lambda h: {**h, "dense_reference": {"builder": "not-a-zoo-model"}})
     assert_one_line_error(invoke("prune", bad, "--structured", "0.3"), "dense reference must be {'params'")
     runs_unchanged()
@@ -301,7 +301,7 @@ def test_a_malformed_dense_reference_is_one_line(synthetic_ckpt, runs_unchanged)
 def test_an_onnx_file_is_refused_before_a_run_folder_is_made(synthetic_ckpt, runs_unchanged):
     """Before: ZeroDivisionError in sparsity_of, and an empty run folder per attempt."""
     pytest.importorskip("onnxruntime")
-    from test_reliability import assert_one_line_error, invoke
+    from conftest import assert_one_line_error, invoke
 
     onnx = synthetic_ckpt.with_name("m.onnx")
     assert invoke("export", synthetic_ckpt, "--out", onnx).exit_code == 0
@@ -312,7 +312,7 @@ def test_an_onnx_file_is_refused_before_a_run_folder_is_made(synthetic_ckpt, run
 def test_a_quantized_checkpoint_is_refused_before_a_run_folder_is_made(synthetic_ckpt, runs_unchanged):
     """A QAT model (as `edlab quantize --method qat` saves it): Torch-Pruning used to fail on its layers after
     the run folder was made and runs/latest moved to it."""
-    from test_reliability import assert_one_line_error, invoke
+    from conftest import assert_one_line_error, invoke
 
     from edlab.quantize import calibrate, quantize_qat
 

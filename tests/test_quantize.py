@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,25 +16,15 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from edlab.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from edlab.cli import cli
-from edlab.config import load_train_config
 from edlab.models import create_model
 from edlab.qlayers import BinaryConv2d, BinaryLinear, LSQConv2d, LSQLinear, binarize_ste, lsq_quantize
 from edlab.quantize import binarize, calibrate, clip_latent_, quantize_checkpoint, quantize_qat, stage_config, to_half
 from edlab.scoring import profile
 from edlab.train import data_from_config, evaluate, fit
 
+pytestmark = pytest.mark.usefixtures("threads_from_env")  # (conftest)
+
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(autouse=True)
-def threads_from_env():
-    """conftest sets 2 torch threads whatever OMP_NUM_THREADS says; on a shared 2-core machine that is up to 4x
-    slower for these tiny models, so honour OMP_NUM_THREADS here (and restore the setting afterwards)."""
-    before = torch.get_num_threads()
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
-    yield
-    torch.set_num_threads(before)
 
 
 def rows(model):
@@ -252,25 +241,6 @@ for name in ("binary", "qat"):
 
 
 # ------------------------------------------------------------------------------------------- the stage
-def tiny_checkpoint(base) -> Path:
-    """A resnet20 (width 0.5) trained for 2 epochs on synthetic data and saved with its config, as by `edlab
-    train`; made once per session under pytest's base temp folder (test_export.py uses it too)."""
-    from edlab.train import train
-
-    out = Path(base) / "tiny-src"
-    if not (out / "model.ckpt").exists():
-        train(load_train_config(None, None, [
-            "model.name=resnet20", "model.width=0.5", "data.dataset=synthetic", "data.val_size=200",
-            "data.train_subset=512", "data.batch_size=64", "epochs=2", "optim.lr=0.05", "precision=fp32",
-            f"out={out}"]))
-    return out / "model.ckpt"
-
-
-@pytest.fixture
-def tiny_ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.getbasetemp())
-
-
 def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
@@ -363,7 +333,7 @@ def test_quantize_takes_what_prune_takes(synthetic_ckpt, tmp_path, target):
 @pytest.mark.parametrize("method", ["int8", "bf16"])
 def test_an_onnx_file_is_refused_as_onnx_not_as_corrupt(synthetic_ckpt, runs_unchanged, method):
     pytest.importorskip("onnxruntime")
-    from test_reliability import assert_one_line_error
+    from conftest import assert_one_line_error
 
     onnx = synthetic_ckpt.with_name("m.onnx")
     assert invoke("export", synthetic_ckpt, "--out", onnx).exit_code == 0

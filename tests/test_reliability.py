@@ -18,40 +18,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import TINY_TRAIN, assert_one_line_error, invoke, rewrite_header
 from killtest import env
 from safetensors.torch import save as st_save
 
 from edlab import EdlabError, load_checkpoint, save_checkpoint
-from edlab.checkpoint import _header_digest, _tensor_digest, read_checkpoint
-from edlab.cli import cli
+from edlab.checkpoint import _tensor_digest, read_checkpoint
 from edlab.models import create_model
 from edlab.runs import Run
 from edlab.train import data_from_config, fit, model_from_config, read_resume, train
 
-TINY = ["--model", "resnet20", "--dataset", "synthetic", "--train-subset", "128", "--batch-size", "64",
-        "--precision", "fp32", "--threads", "1", "--set", "model.width=0.25", "--set", "data.val_size=64"]
+TINY = TINY_TRAIN  # (conftest's tiny run)
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_one_line_error(r, msg: str = "", code: int = 2):
-    """The failure contract: exit code, one line on stderr naming the problem, no traceback."""
-    assert r.exit_code == code, (r.exit_code, r.output, r.exception)
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert msg in r.stderr, r.stderr
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A tiny trained checkpoint (1 epoch, synthetic) for the commands that take one."""
-    out = tmp_path_factory.mktemp("rel") / "run"
-    r = invoke("train", *TINY, "--epochs", "1", "--out", out)
-    assert r.exit_code == 0, r.output
-    return out / "model.ckpt"
+@pytest.fixture
+def ckpt(tiny_run):
+    """A tiny trained checkpoint (1 epoch, synthetic) for the commands that take one: conftest's tiny run."""
+    return tiny_run / "model.ckpt"
 
 
 # ------------------------------------------------------------------------------------------ hostile files
@@ -95,18 +78,6 @@ def test_pickled_checkpoint_is_refused_by_every_command_without_running_it(comma
         assert not marker.exists()
 
 
-def _rewrite_header(src: Path, dst: Path, edit) -> Path:
-    """A copy of a valid checkpoint whose edlab JSON header went through ``edit`` (digest kept valid, so
-    only the header's content is hostile)."""
-    header, tensors = read_checkpoint(src)
-    new = edit(header)
-    if isinstance(new, dict):  # the digest is no signature: a hostile file carries a valid one
-        new["header_sha256"] = _header_digest(new)
-    meta = json.dumps(new) if not isinstance(new, str) else new
-    dst.write_bytes(st_save(tensors, metadata={"edlab": meta}))
-    return dst
-
-
 @pytest.mark.parametrize("name,edit,msg", [
     ("os-system", lambda h: {**h, "arch": {"builder": "os.system", "kwargs": {"command": "touch MARKER"}}},
      "not allowed"),
@@ -136,7 +107,7 @@ def test_hostile_checkpoint_header_is_refused(ckpt, tmp_path, name, edit, msg):
         e = edit(h)
         return json.loads(json.dumps(e).replace("MARKER", str(marker))) if not isinstance(e, str) else e
 
-    p = _rewrite_header(ckpt, tmp_path / f"{name}.ckpt", hostile)
+    p = rewrite_header(ckpt, tmp_path / f"{name}.ckpt", hostile)
     with pytest.raises(EdlabError, match=msg):
         load_checkpoint(p)
     assert_one_line_error(invoke("score", p), msg)
@@ -374,11 +345,12 @@ def test_nan_via_the_cli_stop_and_skip(ckpt, tmp_path):
 
 
 def test_resume_after_lowering_the_lr(tiny_cfg, tmp_path, nan_at_call, one_thread):
-    cfg = tiny_cfg(epochs=2, out=str(tmp_path / "r"))
+    small = {"data.train_subset": 128}  # (two steps an epoch: the NaN in epoch 2, the lowered lr resumes it)
+    cfg = tiny_cfg(epochs=2, out=str(tmp_path / "r"), **small)
     nan_at_call(len(data_from_config(cfg, torch.device("cpu")).train) + 1)
     with pytest.raises(EdlabError):
         train(cfg)
-    train(tiny_cfg(epochs=2, out=str(tmp_path / "r"), **{"optim.lr": 0.01}), resume=True)
+    train(tiny_cfg(epochs=2, out=str(tmp_path / "r"), **{"optim.lr": 0.01}, **small), resume=True)
 
 
 # ----------------------------------------------------------------------------------------- concurrency

@@ -300,15 +300,13 @@ def test_a_result_whose_name_is_a_number_is_listed_under_its_folder(tmp_path):
     assert ">01-score</td>" in (tmp_path / "report" / "index.html").read_text()
 
 
-def test_an_int8_best_model_gets_its_per_layer_breakdown(runs_root, tmp_path):
+def test_an_int8_best_model_gets_its_per_layer_breakdown(int8_stage, tmp_path):
     """The demo's best model is the int8 stage's .onnx file (no model.ckpt): the report said "no per-layer
     breakdown" while `edlab score` profiles ONNX files. It now draws the file's rows, counted as score does."""
     pytest.importorskip("onnxruntime")
     from edlab.inspect_file import score_file
-    from edlab.quantize import quantize_checkpoint
 
-    int8 = tmp_path / "int8"
-    quantize_checkpoint(str(runs_root / "a" / "model.ckpt"), "int8", calib_images=64, out=str(int8))
+    int8 = int8_stage[0]  # an int8 stage's run folder (conftest)
     res = build_report([int8], tmp_path / "rep", floor=0)
     assert res["best"].name == "int8" and "layers" in res["figures"]
     assert (tmp_path / "rep" / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -116,10 +116,10 @@ def test_sigkill_then_same_command_finishes_only_the_rest(tmp_path):
 
 HOLD_A_TRIAL = """
 import sys, time
-from edlab.study import _claim, load_study, open_study, storage_url
+from edlab.study import claim, load_study, open_study, storage_url
 st = load_study(sys.argv[1], out=sys.argv[2])
 study = open_study(st, storage_url(st, None), worker=1, create=False)
-assert _claim(study) is not None
+assert claim(study) is not None
 print("claimed", flush=True)
 time.sleep(600)
 """
@@ -162,13 +162,13 @@ def test_a_killed_worker_not_yet_reaped_does_not_hold_its_trial(tmp_path):
 
 CLAIM_ALL = """
 import json, sys, time
-from edlab.study import _claim, load_study, open_study, storage_url
+from edlab.study import claim, load_study, open_study, storage_url
 st = load_study(sys.argv[1], out=sys.argv[2])
 study = open_study(st, storage_url(st, None), worker=1, create=False)
 start = float(sys.argv[3])
 time.sleep(max(0.0, start - time.time()))
 got = []
-while (t := _claim(study)) is not None:
+while (t := claim(study)) is not None:
     got.append(t.number)
 print(json.dumps(got))
 """
@@ -314,7 +314,7 @@ def test_ready_studies_are_valid(path, monkeypatch):
 def test_locked_sqlite_is_retried_other_errors_are_not():
     import sqlite3
 
-    from edlab.study import _retry
+    from edlab.study import retry
 
     calls = []
 
@@ -327,10 +327,10 @@ def test_locked_sqlite_is_retried_other_errors_are_not():
                 raise RuntimeError("An exception is raised during the commit.") from e
         return "ok"
 
-    assert _retry(flaky, 2, "database is locked") == "ok" and len(calls) == 3
+    assert retry(flaky, 2, "database is locked") == "ok" and len(calls) == 3
     calls.clear()
     with pytest.raises(RuntimeError):
-        _retry(flaky, 1, "no such table: trials")
+        retry(flaky, 1, "no such table: trials")
     assert len(calls) == 1
 
 
