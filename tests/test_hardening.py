@@ -124,7 +124,8 @@ def test_a_failed_first_attempt_leaves_out_free(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ resume.pt
 def _resume_file(tmp_path, **state):
-    from edlab.train import FitState, LRSchedule, _save_resume
+    from edlab.optim import LRSchedule
+    from edlab.resume import FitState, save_resume
 
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -132,16 +133,17 @@ def _resume_file(tmp_path, **state):
     opt.step()
     sched = LRSchedule(SchedConfig(), 3, 10)
     path = tmp_path / "resume.pt"
-    _save_resume(path, model, opt, sched, FitState(**state), None)
+    save_resume(path, model, opt, sched, FitState(**state), None)
     return path, model, opt, sched
 
 
 def _load(path, epochs=3):
-    from edlab.train import LRSchedule, _load_resume
+    from edlab.optim import LRSchedule
+    from edlab.resume import load_resume
 
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return _load_resume(path, model, opt, LRSchedule(SchedConfig(), 3, 10), None, None, epochs), model
+    return load_resume(path, model, opt, LRSchedule(SchedConfig(), 3, 10), None, None, epochs), model
 
 
 def test_resume_state_is_checksummed(tmp_path):
@@ -174,7 +176,7 @@ def test_resume_with_missing_keys_is_one_line(tmp_path):
     import hashlib
     import io
 
-    from edlab.train import RESUME_MAGIC
+    from edlab.resume import RESUME_MAGIC
 
     buf = io.BytesIO()
     torch.save({"model": {}, "state": {"epoch": 1}}, buf)
@@ -214,7 +216,7 @@ def test_absurd_values_are_refused(sets, msg):
 
 
 def test_min_lr_is_the_floor_of_cosine():
-    from edlab.train import LRSchedule
+    from edlab.optim import LRSchedule
 
     s = LRSchedule(SchedConfig(name="cosine", min_lr=0.01), epochs=2, steps_per_epoch=10, lr=0.1)
     assert s.factor(0) == pytest.approx(1.0) and s.factor(20) == pytest.approx(0.1)

@@ -18,6 +18,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from edlab.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from edlab.cli import cli
 from edlab.config import load_train_config
+from edlab.data import data_from_config
+from edlab.evaluation import evaluate
 from edlab.models import create_model
 from edlab.quantize import (
     BinaryConv2d,
@@ -35,7 +37,7 @@ from edlab.quantize import (
     to_half,
 )
 from edlab.score import profile
-from edlab.train import data_from_config, evaluate, fit
+from edlab.train import fit
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

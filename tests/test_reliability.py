@@ -25,9 +25,11 @@ from safetensors.torch import save as st_save
 from edlab import EdlabError, load_checkpoint, save_checkpoint
 from edlab.checkpoint import _header_digest, _tensor_digest, read_checkpoint
 from edlab.cli import cli
+from edlab.data import data_from_config
 from edlab.models import create_model
+from edlab.resume import read_resume
 from edlab.runs import Run
-from edlab.train import data_from_config, fit, model_from_config, read_resume, train
+from edlab.train import fit, model_from_config, train
 
 TINY = ["--model", "resnet20", "--dataset", "synthetic", "--train-subset", "128", "--batch-size", "64",
         "--precision", "fp32", "--threads", "1", "--set", "model.width=0.25", "--set", "data.val_size=64"]

@@ -22,8 +22,8 @@ _API = {
     "load_checkpoint": "checkpoint:load_checkpoint", "save_checkpoint": "checkpoint:save_checkpoint",
     "load_model": "checkpoint:load_model",
     # edlab train, eval, lr-find
-    "train_run": "train:train_run", "train_model": "train:train", "fit": "train:fit", "evaluate": "train:evaluate",
-    "evaluate_checkpoint": "train:evaluate_checkpoint", "find_lr": "lr_find:find_lr",
+    "train_run": "train:train_run", "train_model": "train:train", "fit": "train:fit", "evaluate": "evaluation:evaluate",
+    "evaluate_checkpoint": "evaluation:evaluate_checkpoint", "find_lr": "lr_find:find_lr",
     # edlab score, info
     "profile": "score:profile", "score_file": "score:score_file", "info": "score:describe",
     # edlab prune

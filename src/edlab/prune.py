@@ -624,18 +624,11 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
     metrics line per step, finetune.jsonl (the epochs), model.ckpt and summary.json into ``run``."""
     from .checkpoint import save_checkpoint, upstream_val_leak, with_stage
     from .config import to_yaml
+    from .device import resolve_device, resolve_precision, use_threads
+    from .distill import leak_record, load_teacher
+    from .evaluation import evaluate, final_test
     from .runs import command_line
-    from .train import (
-        evaluate,
-        final_test,
-        fit,
-        inference_record,
-        leak_record,
-        load_teacher,
-        resolve_device,
-        resolve_precision,
-        use_threads,
-    )
+    from .train import fit, inference_record
 
     recipe.validate()
     if recipe.distill and cfg.distill.teacher:
@@ -784,9 +777,11 @@ def prune_checkpoint(target: str, structured: float = 0.0, unstructured: float =
     teacher, ...); ``sets``: any fine-tuning config key ("optim.lr=0.01"). See :class:`Recipe` for the rest."""
     from .checkpoint import load_model
     from .config import flags_to_tree
+    from .data import data_from_config
+    from .device import resolve_device
+    from .distill import check_teacher
     from .quantize import is_quantized
     from .runs import Run
-    from .train import check_teacher, data_from_config, resolve_device
 
     unknown = sorted(set(options) - set(PRUNE_FLAGS))
     if unknown:

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from .checkpoint import conv_kwargs, register_leaf
 from .errors import EdlabError
-from .train import TTA_VIEWS, final_test, inference_record
+from .evaluation import final_test
+from .train import TTA_VIEWS, inference_record
 
 METHODS = ("fp16", "bf16", "binaryconnect", "qat", "int8")
 # Fine-tuning defaults of the training stages, between the checkpoint's saved config and the user's flags:
@@ -526,7 +527,7 @@ def _plain_batch(data, n: int) -> torch.Tensor:
 
 def _half(source: nn.Module, method: str, data, run, cfg, options: dict) -> dict:
     """fp16/bf16: cast, evaluate (validation, then test once), save the truly half checkpoint."""
-    from .train import evaluate
+    from .evaluation import evaluate
 
     model = to_half(source, torch.float16 if method == "fp16" else torch.bfloat16)
     runner, arithmetic = model, method
@@ -564,7 +565,9 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
     conversion and calibration are deterministic, so redoing them and then loading the run's resume.pt
     (fit's per-epoch state) continues a killed stage."""
     from .checkpoint import load_checkpoint
-    from .train import fit, load_teacher, resolve_precision
+    from .device import resolve_precision
+    from .distill import load_teacher
+    from .train import fit
 
     device = data.train.device
     model = copy.deepcopy(source)
@@ -649,9 +652,12 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     ``train_subset``, ``threads``: as ``sets`` data.train_subset=N and threads=N (an entry of ``sets`` wins)."""
     from .checkpoint import load_model, upstream_val_leak
     from .config import to_yaml
+    from .data import data_from_config
+    from .device import resolve_device, use_threads
+    from .distill import check_teacher
+    from .evaluation import evaluate
     from .runs import Run, command_line
     from .score import profile
-    from .train import check_teacher, data_from_config, evaluate, resolve_device, use_threads
 
     if method not in METHODS:
         raise EdlabError(f"unknown method '{method}' (choices: {', '.join(METHODS)})")

@@ -70,7 +70,7 @@ def _models(echo=print) -> dict[str, int]:
 
 STAGES: dict[str, Stage] = {
     "train": Stage("edlab.train:train_run", "config", named="edlab.config:TRAIN_FLAGS", resumable=True),
-    "eval": Stage("edlab.train:evaluate_checkpoint", "checkpoint", takes_checkpoint=True, writes_json=True,
+    "eval": Stage("edlab.evaluation:evaluate_checkpoint", "checkpoint", takes_checkpoint=True, writes_json=True,
                   takes_out=False),
     "score": Stage("edlab.score:score_file", "target", takes_checkpoint=True, writes_json=True, takes_out=False),
     "info": Stage("edlab.stages:_info", "target", takes_checkpoint=True, takes_out=False),
