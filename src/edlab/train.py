@@ -23,18 +23,18 @@ import torch.nn.functional as F
 
 from . import distill
 from .augment import crop_pool, mix
-from .checkpoint import load_checkpoint, save_checkpoint, upstream_val_leak, with_stage
-from .config import TrainConfig, to_yaml
-from .data import Data, data_from_config
-from .device import autocast, resolve_channels_last, resolve_device, resolve_precision, use_threads
-from .distill import check_teacher, leak_record
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import Data
+from .device import autocast, resolve_channels_last, resolve_precision
 from .distributed import Dist
 from .errors import EdlabError
 from .evaluation import evaluate, final_test
 from .models import create_model
 from .optim import LRSchedule, build_optimizer, total_steps
 from .resume import FitState, load_resume, save_resume
-from .runs import Run, command_line
+from .runs import Run
+from .stage import StageRun, inference_record, run_model_stage
 from .tricks import (
     EMA,
     Lookahead,
@@ -333,14 +333,6 @@ def with_split_seed(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def inference_record(cfg: TrainConfig, amp: torch.dtype | None, precision: str | None = None) -> dict:
-    """How the reported accuracy was measured, per image: test-time views (the score multiplies f by them)
-    and the arithmetic (``precision`` names it when it is not an autocast dtype, e.g. a half model). Stored
-    in checkpoints and summaries; ``edlab.score.views_of`` reads it back."""
-    return {"tta": cfg.tta, "views": TTA_VIEWS[cfg.tta],
-            "precision": precision or (str(amp).replace("torch.", "") if amp else "fp32")}
-
-
 def model_summary(model: nn.Module, one_view: bool = False) -> dict:
     """Size and score figures for summary.json (the score module counts them from the model). The score
     charges the test-time views the accuracy was measured with; ``one_view`` adds ``score_one_view``, the
@@ -354,123 +346,45 @@ def model_summary(model: nn.Module, one_view: bool = False) -> dict:
     return p
 
 
-def config_change(saved, cfg: TrainConfig) -> str | None:
-    """The first config key that differs from the saved config.yaml, in words ('optim.momentum: 0.9 saved,
-    0.5 now'), or None. What may change on resume: the thread count, the tracker, and what cures a diverged
-    run (a lower lr, gradient clipping, the NaN policy): the resumed epochs then use the new values. Where
-    the run and its data live (``out``, ``data.data_dir``) may change too: a run folder copied to another
-    path or machine continues there (portable runs)."""
-    import yaml
-
-    from .runs import _flatten
-
-    try:
-        old = yaml.safe_load(saved.read_text()) or {}
-    except (OSError, ValueError, yaml.YAMLError):
-        return f"{saved} is unreadable"
-    if not isinstance(old, dict):
-        return f"{saved} is not a config"
-    if isinstance(old.get("data"), dict) and old["data"].get("split_seed") is None:  # saved before split_seed
-        old["data"]["split_seed"] = old.get("seed", 0)
-    old.setdefault("final_test", True)  # saved before final_test existed: those runs tested
-    for section, key, default in (("data", "cutmix", 0.0), ("data", "mix_switch_prob", 0.5),
-                                  ("distill", "crop_pool", 0)):  # saved before these existed: they were off
-        if isinstance(old.get(section), dict):
-            old[section].setdefault(key, default)
-    old = _flatten(old)
-    new = _flatten(cfg.model_dump(mode="json"))
-    free = {"threads", "tracker", "nan_policy", "grad_clip", "optim.lr", "out", "data.data_dir"}
-    for key in sorted((set(old) | set(new)) - free):
-        if old.get(key, "unset") != new.get(key, "unset"):
-            return f"{key}: {old.get(key, 'unset')!r} saved, {new.get(key, 'unset')!r} now"
-    return None
-
-
-def _same_run_config(saved, cfg: TrainConfig) -> bool:
-    return config_change(saved, cfg) is None
-
-
-def _open_run(cfg: TrainConfig, resume: bool, run: Run | None) -> Run:
-    if run is None:
-        run = Run.open(cfg.out) if resume else Run.create(cfg.name or cfg.model.name, cfg.out)
-    if resume:
-        saved = run.file("config.yaml")
-        change = config_change(saved, cfg) if saved.exists() else None
-        if change:
-            raise EdlabError(f"--resume: the config differs from the one saved in {saved} ({change}); resume "
-                             f"with the same config (edlab train {saved} --out {run.path} --resume)")
-    run.write_text("config.yaml", to_yaml(cfg))
-    return run
-
-
 def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None = None,
           data: Data | None = None):
     """Build data and model from ``cfg``, fit, test once, write the run directory. Returns (model, summary).
 
     ``data`` may be passed pre-built (it must match cfg.data), e.g. by a caller that already loaded it.
     Under torchrun, rank 0 makes the run directory and tests; other ranks return (model, None)."""
-    from . import distributed
-
     cfg = with_split_seed(cfg)
-    check_teacher(cfg.distill.teacher)
-    torch.manual_seed(cfg.seed)
-    use_threads(cfg.threads)
-    d = distributed.setup(cfg.device)
-    device = distributed.rank_device(d, resolve_device(cfg.device))
-    error, path = None, None
-    fresh = run is None and not resume  # a folder this call makes: undone if the run fails before training
-    if d.main:
-        try:
-            run = _open_run(cfg, resume, run)
-            path = str(run.path)
-        except EdlabError as e:
-            if not d.active:
-                raise
-            error = str(e)
-    error, path = distributed.broadcast(d, (error, path))  # every rank stops, or every rank uses rank 0's dir
-    if error:
-        raise EdlabError(error)
-    if not d.main:
-        run, console = Run.open(path), None
-    try:
-        data = data or data_from_config(cfg, device)
+
+    def build(data: Data) -> nn.Module:
         model = model_from_config(cfg, data.num_classes)
-        if not cfg.model.checkpoint:
-            init_model(model, cfg, data)
-        teacher = distill.load_teacher(cfg.distill.teacher, data.num_classes, cfg.data) \
-            if cfg.distill.teacher else None
-        leak = leak_record(teacher, cfg.distill.teacher, upstream_val_leak(model))  # before fit: earlier stages
-    except EdlabError:
-        if d.main and fresh:  # nothing trained yet: the same command must work once the cause is fixed
-            run.discard()
-        raise
+        return model if cfg.model.checkpoint else init_model(model, cfg, data)
+
+    return run_model_stage("train", cfg, _train_stage, build, resume=resume, run=run, data=data, console=console,
+                     distributed_ranks=True)
+
+
+def _train_stage(s: StageRun, model: nn.Module) -> tuple[nn.Module, dict | None]:
+    """The training stage's algorithm: fit, keep the best or last weights, test once, save."""
+    cfg, run, data, d, device = s.cfg, s.run, s.data, s.d, s.device
     t0 = time.perf_counter()
-    state = fit(model, data, cfg, run, teacher=teacher, resume=resume, console=console, d=d)
+    state = fit(model, data, cfg, run, teacher=s.teacher, resume=s.resume, console=s.console, d=d)
     if not d.main:
-        distributed.barrier(d)  # rank 0 tests and writes; wait so that torchrun ends all ranks together
-        distributed.teardown(d)
-        return model, None
+        return model, None  # rank 0 tests and writes
     if cfg.keep == "best" and run.file("best.ckpt").exists():
         model = load_checkpoint(run.file("best.ckpt")).to(device)
     amp = resolve_precision(cfg.precision, device)
-    if console is not None and cfg.final_test:  # minutes on a CPU with 6 views: say what is happening
-        console.print(f"testing once: {len(data.test.split):,} images x {TTA_VIEWS[cfg.tta]} view(s)")
+    if s.console is not None and cfg.final_test:  # minutes on a CPU with 6 views: say what is happening
+        s.console.print(f"testing once: {len(data.test.split):,} images x {TTA_VIEWS[cfg.tta]} view(s)")
     test = final_test(model, data, amp, cfg)  # the only time the test split is read
     model = model.to("cpu").to(memory_format=torch.contiguous_format).float().eval()
     inference = inference_record(cfg, amp)
     # the stage's epochs: 9.9 when a fractional run ran to its end, the epochs run when it stopped early
     epochs = cfg.epochs if state.epoch >= math.ceil(cfg.epochs) else state.epoch
-    stages = with_stage(model, {"stage": "train", "model": cfg.model.name, "epochs": epochs,
-                                "train_subset": cfg.data.train_subset,
-                                "test_accuracy": test["accuracy"], "views": inference["views"],
-                                **({"teacher_val_leak": leak["teacher_val_leak"]} if teacher is not None else {})})
     best_val = state.best_val if state.best_epoch > 0 else None  # None: no validation split (val_size 0)
-    meta = dict(test_accuracy=test["accuracy"], val_accuracy=best_val, config=cfg.model_dump(mode="json"),
-                inference=inference, stages=stages)
-    save_checkpoint(model, run.file("model.ckpt"), **meta)
-    model.edlab_metadata = meta
+    s.save(model, s.entry({"model": cfg.model.name, "epochs": epochs}, test, inference),
+           test_accuracy=test["accuracy"], val_accuracy=best_val, config=cfg.model_dump(mode="json"),
+           inference=inference)
     last = state.history[-1] if state.history else {}
-    summary = {
+    return model, {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
         "val_accuracy": last.get("val_accuracy"), "best_val_accuracy": best_val,
         "best_epoch": state.best_epoch if best_val is not None else None, "epochs": state.epoch,
@@ -479,14 +393,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
         "tta": cfg.tta, "ema": cfg.ema, "device": str(device), "world_size": d.world,
         "precision": inference["precision"], "inference": inference,
         "model": cfg.model.name, "dataset": cfg.data.dataset, **model_summary(model, one_view=True),
-        "command": command_line(), "run_dir": str(run.path),
-    }
-    summary.update(leak)  # a teacher (here or upstream) that saw the validation images makes val read high
-    run.write_summary(summary)
-    run.close()
-    distributed.barrier(d)
-    distributed.teardown(d)
-    return model, summary
+    }  # the skeleton adds the command, the run folder and the teacher's leak record
 
 
 def train_run(config: str | None = None, resume: bool = False, sets: list[str] | tuple[str, ...] = (),
