@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import TrainConfig
+from .config import DATASETS, TrainConfig
 from .data import get_data
 from .device import autocast, resolve_device
 from .errors import EdlabError
@@ -51,9 +51,6 @@ def final_test(model: nn.Module, data, amp: torch.dtype | None, cfg: TrainConfig
 def pct(v: float | None) -> str:
     """An accuracy as '91.25%', or 'untested' (final_test off)."""
     return "untested" if v is None else f"{100 * v:.2f}%"
-
-
-DATASETS = ("cifar10", "cifar100", "synthetic")
 
 
 def evaluate_checkpoint(checkpoint: str, dataset: str | None = None, data_dir: str | None = None,

@@ -638,12 +638,13 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     cast (fp16, bf16, int8), so that what is tested, scored and saved is the deployment form.
     ``train_subset``, ``threads``: as ``sets`` data.train_subset=N and threads=N (an entry of ``sets`` wins)."""
     from .checkpoint import load_model
+    from .config import DATASETS
     from .stage import run_model_stage
 
     if method not in METHODS:
         raise EdlabError(f"unknown method '{method}' (choices: {', '.join(METHODS)})")
-    if dataset is not None and dataset not in ("cifar10", "cifar100", "synthetic"):
-        raise EdlabError(f"unknown dataset '{dataset}' (choices: cifar10, cifar100, synthetic)")
+    if dataset is not None and dataset not in DATASETS:
+        raise EdlabError(f"unknown dataset '{dataset}' (choices: {', '.join(DATASETS)})")
     sets = [*([f"data.train_subset={train_subset}"] if train_subset is not None else []),
             *([f"threads={threads}"] if threads is not None else []), *sets]  # a later --set wins
     if method == "qat":
