@@ -627,7 +627,7 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data=None, run=None, conso
         return _prune_stage(s, model, recipe, scratch_cfg, source)
 
     return run_model_stage("prune", cfg, algorithm, model.float(), name=name, run=run, data=data, console=console,
-                     source_teaches=recipe.distill)
+                           source_teaches=recipe.distill)
 
 
 def _prune_stage(s: StageRun, model: nn.Module, recipe: Recipe, scratch_cfg,

@@ -693,8 +693,8 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     def algorithm(s: StageRun, source: nn.Module) -> tuple[nn.Module, dict]:
         return source, _quantize_stage(s, source, method, options, how)
 
-    return run_model_stage("quantize", cfg, algorithm, source, resume=resume, console=console, source_teaches=distill,
-                     teacher_in_summary=False)[1]  # the teacher is recorded in the summary's options
+    return run_model_stage("quantize", cfg, algorithm, source, resume=resume, console=console,
+                           source_teaches=distill, teacher_in_summary=False)[1]  # its teacher: in the options
 
 
 def _quantize_stage(s: StageRun, source: nn.Module, method: str, options: dict, how: dict) -> dict:

@@ -6,11 +6,12 @@ that teacher (or an earlier stage's) trained on, runs its algorithm, saves model
 and writes summary.json. Written once here, so that a fix to the resume or leak rules is made once, and a new
 stage is its algorithm plus one call to :func:`run_model_stage`:
 
-    def my_stage(s: StageRun, model):          # s: the run, data, device, teacher, leak record
-        ...                                 # the algorithm
+    def my_stage(s: StageRun, model):   # s: the config, run folder, data, device, teacher, leak record
+        ...                              # the algorithm (fit(model, s.data, s.cfg, teacher=s.teacher), ...)
         test = final_test(model, s.data, None, s.cfg)
+        inference = inference_record(s.cfg, None)
         s.save(model, s.entry({"what": 1}, test, inference), test_accuracy=test["accuracy"], ...)
-        return model, {"test_accuracy": test["accuracy"], ...}
+        return model, {"test_accuracy": test["accuracy"], ...}   # summary.json, less what the skeleton adds
 
     run_model_stage("mine", cfg, my_stage, model)
 

@@ -359,7 +359,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
         return model if cfg.model.checkpoint else init_model(model, cfg, data)
 
     return run_model_stage("train", cfg, _train_stage, build, resume=resume, run=run, data=data, console=console,
-                     distributed_ranks=True)
+                           distributed_ranks=True)
 
 
 def _train_stage(s: StageRun, model: nn.Module) -> tuple[nn.Module, dict | None]:
