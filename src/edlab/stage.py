@@ -125,6 +125,16 @@ def open_run(stage: str, cfg: TrainConfig, resume: bool, run: Run | None, name: 
     return run
 
 
+def with_split_seed(cfg: TrainConfig) -> TrainConfig:
+    """The config with its validation split's seed written out (the run's seed when unset), so that the
+    checkpoint records the split and every later stage inherits it."""
+    if cfg.data.split_seed is not None:
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.split_seed = cfg.seed
+    return cfg
+
+
 def inference_record(cfg: TrainConfig, amp: torch.dtype | None, precision: str | None = None) -> dict:
     """How the reported accuracy was measured, per image: test-time views (the score multiplies f by them)
     and the arithmetic (``precision`` names it when it is not an autocast dtype, e.g. a half model). Stored
@@ -174,6 +184,7 @@ def run_model_stage(stage: str, cfg: TrainConfig, algorithm: Algorithm, model: n
     ``distributed_ranks``: under torchrun, rank 0 makes the folder and writes; the others run the algorithm
     and return (model, None). A folder this call made is removed again if the stage fails before its
     algorithm starts (no data, a bad teacher), so that the same command works once the cause is fixed."""
+    cfg = with_split_seed(cfg)
     distill.check_teacher(cfg.distill.teacher)  # before any run folder or data is made
     torch.manual_seed(cfg.seed)
     use_threads(cfg.threads)

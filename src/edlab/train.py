@@ -323,16 +323,6 @@ def init_model(model: nn.Module, cfg: TrainConfig, data: Data) -> nn.Module:
     return model
 
 
-def with_split_seed(cfg: TrainConfig) -> TrainConfig:
-    """The config with its validation split's seed written out (the run's seed when unset), so that the
-    checkpoint records the split and every later stage inherits it."""
-    if cfg.data.split_seed is not None:
-        return cfg
-    cfg = cfg.model_copy(deep=True)
-    cfg.data.split_seed = cfg.seed
-    return cfg
-
-
 def model_summary(model: nn.Module, one_view: bool = False) -> dict:
     """Size and score figures for summary.json (the score module counts them from the model). The score
     charges the test-time views the accuracy was measured with; ``one_view`` adds ``score_one_view``, the
@@ -352,8 +342,6 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, run: Run | None 
 
     ``data`` may be passed pre-built (it must match cfg.data), e.g. by a caller that already loaded it.
     Under torchrun, rank 0 makes the run directory and tests; other ranks return (model, None)."""
-    cfg = with_split_seed(cfg)
-
     def build(data: Data) -> nn.Module:
         model = model_from_config(cfg, data.num_classes)
         return model if cfg.model.checkpoint else init_model(model, cfg, data)
