@@ -77,8 +77,9 @@ def run_edlab(config: str, data_dir: str | None, device: str, runs: int, work: P
     """``runs`` trainings of ``config`` by edlab (plus one untimed warm-up), then both views on the test set."""
     from edlab.checkpoint import load_checkpoint
     from edlab.config import load_train_config
-    from edlab.data import Loader
-    from edlab.train import data_from_config, evaluate, train
+    from edlab.data import Loader, data_from_config
+    from edlab.evaluation import evaluate
+    from edlab.train import train
 
     sets = [f"device={device}", "final_test=false"] + (["epochs=0.2", "data.train_subset=2048"] if quick else [])
     if data_dir:

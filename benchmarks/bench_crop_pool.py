@@ -18,6 +18,8 @@ import time
 
 import torch
 
+import edlab.data
+import edlab.distill as D
 import edlab.train as T
 from edlab.config import load_train_config
 
@@ -28,11 +30,11 @@ def one_run(args, pool: int) -> dict:
     if args.data_dir:
         sets.append(f"data.data_dir={args.data_dir}")
     cfg = load_train_config(args.config, None, sets)
-    data = T.data_from_config(cfg, torch.device("cpu"))
+    data = edlab.data.data_from_config(cfg, torch.device("cpu"))
     model = T.model_from_config(cfg, data.num_classes)
-    teacher = T.load_teacher(cfg.distill.teacher, data.num_classes)
+    teacher = D.load_teacher(cfg.distill.teacher, data.num_classes)
     spent = {"eval_cpu": [], "eval_wall": [], "table_cpu": 0.0, "table_wall": 0.0}
-    real_eval, real_table = T.evaluate, T.teacher_table
+    real_eval, real_table = T.evaluate, D.teacher_table
 
     def timed(fn, cpu_key, wall_key, append):
         def inner(*a, **k):
@@ -49,12 +51,12 @@ def one_run(args, pool: int) -> dict:
 
     marks = [(time.process_time(), time.perf_counter())]
     T.evaluate = timed(real_eval, "eval_cpu", "eval_wall", True)
-    T.teacher_table = timed(real_table, "table_cpu", "table_wall", False)
+    D.teacher_table = timed(real_table, "table_cpu", "table_wall", False)
     try:
         T.fit(model, data, cfg, teacher=teacher,
               on_epoch=lambda row: marks.append((time.process_time(), time.perf_counter())))
     finally:
-        T.evaluate, T.teacher_table = real_eval, real_table
+        T.evaluate, D.teacher_table = real_eval, real_table
     cpu = [b[0] - a[0] - e for a, b, e in zip(marks, marks[1:], spent["eval_cpu"])]
     wall = [b[1] - a[1] - e for a, b, e in zip(marks, marks[1:], spent["eval_wall"])]
     cpu[0] -= spent["table_cpu"]  # the first epoch's mark includes the table

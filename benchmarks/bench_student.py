@@ -21,8 +21,9 @@ import torch.nn as nn
 import yaml
 
 from edlab.config import OptimConfig
+from edlab.device import autocast, resolve_channels_last, resolve_precision
 from edlab.models import create_model
-from edlab.train import autocast, build_optimizer, resolve_channels_last, resolve_precision
+from edlab.optim import build_optimizer
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "student-dw233-distill.yaml"
 

@@ -34,8 +34,10 @@ from bench_augment import baseline_loader, forever, load_data, machine  # the si
 
 from edlab.config import TrainConfig, load_train_config
 from edlab.data import Data, Loader
+from edlab.device import resolve_channels_last, resolve_precision
+from edlab.evaluation import evaluate
 from edlab.models import create_model
-from edlab.train import evaluate, fit, resolve_channels_last, resolve_precision
+from edlab.train import fit
 
 # resnet18 takes seconds a step on a 2-core CPU (~15 min an epoch): a few steps give its rate
 DEFAULT_STEPS = {"resnet20": 40, "resnet18": 6}

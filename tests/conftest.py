@@ -26,8 +26,10 @@ def kill_after_epoch(cfg, epoch: int, make_model=None):
     loaded) and kill it when ``epoch`` has been saved: what the resume tests continue. ``make_model(cfg,
     data)`` builds the network (default: ``model_from_config``). Returns the Run."""
     from edlab.config import to_yaml
+    from edlab.data import data_from_config
+    from edlab.distill import load_teacher
     from edlab.runs import Run
-    from edlab.train import data_from_config, fit, load_teacher, model_from_config
+    from edlab.train import fit, model_from_config
 
     run = Run.create("cut", cfg.out)
     run.write_text("config.yaml", to_yaml(cfg))

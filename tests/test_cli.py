@@ -142,3 +142,14 @@ def test_train_choices_are_the_configs_and_epochs_take_fractions():
                                    "tracker": (TrainConfig, "tracker")}.items():
         assert list(opts[flag].type.choices) == list(get_args(section.model_fields[field].annotation))
     assert opts["epochs"].type.convert("0.5", None, None) == 0.5 and opts["epochs"].type.convert("2", None, None) == 2
+
+
+def test_every_commands_dataset_and_tta_choices_are_the_configs():
+    """The dataset and view names the commands offer (written out in cli/_common.py so that `edlab --help`
+    loads no library) are the config's, and the library's own checks use the config's (edlab.config.DATASETS)."""
+    from edlab.cli import _common
+    from edlab.config import DATASETS, TrainConfig, choices
+    from edlab.evaluation import DATASETS as EVAL_DATASETS
+
+    assert _common.DATASETS == DATASETS == EVAL_DATASETS
+    assert list(_common.TTA_NAMES) == choices(TrainConfig, "tta")

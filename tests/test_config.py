@@ -63,7 +63,7 @@ def test_a_run_saved_before_cutmix_and_crop_pool_resumes(tmp_path):
     import yaml
 
     from edlab.config import to_yaml
-    from edlab.train import config_change
+    from edlab.stage import config_change
 
     cfg = load_train_config(None, None, ["data.split_seed=0"])
     old = yaml.safe_load(to_yaml(cfg))

@@ -89,7 +89,8 @@ def test_torch_pruning_removes_each_part_from_its_own_layers():
 
 @pytest.mark.filterwarnings("ignore:structured pruning")  # whole channels: 0.331 removed for 0.3 asked
 def test_train_prune_qat_and_checkpoint(tiny_cfg, tmp_path, one_thread):
-    from edlab.train import data_from_config, fit, model_from_config
+    from edlab.data import data_from_config
+    from edlab.train import fit, model_from_config
 
     cfg = tiny_cfg(**{"model.name": "convnext_nano", "model.width": 1.0, "data.train_subset": 128, "epochs": 1})
     data = data_from_config(cfg, torch.device("cpu"))

@@ -13,13 +13,17 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from conftest import cifar_dir, kill_after_epoch
 
+import edlab.distill as distill_mod
 import edlab.train as train_mod
+from edlab.augment import crop_pool
 from edlab.checkpoint import load_checkpoint, save_checkpoint
 from edlab.cli import cli
 from edlab.config import load_train_config
+from edlab.data import data_from_config
+from edlab.distill import distill_loss
 from edlab.models import create_model
 from edlab.quantize import stage_config
-from edlab.train import data_from_config, distill_loss, fit, train
+from edlab.train import fit, train
 
 pytestmark = pytest.mark.usefixtures("threads_from_env")  # (conftest)
 
@@ -73,8 +77,8 @@ def test_distillation_changes_what_the_student_learns(tiny_cfg):
 
 
 def _fit_with_teacher(cfg, teacher, cache: bool, monkeypatch):
-    views = train_mod.cached_views
-    monkeypatch.setattr(train_mod, "cached_views", lambda loader: views(loader) if cache else 0)
+    views = distill_mod.cached_views
+    monkeypatch.setattr(distill_mod, "cached_views", lambda loader: views(loader) if cache else 0)
     data = data_from_config(cfg, torch.device("cpu"))
     torch.manual_seed(0)
     model = create_model("resnet20", width=0.25)
@@ -127,21 +131,21 @@ def test_saved_teacher_table_is_read_back_only_when_it_matches(tiny_cfg, tmp_pat
     teacher = create_model("resnet20", width=0.25).eval()
     calls = []
     teacher.register_forward_pre_hook(lambda m, a: calls.append(len(a[0])))
-    path = tmp_path / train_mod.TABLE_FILE
-    first, reused = train_mod.saved_teacher_table(teacher, data.train, None, 2, path)
+    path = tmp_path / distill_mod.TABLE_FILE
+    first, reused = distill_mod.saved_teacher_table(teacher, data.train, None, 2, path)
     assert not reused and path.exists() and sum(calls) == 2 * 128 and first.shape == (128, 2, 10)
     calls.clear()
-    again, reused = train_mod.saved_teacher_table(teacher, data.train, None, 2, path)
+    again, reused = distill_mod.saved_teacher_table(teacher, data.train, None, 2, path)
     assert reused and calls == [] and torch.equal(again, first)
-    one, reused = train_mod.saved_teacher_table(teacher, data.train, None, 1, path)  # other views
+    one, reused = distill_mod.saved_teacher_table(teacher, data.train, None, 1, path)  # other views
     assert not reused and one.shape == (128, 10) and torch.allclose(one, first[:, 0], atol=1e-5)
     with torch.no_grad():
         next(teacher.parameters()).add_(0.5)  # another teacher
     calls.clear()
-    other, reused = train_mod.saved_teacher_table(teacher, data.train, None, 1, path)
+    other, reused = distill_mod.saved_teacher_table(teacher, data.train, None, 1, path)
     assert not reused and sum(calls) == 128 and not torch.allclose(other, one)
     path.write_bytes(b"torn")
-    _, reused = train_mod.saved_teacher_table(teacher, data.train, None, 1, path)
+    _, reused = distill_mod.saved_teacher_table(teacher, data.train, None, 1, path)
     assert not reused and torch.load(path, weights_only=True)["table"].shape == (128, 10)
 
 
@@ -152,20 +156,20 @@ def test_resume_reads_the_teacher_table_back_and_finishes_as_if_never_killed(tin
             "distill.teacher": str(tmp_path / "t.ckpt")}
     full = tiny_cfg(out=str(tmp_path / "full"), **sets)
     m_full, _ = train(full)
-    assert not (tmp_path / "full" / train_mod.TABLE_FILE).exists()  # a finished run keeps no table
+    assert not (tmp_path / "full" / distill_mod.TABLE_FILE).exists()  # a finished run keeps no table
 
     cut = tiny_cfg(out=str(tmp_path / "cut"), **sets)
     kill_after_epoch(cut, 2)
-    assert (tmp_path / "cut" / train_mod.TABLE_FILE).exists()
+    assert (tmp_path / "cut" / distill_mod.TABLE_FILE).exists()
     passes = []
-    real = train_mod.teacher_table
-    train_mod.teacher_table = lambda *a, **k: passes.append(1) or real(*a, **k)
+    real = distill_mod.teacher_table
+    distill_mod.teacher_table = lambda *a, **k: passes.append(1) or real(*a, **k)
     try:
         m_res, _ = train(cut, resume=True)
     finally:
-        train_mod.teacher_table = real
+        distill_mod.teacher_table = real
     assert passes == []  # read back, not recomputed
-    assert not (tmp_path / "cut" / train_mod.TABLE_FILE).exists()
+    assert not (tmp_path / "cut" / distill_mod.TABLE_FILE).exists()
     for a, b in zip(m_full.state_dict().values(), m_res.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -186,8 +190,8 @@ def _record_steps(monkeypatch, model):
     """(student input, teacher logits) of every training step of ``model``."""
     inputs, logits = [], []
     model.register_forward_pre_hook(lambda m, a: inputs.append(a[0].clone()) if m.training else None)
-    real = train_mod.distill_loss
-    monkeypatch.setattr(train_mod, "distill_loss", lambda s, t, *a: logits.append(t.clone()) or real(s, t, *a))
+    real = distill_mod.distill_loss
+    monkeypatch.setattr(distill_mod, "distill_loss", lambda s, t, *a: logits.append(t.clone()) or real(s, t, *a))
     return inputs, logits
 
 
@@ -205,8 +209,8 @@ def test_the_student_sees_the_pooled_crop_whose_teacher_logits_it_learns_from(ti
     model = create_model("resnet20", width=0.25)
     inputs, logits = _record_steps(monkeypatch, model)
     views = []
-    real_rows = train_mod.table_rows
-    monkeypatch.setattr(train_mod, "table_rows", lambda t, loader: views.append(
+    real_rows = distill_mod.table_rows
+    monkeypatch.setattr(distill_mod, "table_rows", lambda t, loader: views.append(
         (loader.index.clone(), loader.view.clone(), loader.mirrored.clone())) or real_rows(t, loader))
     fit(model, data, cfg, teacher=teacher)
     assert sum(calls) == 128 * 3 * 2 and len(inputs) == len(logits) == 2 * len(data.train)
@@ -226,17 +230,17 @@ def test_a_crop_pool_run_resumes_as_if_never_killed_without_calling_the_teacher(
     m_full, _ = train(tiny_cfg(out=str(tmp_path / "full"), **sets))
     cut = tiny_cfg(out=str(tmp_path / "cut"), **sets)
     kill_after_epoch(cut, 2)
-    saved = torch.load(tmp_path / "cut" / train_mod.TABLE_FILE, weights_only=True)
+    saved = torch.load(tmp_path / "cut" / distill_mod.TABLE_FILE, weights_only=True)
     assert saved["table"].shape == (128, 2, 2, 10)
     calls = []
-    real = train_mod.load_teacher
+    real = distill_mod.load_teacher
 
     def spied(*a, **k):
         t = real(*a, **k)
         t.register_forward_pre_hook(lambda m, x: calls.append(len(x[0])))
         return t
 
-    monkeypatch.setattr(train_mod, "load_teacher", spied)
+    monkeypatch.setattr(distill_mod, "load_teacher", spied)
     m_res, _ = train(cut, resume=True)
     assert calls == []  # read back: the teacher never ran
     for a, b in zip(m_full.state_dict().values(), m_res.state_dict().values()):
@@ -245,12 +249,12 @@ def test_a_crop_pool_run_resumes_as_if_never_killed_without_calling_the_teacher(
     data = data_from_config(cut, torch.device("cpu"))
     teacher = load_checkpoint(tmp_path / "t.ckpt").eval()
     path = tmp_path / "table.pt"
-    pool = train_mod.crop_pool(128, 2, 4, 0)
-    first, reused = train_mod.saved_teacher_table(teacher, data.train, None, 4, path, pool=pool)
+    pool = crop_pool(128, 2, 4, 0)
+    first, reused = distill_mod.saved_teacher_table(teacher, data.train, None, 4, path, pool=pool)
     assert not reused and first.shape == (128, 2, 2, 10)
-    assert train_mod.saved_teacher_table(teacher, data.train, None, 4, path, pool=pool)[1]
-    other, reused = train_mod.saved_teacher_table(teacher, data.train, None, 4, path,
-                                                  pool=train_mod.crop_pool(128, 2, 4, 1))
+    assert distill_mod.saved_teacher_table(teacher, data.train, None, 4, path, pool=pool)[1]
+    other, reused = distill_mod.saved_teacher_table(teacher, data.train, None, 4, path,
+                                                  pool=crop_pool(128, 2, 4, 1))
     assert not reused and not torch.allclose(other, first)
 
 
@@ -274,7 +278,7 @@ def test_which_batches_can_cache_the_teacher():
     from edlab.augment import Augment
 
     def views(policy, **kw):
-        return train_mod.cached_views(SimpleNamespace(augment=Augment(policy, (0.5,) * 3, (0.25,) * 3, **kw)))
+        return distill_mod.cached_views(SimpleNamespace(augment=Augment(policy, (0.5,) * 3, (0.25,) * 3, **kw)))
     assert views("none") == 1
     assert views("crop-flip", crop_pad=0) == 2 and views("crop-flip", crop_pad=0, flip="alternate") == 2
     assert views("crop-flip") == 0 and views("fancy") == 0 and views("scale-rotate") == 0

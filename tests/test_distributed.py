@@ -86,7 +86,8 @@ SCRIPT = """
 import json, os, sys, torch, torch.nn as nn
 from edlab import distributed
 from edlab.config import load_train_config
-from edlab.train import data_from_config, fit
+from edlab.data import data_from_config
+from edlab.train import fit
 
 d = distributed.setup("cpu")
 cfg = load_train_config(None, None, ["data.dataset=synthetic", "data.val_size=100", "data.train_subset=256",

@@ -126,7 +126,8 @@ def test_a_failed_first_attempt_leaves_out_free(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ resume.pt
 def _resume_file(tmp_path, **state):
-    from edlab.train import FitState, LRSchedule, _save_resume
+    from edlab.optim import LRSchedule
+    from edlab.resume import FitState, save_resume
 
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -134,16 +135,17 @@ def _resume_file(tmp_path, **state):
     opt.step()
     sched = LRSchedule(SchedConfig(), 3, 10)
     path = tmp_path / "resume.pt"
-    _save_resume(path, model, opt, sched, FitState(**state), None)
+    save_resume(path, model, opt, sched, FitState(**state), None)
     return path, model, opt, sched
 
 
 def _load(path, epochs=3):
-    from edlab.train import LRSchedule, _load_resume
+    from edlab.optim import LRSchedule
+    from edlab.resume import load_resume
 
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return _load_resume(path, model, opt, LRSchedule(SchedConfig(), 3, 10), None, None, epochs), model
+    return load_resume(path, model, opt, LRSchedule(SchedConfig(), 3, 10), None, None, epochs), model
 
 
 def test_resume_state_is_checksummed(tmp_path):
@@ -176,7 +178,7 @@ def test_resume_with_missing_keys_is_one_line(tmp_path):
     import hashlib
     import io
 
-    from edlab.train import RESUME_MAGIC
+    from edlab.resume import RESUME_MAGIC
 
     buf = io.BytesIO()
     torch.save({"model": {}, "state": {"epoch": 1}}, buf)
@@ -216,7 +218,7 @@ def test_absurd_values_are_refused(sets, msg):
 
 
 def test_min_lr_is_the_floor_of_cosine():
-    from edlab.train import LRSchedule
+    from edlab.optim import LRSchedule
 
     s = LRSchedule(SchedConfig(name="cosine", min_lr=0.01), epochs=2, steps_per_epoch=10, lr=0.1)
     assert s.factor(0) == pytest.approx(1.0) and s.factor(20) == pytest.approx(0.1)
@@ -304,7 +306,7 @@ def test_float_labels_are_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------------ machine
 def test_disk_full_is_one_line_and_keeps_what_was_written(tiny_run, tmp_path, monkeypatch):
-    import edlab.checkpoint as ck
+    import edlab.files as files
 
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)  # a finished run of TINY (conftest)
@@ -313,7 +315,7 @@ def test_disk_full_is_one_line_and_keeps_what_was_written(tiny_run, tmp_path, mo
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ck.os, "fsync", full)
+    monkeypatch.setattr(files.os, "fsync", full)
     one_line(invoke("train", *TINY, "--epochs", "1", "--out", out, "--resume"), "No space left on device")
     assert (out / "model.ckpt").read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -13,7 +13,7 @@ from killtest import KillPoint, env, fingerprint, random_kill_points, run_edlab,
 from edlab import EdlabError, load_checkpoint, save_checkpoint
 from edlab.checkpoint import read_checkpoint
 from edlab.models import create_model
-from edlab.train import read_resume
+from edlab.resume import read_resume
 
 # Tiny stages, 1 thread: train 2 epochs (resume.pt after each) -> prune (fine-tune 1 epoch per step; redone
 # from the start when killed) -> qat 2 epochs (resume.pt after each). 17 atomic writes when uninterrupted:

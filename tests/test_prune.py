@@ -164,7 +164,8 @@ def test_structured_then_unstructured_matches_the_score(tmp_path):
 
 
 def test_masks_hold_during_fit_and_fold_at_the_end(tiny_cfg):
-    from edlab.train import data_from_config, fit
+    from edlab.data import data_from_config
+    from edlab.train import fit
 
     cfg = tiny_cfg(epochs=1, **{"data.train_subset": 256})
     m = tiny()
@@ -217,9 +218,9 @@ def test_iterative_steps_call_back_with_cumulative_targets():
 
 
 def test_from_scratch_keeps_widths_and_zeros(tiny_cfg, tmp_path):
+    from edlab.data import data_from_config
     from edlab.prune import Recipe, reinitialize, run_recipe
     from edlab.runs import Run
-    from edlab.train import data_from_config
 
     m = prune_structured(tiny(width=0.25), 0.3)
     shapes = {k: v.shape for k, v in m.state_dict().items()}

@@ -16,11 +16,13 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from edlab.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from edlab.cli import cli
+from edlab.data import data_from_config
+from edlab.evaluation import evaluate
 from edlab.models import create_model
 from edlab.qlayers import BinaryConv2d, BinaryLinear, LSQConv2d, LSQLinear, binarize_ste, lsq_quantize
 from edlab.quantize import binarize, calibrate, clip_latent_, quantize_checkpoint, quantize_qat, stage_config, to_half
 from edlab.scoring import profile
-from edlab.train import data_from_config, evaluate, fit
+from edlab.train import fit
 
 pytestmark = pytest.mark.usefixtures("threads_from_env")  # (conftest)
 

@@ -24,9 +24,11 @@ from safetensors.torch import save as st_save
 
 from edlab import EdlabError, load_checkpoint, save_checkpoint
 from edlab.checkpoint import _tensor_digest, read_checkpoint
+from edlab.data import data_from_config
 from edlab.models import create_model
+from edlab.resume import read_resume
 from edlab.runs import Run
-from edlab.train import data_from_config, fit, model_from_config, read_resume, train
+from edlab.train import fit, model_from_config, train
 
 TINY = TINY_TRAIN  # (conftest's tiny run)
 

@@ -257,7 +257,7 @@ def test_a_run_saved_before_final_test_resumes(tmp_path):
     import yaml
 
     from edlab.config import TrainConfig, build
-    from edlab.train import config_change
+    from edlab.stage import config_change
 
     cfg = build(TrainConfig, yaml.safe_load(TINY), {"data": {"split_seed": 0}})  # as train saves it
     old = cfg.model_dump(mode="json")

@@ -7,9 +7,11 @@ from conftest import kill_after_epoch
 
 from edlab import EdlabError, load_checkpoint
 from edlab.config import SchedConfig
+from edlab.data import data_from_config
 from edlab.lr_find import lr_range_test
+from edlab.optim import LRSchedule
 from edlab.runs import Run
-from edlab.train import LRSchedule, data_from_config, fit, model_from_config, train
+from edlab.train import fit, model_from_config, train
 
 
 def test_training_learns_and_writes_a_run_directory(tiny_cfg):
@@ -147,7 +149,7 @@ def test_lr_range_test_restores_weights(tiny_cfg):
 
 
 def test_ema_is_the_running_average_of_the_weights():
-    from edlab.train import EMA
+    from edlab.tricks import EMA
 
     model = torch.nn.Linear(3, 2)
     ema = EMA(model, decay=0.5)

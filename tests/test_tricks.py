@@ -11,18 +11,11 @@ from conftest import kill_after_epoch
 from edlab import EdlabError
 from edlab.augment import Augment, alternate_mirror
 from edlab.config import OptimConfig, SchedConfig
-from edlab.data import Loader, Split
+from edlab.data import Loader, Split, data_from_config
 from edlab.models import create_model
-from edlab.train import (
-    LRSchedule,
-    build_optimizer,
-    data_from_config,
-    fit,
-    model_from_config,
-    read_resume,
-    total_steps,
-    train,
-)
+from edlab.optim import LRSchedule, build_optimizer, total_steps
+from edlab.resume import read_resume
+from edlab.train import fit, model_from_config, train
 from edlab.tricks import Lookahead, dirac_init, patch_whitening, whiten_first_conv
 
 AIRBENCH = {"model.name": "airbench94", "model.width": 0.25, "model.bn_momentum": 0.4, "data.crop_pad": 2,

@@ -22,8 +22,8 @@ _API = {
     "load_checkpoint": "loader:load_checkpoint", "save_checkpoint": "checkpoint:save_checkpoint",
     "load_model": "loader:load_model",
     # edlab train, eval, lr-find
-    "train_run": "train:train_run", "train_model": "train:train", "fit": "train:fit", "evaluate": "train:evaluate",
-    "evaluate_checkpoint": "train:evaluate_checkpoint", "find_lr": "lr_find:find_lr",
+    "train_run": "train:train_run", "train_model": "train:train", "fit": "train:fit", "evaluate": "evaluation:evaluate",
+    "evaluate_checkpoint": "evaluation:evaluate_checkpoint", "find_lr": "lr_find:find_lr",
     # edlab score, info
     "profile": "scoring:profile", "score": "scoring:score", "score_file": "inspect_file:score_file",
     "info": "inspect_file:describe",

@@ -205,6 +205,9 @@ def choices(section: type[BaseModel], field: str) -> list[str]:
     return [str(v) for v in get_args(section.model_fields[field].annotation)]
 
 
+DATASETS = tuple(choices(DataConfig, "dataset"))  # what every command's --dataset accepts
+
+
 def set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     if len(parts) > MAX_DEPTH or not all(parts):

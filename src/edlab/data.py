@@ -18,12 +18,16 @@ import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .augment import Augment, alternate_mirror
 from .errors import EdlabError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -351,3 +355,11 @@ def get_data(dataset: str = "cifar10", data_dir: str | None = None, batch_size: 
         test=loader(test, eval_batch_size, plain, False),
         num_classes=NUM_CLASSES[dataset], mean=mean, std=std,
     )
+
+
+def data_from_config(cfg: TrainConfig, device: torch.device) -> Data:
+    """The data of a run's config (``cfg.data`` and its seed): what every stage trains and evaluates on."""
+    d = cfg.data
+    return get_data(d.dataset, d.data_dir, d.batch_size, d.augment, d.val_size, d.train_subset, d.cutout,
+                    d.eval_batch_size, cfg.seed, device, download=d.download, split_seed=d.split_seed,
+                    crop_pad=d.crop_pad, crop_fill=d.crop_fill, flip=d.flip)

@@ -231,13 +231,14 @@ def export_checkpoint(checkpoint: str, fmt: str = "onnx", int8: bool = False, ca
     ``calib_images`` training images) and, with ``do_eval``, measure its test accuracy under ONNX Runtime.
     ``out``: the .onnx file, or a folder for model[.int8].onnx (default: next to the checkpoint). Returns
     {path, bytes, test_accuracy, images} (the last two None without ``do_eval``)."""
+    from .config import DATASETS
     from .data import get_data
     from .loader import load_checkpoint
 
     if fmt != "onnx":
         raise EdlabError(f"unknown export format '{fmt}' (choices: onnx)")
-    if dataset is not None and dataset not in ("cifar10", "cifar100", "synthetic"):
-        raise EdlabError(f"unknown dataset '{dataset}' (choices: cifar10, cifar100, synthetic)")
+    if dataset is not None and dataset not in DATASETS:
+        raise EdlabError(f"unknown dataset '{dataset}' (choices: {', '.join(DATASETS)})")
     if calib_images < 1 or threads < 1:
         raise EdlabError("--calib-images and --threads must be >= 1")
     _require_ort()

@@ -9,7 +9,8 @@ import math
 import torch.nn as nn
 
 from .config import TrainConfig
-from .train import autocast, build_optimizer, resolve_precision
+from .device import autocast, resolve_precision
+from .optim import build_optimizer
 
 
 def lr_range_test(model: nn.Module, data, cfg: TrainConfig, start: float = 1e-6, end: float = 10.0,
@@ -81,8 +82,10 @@ def find_lr(config: str | None = None, steps: int = 100, start: float = 1e-6, en
     """``edlab lr-find`` as a call: the training config (file, named options as in edlab.train_run, sets)
     -> {'lrs', 'losses', 'suggested_lr', 'plot'}; the plot is written to ``plot_path`` unless it is None."""
     from .config import TRAIN_FLAGS, flags_to_tree, load_train_config
+    from .data import data_from_config
+    from .device import resolve_device, use_threads
     from .errors import EdlabError
-    from .train import data_from_config, model_from_config, resolve_device, use_threads
+    from .train import model_from_config
 
     if not 0 < start < end:
         raise EdlabError(f"--start must be > 0 and below --end (got {start}, {end})")

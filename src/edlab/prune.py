@@ -29,6 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -37,6 +38,9 @@ import torch.nn.functional as F
 from .config import DISTILL_FLAGS
 from .errors import EdlabError
 from .scoring import dense_reference, dense_reference_of, profile
+
+if TYPE_CHECKING:
+    from .stage import StageRun
 
 IMPORTANCES = ("l1", "l2", "bn", "taylor")
 TARGETS = ("params", "macs")
@@ -583,28 +587,18 @@ class Recipe:
 
 def finetune_config(model: nn.Module, flags: dict | None = None, sets: Sequence[str] = (), epochs: int = 5,
                     scratch: bool = False):
-    """The fine-tuning TrainConfig: the checkpoint's own training config (``edlab train`` saves it in the
-    checkpoint) with epochs = ``epochs``, a cosine schedule without warm-up and, unless given, one tenth of
-    its learning rate (0.01 after the default SGD 0.1), then the flags and ``--set`` overrides. For
-    training from scratch the original schedule and learning rate are kept."""
-    from .config import TrainConfig, build, parse_overrides
-    from .data import check_split, source_split
+    """The fine-tuning TrainConfig: the checkpoint's own training config (``edlab.stage.inherit_config``) with
+    epochs = ``epochs``, a cosine schedule without warm-up and, unless given, one tenth of its learning rate
+    (0.01 after the default SGD 0.1), then the flags and ``--set`` overrides. For training from scratch the
+    original schedule and learning rate are kept."""
+    from .stage import inherit_config
 
-    saved = copy.deepcopy(getattr(model, "edlab_metadata", {}).get("config") or {})
-    for key in ("out", "name", "final_test"):  # a study's untested trial: its pruning still tests unless told
-        saved.pop(key, None)
-    saved.setdefault("model", {}).update({"checkpoint": None})
-    saved.setdefault("distill", {}).update({"teacher": None, "crop_pool": 0})  # the student's own teacher: not implied
-    source = source_split(saved)
-    saved.setdefault("data", {})["split_seed"] = source["split_seed"]  # validate on the source's held-out split
-    base = build(TrainConfig, saved)
     over: dict = {"epochs": epochs, "keep": "last", "early_stop": None}
-    if not scratch:
-        over["optim"] = {"lr": base.optim.lr / 10}
-        over["sched"] = {"name": "cosine", "warmup_epochs": 0}
-    cfg = build(TrainConfig, base.model_dump(), over, flags or {}, parse_overrides(list(sets)))
-    check_split(source, cfg.data.dataset, cfg.data.val_size, cfg.data.split_seed)
-    return cfg
+    if scratch:
+        return inherit_config(model, over, flags or {}, sets=sets)
+    return inherit_config(model, lambda base: {**over, "optim": {"lr": base.optim.lr / 10},
+                                               "sched": {"name": "cosine", "warmup_epochs": 0}},
+                          flags or {}, sets=sets)
 
 
 def _row(model: nn.Module, step: int, kind: str, target: float | None, val_before: float | None,
@@ -618,43 +612,41 @@ def _row(model: nn.Module, step: int, kind: str, target: float | None, val_befor
             "seconds": seconds}
 
 
-def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, scratch_cfg=None,
-               source: str | None = None) -> tuple[nn.Module, dict]:
+def run_recipe(model: nn.Module, recipe: Recipe, cfg, data=None, run=None, console=None, scratch_cfg=None,
+               source: str | None = None, name: str | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` by ``recipe``, fine-tuning with ``cfg`` (a TrainConfig) after every step; write one
-    metrics line per step, finetune.jsonl (the epochs), model.ckpt and summary.json into ``run``."""
-    from .checkpoint import save_checkpoint, upstream_val_leak, with_stage
-    from .config import to_yaml
-    from .runs import command_line
-    from .train import (
-        evaluate,
-        final_test,
-        fit,
-        inference_record,
-        leak_record,
-        load_teacher,
-        resolve_device,
-        resolve_precision,
-        use_threads,
-    )
+    metrics line per step, finetune.jsonl (the epochs), model.ckpt and summary.json into ``run`` (made, as
+    ``name``, when not given; ``data`` likewise, from ``cfg``)."""
+    from .stage import run_model_stage
 
     recipe.validate()
     if recipe.distill and cfg.distill.teacher:
         raise EdlabError("give --distill (the unpruned model teaches) or --teacher CKPT, not both")
+
+    def algorithm(s: StageRun, model: nn.Module) -> tuple[nn.Module, dict]:
+        return _prune_stage(s, model, recipe, scratch_cfg, source)
+
+    return run_model_stage("prune", cfg, algorithm, model.float(), name=name, run=run, data=data, console=console,
+                           source_teaches=recipe.distill)
+
+
+def _prune_stage(s: StageRun, model: nn.Module, recipe: Recipe, scratch_cfg,
+                 source: str | None) -> tuple[nn.Module, dict]:
+    """The pruning stage's algorithm: the recipe's steps, each fine-tuned; test once; save."""
+    from .device import resolve_precision
+    from .evaluation import evaluate, final_test
+    from .stage import inference_record
+    from .train import fit
+
+    cfg, data, run, console, device, teacher = s.cfg, s.data, s.run, s.console, s.device, s.teacher
     t_start = time.perf_counter()
-    use_threads(getattr(cfg, "threads", None))
-    device = resolve_device(cfg.device)
     amp = resolve_precision(cfg.precision, device)
     inference = inference_record(cfg, amp)  # every score below charges the views this stage evaluates with
     model.edlab_metadata = {**(getattr(model, "edlab_metadata", None) or {}), "inference": inference}
     model.to(device).float()
     ensure_dense_reference(model)
-    teacher = copy.deepcopy(model).eval() if recipe.distill else \
-        load_teacher(cfg.distill.teacher, data.num_classes, cfg.data) if cfg.distill.teacher else None
-    leak = leak_record(teacher, "source" if recipe.distill else cfg.distill.teacher,
-                       upstream_val_leak(model))
     if sparsity_of(model) > 1e-4:
         hold_masks(model)  # a sparse checkpoint: its zeros are pruned weights, kept through fine-tuning
-    run.write_text("config.yaml", to_yaml(cfg))
     epochs_done = 0
 
     def val() -> float | None:
@@ -734,27 +726,17 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data, run, console=None, s
     last = run.metrics()[-1]
     stored = dict(getattr(model, "edlab_metadata", {}).get("config") or cfg.model_dump(mode="json"))
     stored["data"] = cfg.data.model_dump(mode="json")
-    meta = {"config": stored, "prune": asdict(recipe), "finetune_config": cfg.model_dump(mode="json"),
-            "test_accuracy": test["accuracy"], "val_accuracy": last["val_accuracy"], "source": source,
-            "inference": inference,
-            "stages": with_stage(model, {"stage": "prune", "structured": recipe.structured,
-                                         "unstructured": recipe.unstructured, "ps": p.ps, "pu": p.pu,
-                                         "train_subset": cfg.data.train_subset,
-                                         "test_accuracy": test["accuracy"], "views": inference["views"],
-                                         **({"teacher_val_leak": leak["teacher_val_leak"]}
-                                            if "teacher" in leak else {})})}
-    save_checkpoint(model, run.file("model.ckpt"), **meta)
-    model.edlab_metadata = meta
-    summary = {
+    entry = s.entry({"structured": recipe.structured, "unstructured": recipe.unstructured, "ps": p.ps,
+                     "pu": p.pu}, test, inference)
+    s.save(model, entry, config=stored, prune=asdict(recipe), finetune_config=cfg.model_dump(mode="json"),
+           test_accuracy=test["accuracy"], val_accuracy=last["val_accuracy"], source=source, inference=inference)
+    return model, {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"], "val_accuracy": last["val_accuracy"],
         "dense_val_accuracy": dense_val, "finetune_epochs_total": epochs_done, "steps": run.metrics(),
         "recipe": asdict(recipe), "source": source, "device": str(device),
         "precision": inference["precision"], "inference": inference, **p.to_dict(),
-        "seconds": time.perf_counter() - t_start, "command": command_line(), "run_dir": str(run.path), **leak,
-    }
-    run.write_summary(summary)
-    run.close()
-    return model, summary
+        "seconds": time.perf_counter() - t_start,
+    }  # the skeleton adds the command, the run folder and the teacher's leak record
 
 
 def _fmt(v: float | None) -> str:
@@ -785,8 +767,6 @@ def prune_checkpoint(target: str, structured: float = 0.0, unstructured: float =
     from .config import flags_to_tree
     from .loader import load_model
     from .qlayers import is_quantized
-    from .runs import Run
-    from .train import check_teacher, data_from_config, resolve_device
 
     unknown = sorted(set(options) - set(PRUNE_FLAGS))
     if unknown:
@@ -812,14 +792,10 @@ def prune_checkpoint(target: str, structured: float = 0.0, unstructured: float =
                               scratch=True) if from_scratch else None
     spec = getattr(model, "edlab_spec", {}) or {}
     name = spec.get("name") or spec.get("builder", "model").rsplit(".", 1)[-1]
-    if distill and cfg.distill.teacher:
-        raise EdlabError("give --distill (the unpruned model teaches) or --teacher CKPT, not both")
-    check_teacher(cfg.distill.teacher)  # before the data and the run folder
-    data = data_from_config(cfg, resolve_device(cfg.device))
-    run = Run.create(f"{name}-pruned", cfg.out)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="torch_pruning")
-        _, s = run_recipe(model, recipe, cfg, data, run, console, scratch, source=target)
+        _, s = run_recipe(model, recipe, cfg, console=console, scratch_cfg=scratch, source=target,
+                          name=f"{name}-pruned")
     return s
 
 

@@ -21,12 +21,14 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from .checkpoint import conv_kwargs
 from .errors import EdlabError
+from .evaluation import final_test
 from .qlayers import (
     QUANT_TYPES,
     BinaryConv2d,
@@ -38,8 +40,11 @@ from .qlayers import (
     is_quantized,
     linear_kwargs,
 )
-from .train import final_test, inference_record
+from .stage import inference_record
 from .views import TTA_VIEWS
+
+if TYPE_CHECKING:
+    from .stage import StageRun
 
 METHODS = ("fp16", "bf16", "binaryconnect", "qat", "int8")
 # Fine-tuning defaults of the training stages, between the checkpoint's saved config and the user's flags:
@@ -254,23 +259,13 @@ def to_half(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------- the stage
 def stage_config(model: nn.Module, checkpoint: str | Path, method: str, flags: dict, sets: list[str]):
-    """TrainConfig of a stage: the checkpoint's saved config < the stage's defaults < flags < --set."""
-    from .config import TrainConfig, build, parse_overrides
-    from .data import check_split, source_split
+    """TrainConfig of a stage: the checkpoint's saved config (``edlab.stage.inherit_config``) < the stage's
+    defaults < flags < --set."""
+    from .stage import inherit_config
 
-    saved = copy.deepcopy(getattr(model, "edlab_metadata", {}).get("config") or {})
-    for key in ("out", "name", "final_test"):  # a study's untested trial: its quantization still tests unless told
-        saved.pop(key, None)
-    saved["distill"] = {**saved.get("distill", {}), "teacher": None, "crop_pool": 0}  # the student's own
-    # teacher (and its crop pool) are not implied
-    source = source_split(saved)
-    saved.setdefault("data", {})["split_seed"] = source["split_seed"]  # validate on the source's held-out split
     spec = getattr(model, "edlab_spec", {}) or {}
-    name = f"{spec.get('name', 'model')}-{method}"
-    base = {"name": name, "model": {"checkpoint": str(checkpoint)}}
-    cfg = build(TrainConfig, saved, STAGE_DEFAULTS.get(method, {}), base, flags, parse_overrides(sets))
-    check_split(source, cfg.data.dataset, cfg.data.val_size, cfg.data.split_seed)
-    return cfg
+    base = {"name": f"{spec.get('name', 'model')}-{method}", "model": {"checkpoint": str(checkpoint)}}
+    return inherit_config(model, STAGE_DEFAULTS.get(method, {}), base, flags, sets=sets)
 
 
 def _plain_batch(data, n: int) -> torch.Tensor:
@@ -281,9 +276,11 @@ def _plain_batch(data, n: int) -> torch.Tensor:
     return Augment("none", data.mean, data.std)(images, None)
 
 
-def _half(source: nn.Module, method: str, data, run, cfg, options: dict) -> dict:
+def _half(s: StageRun, source: nn.Module, method: str, options: dict) -> dict:
     """fp16/bf16: cast, evaluate (validation, then test once), save the truly half checkpoint."""
-    from .train import evaluate
+    from .evaluation import evaluate
+
+    data, cfg = s.data, s.cfg
 
     model = to_half(source, torch.float16 if method == "fp16" else torch.bfloat16)
     runner, arithmetic = model, method
@@ -296,40 +293,32 @@ def _half(source: nn.Module, method: str, data, run, cfg, options: dict) -> dict
     test = final_test(runner, data, None, cfg)  # the same views as validation (cfg.tta)
     model = model.cpu()
     inference = inference_record(cfg, None, method)
-    _save(model, run, test, val, cfg, options, inference)
-    return {"scored": model, "test": test, "val_accuracy": val, "checkpoint": run.file("model.ckpt"),
+    _save(s, model, test, val, options, inference)
+    return {"scored": model, "test": test, "val_accuracy": val, "checkpoint": s.run.file("model.ckpt"),
             "inference": inference, "reference_tta": cfg.tta,
             "extra": {"reference_val_accuracy": ref_val, "eval_arithmetic": arithmetic}}
 
 
-def _save(model: nn.Module, run, test: dict, val: float | None, cfg, options: dict, inference: dict) -> None:
+def _save(s: StageRun, model: nn.Module, test: dict, val: float | None, options: dict, inference: dict) -> None:
     """model.ckpt of a stage, with how its accuracy was measured (the score charges its views)."""
-    from .checkpoint import save_checkpoint, with_stage
-
-    entry = {"stage": "quantize", **{k: v for k, v in options.items() if k != "source_checkpoint"},
-             "train_subset": cfg.data.train_subset, "test_accuracy": test["accuracy"], "views": inference["views"]}
-    meta = dict(test_accuracy=test["accuracy"], val_accuracy=val, config=cfg.model_dump(mode="json"),
-                quantization=options, inference=inference, stages=with_stage(model, entry))
-    save_checkpoint(model, run.file("model.ckpt"), **meta)
-    model.edlab_metadata = meta
+    entry = s.entry({k: v for k, v in options.items() if k != "source_checkpoint"}, test, inference)
+    s.save(model, entry, test_accuracy=test["accuracy"], val_accuracy=val, config=s.cfg.model_dump(mode="json"),
+           quantization=options, inference=inference)
 
 
-def _train(source: nn.Module, method: str, data, run, cfg, options: dict, console, resume: bool = False,
-           **how) -> dict:
+def _train(s: StageRun, source: nn.Module, method: str, options: dict, **how) -> dict:
     """binaryconnect/qat: convert a copy, fine-tune with fit(), evaluate the test split once in fp32 (the
-    fake-quantized arithmetic exactly as deployed; training used cfg.precision), save. ``resume``: the
+    fake-quantized arithmetic exactly as deployed; training used cfg.precision), save. On resume the
     conversion and calibration are deterministic, so redoing them and then loading the run's resume.pt
     (fit's per-epoch state) continues a killed stage."""
-    from .checkpoint import load_checkpoint
-    from .train import fit, load_teacher, resolve_precision
+    from .device import resolve_precision
+    from .loader import load_checkpoint
+    from .train import fit
 
-    device = data.train.device
+    data, run, cfg, teacher, device = s.data, s.run, s.cfg, s.teacher, s.device
     model = copy.deepcopy(source)
-    teacher = copy.deepcopy(source).eval() if how["distill"] else \
-        load_teacher(cfg.distill.teacher, data.num_classes, cfg.data) if cfg.distill.teacher else None
     if teacher is not None:
-        options.update(teacher="source" if how["distill"] else cfg.distill.teacher,
-                       teacher_val_leak=getattr(teacher, "edlab_val_leak", None),
+        options.update(teacher=s.leak["teacher"], teacher_val_leak=s.leak["teacher_val_leak"],
                        temperature=cfg.distill.temperature, alpha=cfg.distill.alpha)
     if method == "binaryconnect":
         options.update(keep_first_last=how["keep_first_last"], scale=how["scale"], stochastic=how["stochastic"])
@@ -340,7 +329,7 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
         quantize_qat(model, how["bits_w"], how["bits_a"], how["keep_first_last"], how["first_last_bits"],
                      how["layer_bits"])
         calibrate(model, _plain_batch(data, min(how["calib_images"], 256)).to(device))
-    state = fit(model, data, cfg, run, teacher=teacher, console=console, resume=resume)
+    state = fit(model, data, cfg, run, teacher=teacher, console=s.console, resume=s.resume)
     if cfg.keep == "best" and run.file("best.ckpt").exists():
         model = load_checkpoint(run.file("best.ckpt")).to(device)
     clip_latent_(model)
@@ -351,7 +340,7 @@ def _train(source: nn.Module, method: str, data, run, cfg, options: dict, consol
     test = final_test(model, data, None, cfg)  # the same views as fit's validation, fp32 arithmetic
     model = model.cpu()
     inference = inference_record(cfg, None)  # fp32 arithmetic
-    _save(model, run, test, val, cfg, options, inference)
+    _save(s, model, test, val, options, inference)
     precision = str(resolve_precision(cfg.precision, device) or "fp32").replace("torch.", "")
     return {"scored": model, "test": test, "val_accuracy": val, "checkpoint": run.file("model.ckpt"),
             "epochs": len(state.history), "inference": inference, "reference_tta": cfg.tta,
@@ -404,17 +393,14 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     layers into the convs before them (``edlab.fold``): after fine-tuning (binaryconnect, qat) or before the
     cast (fp16, bf16, int8), so that what is tested, scored and saved is the deployment form.
     ``train_subset``, ``threads``: as ``sets`` data.train_subset=N and threads=N (an entry of ``sets`` wins)."""
-    from .checkpoint import upstream_val_leak
-    from .config import to_yaml
+    from .config import DATASETS
     from .loader import load_model
-    from .runs import Run, command_line
-    from .scoring import profile
-    from .train import check_teacher, data_from_config, evaluate, resolve_device, use_threads
+    from .stage import run_model_stage
 
     if method not in METHODS:
         raise EdlabError(f"unknown method '{method}' (choices: {', '.join(METHODS)})")
-    if dataset is not None and dataset not in ("cifar10", "cifar100", "synthetic"):
-        raise EdlabError(f"unknown dataset '{dataset}' (choices: cifar10, cifar100, synthetic)")
+    if dataset is not None and dataset not in DATASETS:
+        raise EdlabError(f"unknown dataset '{dataset}' (choices: {', '.join(DATASETS)})")
     sets = [*([f"data.train_subset={train_subset}"] if train_subset is not None else []),
             *([f"threads={threads}"] if threads is not None else []), *sets]  # a later --set wins
     if method == "qat":
@@ -453,53 +439,46 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
         raise EdlabError("give --distill (the float source teaches) or --teacher CKPT, not both")
     if (distill or cfg.distill.teacher) and method not in STAGE_DEFAULTS:
         raise EdlabError(f"--distill/--teacher: method {method} does not train (use binaryconnect or qat)")
-    check_teacher(cfg.distill.teacher)
-    torch.manual_seed(cfg.seed)
-    use_threads(cfg.threads)  # --threads / threads=N: as train and prune do
-    device = resolve_device(cfg.device)
-    data = data_from_config(cfg, device)
-    run = Run.open(cfg.out) if resume else Run.create(cfg.name, cfg.out)
-    if resume and run.file("config.yaml").exists():
-        from .train import config_change
-
-        change = config_change(run.file("config.yaml"), cfg)
-        if change:
-            raise EdlabError(f"--resume: the config differs from the one saved in {run.file('config.yaml')} "
-                             f"({change}); resume with the same options")
-    run.write_text("config.yaml", to_yaml(cfg))
     options: dict = {"method": method, "source_checkpoint": str(checkpoint)}
     if progressive is not None:  # recorded: the stage fine-tuned a QAT model at new bits
         options["progressive_from"] = [{"layer": n, "bits_w": w, "bits_a": b} for n, w, b in progressive]
-    if fold and method not in STAGE_DEFAULTS:  # step: BN folded into the float convs, then cast / int8
+    how = dict(bits_w=bits_w, bits_a=None if bits_a == 32 else bits_a, keep_first_last=keep_first_last,
+               first_last_bits=first_last_bits, scale=scale, stochastic=stochastic, calib_images=calib_images,
+               layer_bits=layer_bits, fold=fold)
+
+    def algorithm(s: StageRun, source: nn.Module) -> tuple[nn.Module, dict]:
+        return source, _quantize_stage(s, source, method, options, how)
+
+    return run_model_stage("quantize", cfg, algorithm, source, resume=resume, console=console,
+                           source_teaches=distill, teacher_in_summary=False)[1]  # its teacher: in the options
+
+
+def _quantize_stage(s: StageRun, source: nn.Module, method: str, options: dict, how: dict) -> dict:
+    """The quantization stage's algorithm: the method, then the float source measured the same way."""
+    from .evaluation import evaluate
+    from .scoring import profile
+
+    cfg, data, run = s.cfg, s.data, s.run
+    if how["fold"] and method not in STAGE_DEFAULTS:  # step: BN folded into the float convs, then cast / int8
         source = _fold(source, options)
-    source = source.to(device)
+    source = source.to(s.device)
     t0 = time.perf_counter()
     if method == "int8":
-        r = _int8(source, data, run, options, console, calib_images, cfg.final_test)
+        r = _int8(source, data, run, options, s.console, how["calib_images"], cfg.final_test)
     elif method in ("fp16", "bf16"):
-        r = _half(source, method, data, run, cfg, options)
+        r = _half(s, source, method, options)
     else:
-        r = _train(source, method, data, run, cfg, options, console, resume=resume, bits_w=bits_w,
-                   bits_a=None if bits_a == 32 else bits_a, keep_first_last=keep_first_last,
-                   first_last_bits=first_last_bits, scale=scale, stochastic=stochastic, calib_images=calib_images,
-                   distill=distill, layer_bits=layer_bits, fold=fold)
+        r = _train(s, source, method, options, **how)
     seconds = time.perf_counter() - t0
     # the float source measured as the result was (same split, views and arithmetic), for the change
     reference = evaluate(source, data.test, tta=r["reference_tta"]) if cfg.final_test else {"accuracy": None}
     change = None if reference["accuracy"] is None else r["test"]["accuracy"] - reference["accuracy"]
-    summary = {
+    return {
         "method": method, "test_accuracy": r["test"]["accuracy"], "test_loss": r["test"]["loss"],
         "val_accuracy": r["val_accuracy"], "reference_test_accuracy": reference["accuracy"],
         "accuracy_change": change, "epochs": r.get("epochs", 0),
-        "seconds": seconds, "device": str(device), "dataset": cfg.data.dataset,
+        "seconds": seconds, "device": str(s.device), "dataset": cfg.data.dataset,
         "model": getattr(source, "edlab_spec", {}).get("name"), "checkpoint": str(r["checkpoint"]),
         "options": options, "inference": r["inference"], "reference_views": TTA_VIEWS[r["reference_tta"]],
-        **r["extra"], **(r.get("profile") or profile(r["scored"])).to_dict(), "command": command_line(),
-        "run_dir": str(run.path),
-        # a teacher of this stage or of an earlier one that saw the validation images makes val read high
-        "val_leak": max(upstream_val_leak(source),
-                        options.get("teacher_val_leak") or 0),
-    }
-    run.write_summary(summary)
-    run.close()
-    return summary
+        **r["extra"], **(r.get("profile") or profile(r["scored"])).to_dict(),
+    }  # the skeleton adds the command, the run folder and val_leak (this stage's teacher or an earlier one's)

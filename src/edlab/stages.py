@@ -71,7 +71,7 @@ def show_models(echo=print) -> dict[str, int]:
 
 STAGES: dict[str, Stage] = {
     "train": Stage("edlab.train:train_run", "config", named="edlab.config:TRAIN_FLAGS", resumable=True),
-    "eval": Stage("edlab.train:evaluate_checkpoint", "checkpoint", takes_checkpoint=True, writes_json=True,
+    "eval": Stage("edlab.evaluation:evaluate_checkpoint", "checkpoint", takes_checkpoint=True, writes_json=True,
                   takes_out=False),
     "score": Stage("edlab.inspect_file:score_file", "target", takes_checkpoint=True, writes_json=True, takes_out=False),
     "info": Stage("edlab.stages:show_info", "target", takes_checkpoint=True, takes_out=False),

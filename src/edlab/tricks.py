@@ -10,11 +10,14 @@ Each one is a named config option and works with any zoo model where it makes se
   like a shallow one first.
 - ``optim.freeze_bn_weight``: BN scales stay at 1 (fewer parameters; the next conv can scale instead).
 - ``lookahead``: every N steps the weights move to a running average and the network restarts from it.
+- ``ema``: the weights the run keeps are an exponential moving average of the trained ones (``EMA``).
 
-The BN-bias lr multiplier is in train.build_optimizer; alternating flip and reflected translation in augment.py.
+The BN-bias lr multiplier is in optim.build_optimizer; alternating flip and reflected translation in augment.py.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn as nn
@@ -144,3 +147,36 @@ class Lookahead:
     def load_state_dict(self, s: dict) -> None:
         for k in self.keys:
             self.avg[k].copy_(s["avg"][k])
+
+
+class EMA:
+    """Exponential moving average of the weights and BN statistics (Polyak averaging).
+
+    The average of the last ~1/(1-decay) steps sits nearer the centre of the basin SGD bounces around in,
+    so it validates better than the last iterate; the warm-up (1+t)/(10+t) keeps the random initial
+    weights from lingering in the average early on."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        # (average, source) tensor pairs, found once: the step loop only updates them in place
+        avg, cur = self.model.state_dict(), model.state_dict()
+        self._floats = ([avg[k] for k, v in avg.items() if v.dtype.is_floating_point],
+                        [cur[k].detach() for k, v in avg.items() if v.dtype.is_floating_point])
+        self._ints = [(avg[k], cur[k]) for k, v in avg.items() if not v.dtype.is_floating_point]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the average towards the weights of the model it was made from (call after each step)."""
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(*self._floats, 1 - d)
+        for a, c in self._ints:  # integer buffers (BN's num_batches_tracked): the current value
+            a.copy_(c)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.model.load_state_dict(s["model"])
+        self.updates = s["updates"]

@@ -8,8 +8,8 @@ import json
 
 import click
 
-DATASETS = ("cifar10", "cifar100", "synthetic")
-TTA_NAMES = ("none", "flip", "flip-shift", "airbench")  # edlab.views.TTA_VIEWS
+DATASETS = ("cifar10", "cifar100", "synthetic")  # edlab.config.DATASETS (tests/test_cli.py checks they agree)
+TTA_NAMES = ("none", "flip", "flip-shift", "airbench")  # the config's tta choices (checked likewise)
 
 # OSErrors that describe the machine, not a bug: reported in one line (every write is atomic, so the
 # files written before the failure are whole).

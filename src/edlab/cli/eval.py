@@ -1,4 +1,4 @@
-"""edlab eval -> edlab.train.evaluate_checkpoint."""
+"""edlab eval -> edlab.evaluation.evaluate_checkpoint."""
 
 import click
 
@@ -25,7 +25,7 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json)
       edlab eval model.ckpt --tta flip      # average the logits of each image and its mirror
       edlab eval model.int8.onnx            # through ONNX Runtime
     """
-    from ..train import evaluate_checkpoint
+    from ..evaluation import evaluate_checkpoint
 
     progress = None if as_json else (lambda m: click.echo(m, err=True))  # --json is for scripts: no chatter
     r = evaluate_checkpoint(checkpoint, dataset, data_dir, half, batch_size, device, tta, progress=progress)

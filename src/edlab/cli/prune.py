@@ -63,8 +63,8 @@ def prune(target, structured, unstructured, steps, finetune_epochs, schedule, im
       edlab prune runs/r20/model.ckpt --structured 0.5 --from-scratch --scratch-epochs 30
       edlab prune runs/s/model.ckpt --unstructured 0.7 --teacher runs/r56/model.ckpt --temperature 4
     """
+    from ..evaluation import pct
     from ..prune import prune_checkpoint
-    from ..train import pct
 
     c = console()
     s = prune_checkpoint(target, structured, unstructured, steps, finetune_epochs, schedule, importance,

@@ -60,8 +60,8 @@ def quantize(checkpoint, method, bits_w, bits_a, first_last_bits, layer_bits, fo
       edlab quantize m.ckpt --method qat --bits-w 4 --first-last-bits 8 --fold-bn   # the deployment form
       edlab quantize m.ckpt --method qat --teacher runs/r56/model.ckpt --temperature 4 --alpha 0.9
     """
+    from ..evaluation import pct
     from ..quantize import quantize_checkpoint
-    from ..train import pct
 
     c = console()
     s = quantize_checkpoint(checkpoint, method, bits_w=bits_w, bits_a=bits_a, epochs=epochs,

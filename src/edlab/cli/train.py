@@ -58,7 +58,8 @@ def train(config, resume, sets, **flags):
       edlab train --model resnet20 --set model.blocks=[2,3,3] --teacher runs/r56/model.ckpt --temperature 4
       WANDB_MODE=offline edlab train cfg.yaml --tracker wandb
     """
-    from ..train import pct, train_run
+    from ..evaluation import pct
+    from ..train import train_run
 
     out = console()
     s = train_run(config, resume=resume, sets=list(sets), console=out, **flags)

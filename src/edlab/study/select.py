@@ -66,7 +66,7 @@ def test_chosen(st: Study, study, echo=print) -> list[int]:
     with the views it was validated with (``edlab eval``'s default: the ones its metadata records). The figure
     is stored in the study (``tested:<slot>``), so a re-run does not test the same point again; a point that a
     later run of a grown study selects instead is tested then, and both figures stay on record."""
-    from ..train import evaluate_checkpoint
+    from ..evaluation import evaluate_checkpoint
 
     rows = trial_rows(study)
     done = retry(lambda: study.user_attrs)
