@@ -1,5 +1,5 @@
 """Reliability and security, proven by breaking things on purpose: hostile and corrupt files, absurd configs,
-broken datasets, non-finite losses and concurrent runs. Interruption (SIGKILL) tests: tests/test_kill.py.
+broken datasets, non-finite losses and concurrent runs. Interruption (SIGKILL) tests: tests/test_resume_after_kill.py.
 
 Most command lines run in-process through click's CliRunner (what `python -m edlab` runs, minus the
 interpreter start-up), checking the contract of every failure: exit code != 0, one line on stderr, no
