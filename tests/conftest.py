@@ -1,6 +1,7 @@
-"""What the tests share: helpers (invoke, assert_one_line_error, rewrite_header, kill_after_epoch), configs
-(tiny_cfg, TINY_TRAIN) and the trained files that cost seconds to make, made once per run (session fixtures:
-tiny_ckpt, tiny_run, int8_stage) and read by every test that needs them. No test module imports another."""
+"""What the tests share: helpers (invoke, assert_one_line_error, rewrite_header, kill_after_epoch, flat_weights),
+configs (tiny_cfg, TINY_TRAIN) and the trained files that cost seconds to make, made once per run (session fixtures:
+tiny_ckpt, tiny_run, int8_stage; ckpt is tiny_run's checkpoint) and read by every test that needs them. No test
+module imports another."""
 
 import os
 from pathlib import Path
@@ -128,7 +129,8 @@ def int8_stage(tiny_ckpt, tmp_path_factory) -> tuple[Path, dict]:
     return out, quantize_checkpoint(tiny_ckpt, "int8", calib_images=128, out=str(out))
 
 
-# `edlab train`'s arguments for the smallest run the commands' tests drive (test_reliability, test_hardening)
+# `edlab train`'s arguments for the smallest run the commands' tests drive (test_hostile_files,
+# test_numerical_faults, test_resume_file, test_pipeline)
 TINY_TRAIN = ["--model", "resnet20", "--dataset", "synthetic", "--train-subset", "128", "--batch-size", "64",
               "--precision", "fp32", "--threads", "1", "--set", "model.width=0.25", "--set", "data.val_size=64"]
 
@@ -142,6 +144,17 @@ def tiny_run(tmp_path_factory) -> Path:
     r = invoke("train", *TINY_TRAIN, "--epochs", "1", "--out", out)
     assert r.exit_code == 0, r.output
     return out
+
+
+@pytest.fixture
+def ckpt(tiny_run):
+    """A tiny trained checkpoint (1 epoch, synthetic) for the commands that take one: conftest's tiny run."""
+    return tiny_run / "model.ckpt"
+
+
+def flat_weights(model):
+    """Every floating-point tensor of ``model``'s state, flattened into one float vector (to compare weights)."""
+    return torch.cat([v.detach().flatten().float() for v in model.state_dict().values() if v.is_floating_point()])
 
 
 @pytest.fixture
