@@ -1,8 +1,12 @@
+import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from conftest import assert_one_line_error as one_line
+from conftest import invoke
 
 from edlab import EdlabError, create_model, load_checkpoint, save_checkpoint
 from edlab.checkpoint import read_checkpoint
@@ -125,3 +129,50 @@ def test_metadata_that_is_not_a_mapping_is_refused_by_every_command(synthetic_ck
                  ["export", bad, "--out", "m.onnx"]):
         assert_one_line_error(invoke(*args), f"bad.ckpt: {msg}")
     runs_unchanged()
+
+
+def _ckpt_with(tmp_path, **metadata) -> Path:
+    p = tmp_path / "m.ckpt"
+    save_checkpoint(create_model("resnet20", 10, width=0.25), p, **metadata)
+    return p
+
+
+def test_checkpoint_metadata_never_makes_eval_create_folders_or_download(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDLAB_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil" / "deep"
+    p = _ckpt_with(tmp_path, config={"data": {"dataset": "cifar10", "data_dir": str(evil), "download": True},
+                                     "tta": "rm -rf"})
+    one_line(invoke("eval", p), "not found")
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("metadata", [{"config": {"tta": [1]}}, {"config": {"tta": "rm -rf"}}])
+def test_odd_checkpoint_metadata_is_ignored(tmp_path, metadata):
+    """An odd value is dropped (a config that is not a mapping is refused: test_checkpoint.py)."""
+    r = invoke("eval", _ckpt_with(tmp_path, **metadata), "--dataset", "synthetic", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["tta"] == "none"
+
+
+def test_deep_checkpoint_metadata_is_one_line(tmp_path):
+    deep: dict = {}
+    node = deep
+    for _ in range(200):
+        node["x"] = {}
+        node = node["x"]
+    one_line(invoke("eval", _ckpt_with(tmp_path, config=deep), "--dataset", "synthetic"), "nested")
+
+
+def test_a_folder_given_as_a_checkpoint_is_one_line(tmp_path):
+    one_line(invoke("quantize", tmp_path, "--method", "bf16"), "is a folder")
+    one_line(invoke("export", tmp_path, "--out", tmp_path / "x.onnx"), "is a folder")
+
+
+def test_odd_config_sections_in_metadata_are_one_line_for_prune(tmp_path):
+    """Dropped once (AttributeError before), refused now: the defaults would stand in for the recorded data."""
+    p = _ckpt_with(tmp_path, config={"model": 5, "data": 5, "optim": [1], "sched": "x"})
+    r = invoke("prune", p, "--structured", "0.2", "--epochs", "1", "--dataset", "synthetic", "--train-subset", "64",
+               "--threads", "1", "--precision", "fp32", "--set", "data.val_size=64", "--out", tmp_path / "p")
+    one_line(r, "checkpoint metadata.config.model must be a mapping, not a number")
+    assert not (tmp_path / "p").exists()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from edlab.cli import cli
+
 TINY = ["--model", "resnet20", "--dataset", "synthetic", "--train-subset", "256", "--batch-size", "64",
         "--precision", "fp32", "--set", "model.width=0.5", "--set", "data.val_size=128"]
 
@@ -153,3 +155,15 @@ def test_every_commands_dataset_and_tta_choices_are_the_configs():
 
     assert _common.DATASETS == DATASETS == EVAL_DATASETS
     assert list(_common.TTA_NAMES) == choices(TrainConfig, "tta")
+
+
+def test_options_are_consistent_across_commands():
+    """--epochs where --finetune-epochs is; --train-subset and --threads on quantize and lr-find."""
+    from click import Context
+
+    def names(cmd):
+        return {o for p in cli.get_command(Context(cli), cmd).params for o in p.opts}
+
+    assert {"--epochs", "--finetune-epochs"} <= names("prune")
+    for cmd in ("train", "prune", "quantize", "lr-find"):
+        assert {"--train-subset", "--threads"} <= names(cmd), cmd

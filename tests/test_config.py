@@ -1,7 +1,11 @@
+import time
+
 import pytest
+from conftest import assert_one_line_error as one_line
+from conftest import invoke
 
 from edlab import EdlabError
-from edlab.config import TrainConfig, load_train_config, parse_overrides
+from edlab.config import SchedConfig, TrainConfig, load_train_config, parse_overrides
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -256,3 +260,56 @@ def test_every_numeric_option_runs_at_both_ends_of_its_range(tmp_path):
                     for (k, v), r in results.items()))
     assert len(results) == len(runs) > 40
     assert not bad, "\n".join(f"{k}={v!r}: {r}" for (k, v), r in bad.items())
+
+
+@pytest.mark.parametrize("sets,msg", [
+    (["data.mixup=inf"], "data.mixup"),
+    (["data.mixup=1e9"], "data.mixup"),
+    (["sched.warmup_epochs=inf"], "sched.warmup_epochs"),
+    (["sched.min_lr=inf"], "sched.min_lr"),
+    (["sched.min_lr=0.5"], "must not exceed optim.lr"),
+    (["name=../escape"], "name"),
+    (["name=/etc"], "name"),
+    (["optim.betas=[0.9, 1.5]"], "beta"),
+    (["optim.betas=[-0.1, 0.9]"], "beta"),
+    (["seed=99999999999999999999999"], "seed"),
+    (["seed=-1"], "seed"),
+    (["lr=0.1"], "did you mean optim.lr"),
+    (["optim.lrr=0.1"], "did you mean optim.lr"),
+    (["a." * 100 + "b=1"], "section.key=value"),
+])
+def test_absurd_values_are_refused(sets, msg):
+    with pytest.raises(EdlabError, match=msg.replace(".", r"\.").replace("[", r"\[")):
+        load_train_config(None, None, sets)
+
+
+def test_min_lr_is_the_floor_of_cosine():
+    from edlab.optim import LRSchedule
+
+    s = LRSchedule(SchedConfig(name="cosine", min_lr=0.01), epochs=2, steps_per_epoch=10, lr=0.1)
+    assert s.factor(0) == pytest.approx(1.0) and s.factor(20) == pytest.approx(0.1)
+    assert s.factor(10) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("a: &a [1,1,1,1,1,1,1,1,1,1]\n" + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n"
+                                                 for p, c in zip("abcdefgh", "bcdefghi")), "too large"),
+    ("a: " + "[" * 3000 + "]" * 3000 + "\n", "nested"),
+    ("a: " + "[" * 60 + "]" * 60 + "\n", "nested"),
+    ("a: 1\n" + "#" * (2 << 20) + "\n", "larger than"),
+])
+def test_hostile_yaml_is_refused_fast(tmp_path, text, msg):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    t0 = time.perf_counter()
+    with pytest.raises(EdlabError, match=msg):
+        load_train_config(str(p))
+    assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.parametrize("command", ["train", "run", "sweep"])
+def test_non_utf8_and_folder_files_are_one_line(tmp_path, command):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"epochs: 1\nname: \xff\xfe\n")
+    one_line(invoke(command, p), "not UTF-8")
+    one_line(invoke(command, tmp_path), "is a folder")

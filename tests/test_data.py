@@ -1,3 +1,4 @@
+import os
 import pickle
 
 import numpy as np
@@ -275,3 +276,46 @@ def test_affine_grid_matches_torch():
     theta = torch.randn(5, 2, 3, generator=gen(2))
     ref = torch.nn.functional.affine_grid(theta, [5, 3, 32, 24], align_corners=False)
     assert torch.allclose(affine_grid(theta, 32, 24), ref, atol=1e-5)
+
+
+def test_float_labels_are_refused(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from edlab.data import load_cifar
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": np.zeros((4, 3072), np.uint8), "labels": [0.5, 1.7, 2.0, 3.9]}, f)
+    with pytest.raises(EdlabError, match="labels must be integers"):
+        load_cifar("cifar10", str(tmp_path), download=False)
+
+
+def test_md5_warning_once_per_data_folder(tmp_path):
+    import pickle
+    import warnings
+
+    import numpy as np
+
+    from edlab import data
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 3]}, f)
+
+    def command() -> int:
+        """One command, as a new process would run it: no memo in the process, every warning shown."""
+        data._MD5_CHECKED.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data.load_cifar("cifar10", str(tmp_path), download=False)
+        return sum("md5" in str(w.message) for w in caught)
+
+    assert [command() for _ in range(3)] == [1, 0, 0]
+    os.utime(folder / "data_batch_1", ns=(1, 1))  # the file changed (its mtime): checked anew
+    assert command() == 1

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import invoke
 
 from edlab.cli import cli
 from edlab.errors import EdlabError
@@ -314,3 +315,59 @@ def test_an_int8_best_model_gets_its_per_layer_breakdown(int8_stage, tmp_path):
     page = (tmp_path / "rep" / "index.html").read_text()
     assert f"score {p.score:.4g}" in page and "counted from model.int8.onnx" in page
     assert "QLinearConv" in page and page.count("QLinearConv") >= len([r for r in p.rows if r.type == "QLinearConv"])
+
+
+def test_one_bad_run_folder_does_not_abort_the_report(tmp_path):
+    runs = tmp_path / "runs"
+    for name, text in {"good": '{"test_accuracy": 0.5, "val_accuracy": 0.4, "score": 0.1}',
+                       "deep": "[" * 5000 + "]" * 5000, "odd": '{"test_accuracy": "x", "score": [1], "params": "a"}'
+                       }.items():
+        (runs / name).mkdir(parents=True)
+        (runs / name / "summary.json").write_text(text)
+    (runs / "binary").mkdir()
+    (runs / "binary" / "summary.json").write_bytes(b"\xff\xfe{")
+    (runs / "odd" / "metrics.jsonl").write_text('{"epoch": "a", "train_loss": [1]}\n' + "[" * 5000 + "\n")
+    (runs / "odd" / "config.yaml").write_text("optim: 5\ndata: [1]\n")
+    r = invoke("report", runs, "--out", tmp_path / "rep")
+    assert r.exit_code == 0, r.output
+    assert "left out deep" in r.stderr and "left out binary" in r.stderr
+    assert (tmp_path / "rep" / "index.html").is_file()
+
+
+def test_report_stays_readable_with_many_runs_and_datasets(tmp_path, monkeypatch):
+    """15 runs, one with a diverged loss, two datasets, a pruned run with steps and odd bits."""
+    from matplotlib.colors import to_rgba
+
+    from edlab import report
+
+    runs = tmp_path / "runs"
+    for i in range(15):
+        d = runs / f"r{i:02d}"
+        d.mkdir(parents=True)
+        ds = "synthetic" if i < 5 else "cifar10"
+        (d / "config.yaml").write_text(f"data: {{dataset: {ds}}}\n")
+        (d / "summary.json").write_text(json.dumps({"val_accuracy": 0.5 + i / 100, "test_accuracy": 0.5,
+                                                    "score": 1.0 / (i + 1), "bits_w": 7.9999999, "bits_a": 4.03125}))
+        loss = 1e4 if i == 3 else 1.0
+        (d / "metrics.jsonl").write_text("".join(json.dumps(
+            {"epoch": e, "train_loss": loss / e, "val_loss": loss / e, "train_accuracy": 0.5, "val_accuracy": 0.5,
+             **({"step": 1 + e // 3} if i == 7 else {})}) + "\n" for e in range(1, 6)))
+    figs = []
+    real = report._figure
+    monkeypatch.setattr(report, "_figure", lambda *a: figs.append(real(*a)) or figs[-1])
+    r = report.build_report([runs], tmp_path / "rep")
+    curves, pareto = figs[0], figs[1]
+    acc, loss, _ = curves.axes[:3]
+    legend = curves.legends[0] if curves.legends else acc.get_legend()
+    assert legend is not None and len(legend.get_texts()) == 15
+    colors = {to_rgba(line.get_color()) for line in acc.get_lines() if line.get_label() and
+              not line.get_label().startswith("_")}
+    assert len(colors) == 15
+    assert loss.get_yscale() == "log"
+    assert all(float(t).is_integer() for t in acc.get_xticks())
+    assert any(line.get_linestyle() == ":" for line in acc.get_lines())  # r07's pruning steps
+    assert len(pareto.axes[0].texts) >= 1  # front points are named
+    assert r["best_per_dataset"] == {"cifar10": "r14", "synthetic": "r04"}
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Best on synthetic: **r04**" in md and "| dataset |" in md.replace("|dataset|", "| dataset |")
+    assert "8/4.03" in md and "7.9999" not in md

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error as one_line
+from conftest import invoke
 
 pytest.importorskip("optuna")
 
@@ -359,3 +361,63 @@ def test_a_path_beside_the_study_file_wins_over_the_working_directory(tmp_path, 
     absolute = study.with_name("abs.yaml")
     absolute.write_text(f"config: {tmp_path / 'cwd' / 'tiny.yaml'}\nset: {{epochs: 0}}\ngrid: {{optim.lr: [0.1]}}\n")
     assert load_study(str(absolute)).base == str(tmp_path / "cwd" / "tiny.yaml")
+
+
+STUDY = "name: s\nconfig: tiny.yaml\ngrid: {optim.lr: [0.05]}\n"
+
+
+TINY_CFG = ("model: {name: resnet20, width: 0.25}\ndata: {dataset: synthetic, val_size: 64, train_subset: 128, "
+            "batch_size: 64}\nepochs: 1\nprecision: fp32\nthreads: 1\n")
+
+
+def _study(tmp_path, text=STUDY) -> Path:
+    (tmp_path / "tiny.yaml").write_text(TINY_CFG)
+    (tmp_path / "study.yaml").write_text(text)
+    return tmp_path / "study.yaml"
+
+
+@pytest.mark.parametrize("mine", ["study.json", "recipe.yaml"])
+def test_sweep_never_overwrites_a_users_files(tmp_path, mine):
+    pytest.importorskip("optuna")
+    study = _study(tmp_path)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / mine).write_text("my own")
+    one_line(invoke("sweep", study, "--out", out), "not a sweep's folder")
+    assert (out / mine).read_text() == "my own" and sorted(p.name for p in out.iterdir()) == [mine]
+
+
+@pytest.mark.parametrize("field,msg", [
+    ("seed: -1\n", "seed"),
+    ("seed: abc\n", "seed"),
+    ("seed: 1e30\n", "seed"),
+    ("search: {params: {optim.lr: {type: float, low: 0.01, high: 0.1, step: 0}}, trials: 2}\n", "step"),
+    ("search: {params: {optim.lr: {type: float, low: 0.01, high: 0.1}}, trials: 2, startup_trials: -3}\n",
+     "startup_trials"),
+    ("search: {params: {optim.lr: {type: float, low: 0.01, high: 0.1}}, trials: 2, startup_trials: x}\n",
+     "startup_trials"),
+    ("name: ../../escape\n", "name"),
+])
+def test_bad_study_fields_are_refused_by_dry_run(tmp_path, field, msg):
+    pytest.importorskip("optuna")
+    base = "config: tiny.yaml\n" + ("grid: {optim.lr: [0.05]}\n" if "search" not in field else "")
+    one_line(invoke("sweep", _study(tmp_path, base + field), "--dry-run"), msg)
+
+
+@pytest.mark.slow  # tens of seconds on 2 cores: CI runs it (scripts/test.sh), the default suite not
+def test_sweeps_started_at_the_same_instant_share_a_new_storage(tmp_path):
+    """Sweeps creating the same SQLite storage at once: one died on 'table studies already exists'."""
+    pytest.importorskip("optuna")
+    study, out, go = _study(tmp_path), tmp_path / "out", tmp_path / "go"
+    code = ("import sys, time, pathlib, optuna\nfrom edlab.study import load_study, open_study, storage_url\n"
+            "st = load_study(sys.argv[1], out=sys.argv[2])\nurl = storage_url(st, None)\nprint('ready', flush=True)\n"
+            "while not pathlib.Path(sys.argv[3]).exists(): time.sleep(0.001)\nopen_study(st, url)\nprint('ok')\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(study), str(out), str(go)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    go.touch()  # all four create the storage's tables at the same instant
+    for p in procs:
+        o, e = p.communicate(timeout=120)
+        assert p.returncode == 0 and o.strip() == "ok", e[-500:]
