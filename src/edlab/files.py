@@ -14,7 +14,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-# Fault injection for the reliability tests (tests/test_kill.py): EDLAB_FAULT=kill-in-write:N makes the
+# Fault injection for the reliability tests (tests/test_resume_after_kill.py): EDLAB_FAULT=kill-in-write:N makes the
 # N-th atomic write of this process write half its bytes to the temp file and then SIGKILL the process, the
 # worst moment for a crash. Unset (always, outside tests) it costs one dict lookup per write.
 _WRITES = 0
