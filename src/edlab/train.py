@@ -341,10 +341,11 @@ def _train_stage(s: StageRun, model: nn.Module) -> tuple[nn.Module, dict | None]
     # the stage's epochs: 9.9 when a fractional run ran to its end, the epochs run when it stopped early
     epochs = cfg.epochs if state.epoch >= math.ceil(cfg.epochs) else state.epoch
     best_val = state.best_val if state.best_epoch > 0 else None  # None: no validation split (val_size 0)
-    s.save(model, s.entry({"model": cfg.model.name, "epochs": epochs}, test, inference),
-           test_accuracy=test["accuracy"], val_accuracy=best_val, config=cfg.model_dump(mode="json"),
-           inference=inference)
     last = state.history[-1] if state.history else {}
+    kept_val = best_val if cfg.keep == "best" else last.get("val_accuracy")  # the val of the weights saved
+    s.save(model, s.entry({"model": cfg.model.name, "epochs": epochs}, test, inference),
+           test_accuracy=test["accuracy"], val_accuracy=kept_val, config=cfg.model_dump(mode="json"),
+           inference=inference)
     return model, {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
         "val_accuracy": last.get("val_accuracy"), "best_val_accuracy": best_val,
