@@ -173,12 +173,12 @@ def test_unknown_policy():
         Augment("blur", (0, 0, 0), (1, 1, 1))
 
 
-def _write_fake_cifar(root, n=20, bad_label=False):
+def _write_fake_cifar(root, n=20, bad_label=False, labels=None):
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        labels = list(rng.integers(0, 10, n))
+        labels = list(rng.integers(0, 10, n)) if labels is None else labels
         if bad_label:
             labels[0] = 12
         with open(folder / name, "wb") as f:
@@ -279,34 +279,19 @@ def test_affine_grid_matches_torch():
 
 
 def test_float_labels_are_refused(tmp_path):
-    import pickle
-
-    import numpy as np
-
     from edlab.data import load_cifar
 
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": np.zeros((4, 3072), np.uint8), "labels": [0.5, 1.7, 2.0, 3.9]}, f)
+    _write_fake_cifar(tmp_path, n=4, labels=[0.5, 1.7, 2.0, 3.9])
     with pytest.raises(EdlabError, match="labels must be integers"):
         load_cifar("cifar10", str(tmp_path), download=False)
 
 
 def test_md5_warning_once_per_data_folder(tmp_path):
-    import pickle
     import warnings
-
-    import numpy as np
 
     from edlab import data
 
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 3]}, f)
+    folder = _write_fake_cifar(tmp_path, n=4)
 
     def command() -> int:
         """One command, as a new process would run it: no memo in the process, every warning shown."""
