@@ -85,7 +85,7 @@ def test_every_command_is_a_library_stage_with_the_same_options_and_defaults():
             if p.name in ("as_json", "sets", "resume", "worker_index", st.positional) or p.param_type_name != "option":
                 continue
             key = p.opts[0].lstrip("-")
-            keyword = st.aliases.get(key, (key.replace("-", "_"), None))[0]
+            keyword = st.all_aliases().get(key, (key.replace("-", "_"), None))[0]
             assert keyword in params or keyword in st.named_options(), (name, key)
             sample = True if p.is_flag else 1 if p.type.name in ("integer", "float") else "x"
             kw = stage_kwargs(name, {key: sample}, "m.ckpt" if st.takes_checkpoint else None, "o")

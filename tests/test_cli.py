@@ -131,21 +131,6 @@ def test_no_validation_split_is_said_not_shown_as_minus_100(tmp_path):
     assert load_checkpoint(out / "model.ckpt").edlab_metadata["val_accuracy"] is None
 
 
-def test_train_choices_are_the_configs_and_epochs_take_fractions():
-    """Each choice of `edlab train` is read from the config model (--scheduler linear was refused)."""
-    from typing import get_args
-
-    from edlab.cli.train import train
-    from edlab.config import DataConfig, OptimConfig, SchedConfig, TrainConfig
-
-    opts = {p.name: p for p in train.params}
-    for flag, (section, field) in {"scheduler": (SchedConfig, "name"), "optimizer": (OptimConfig, "name"),
-                                   "augment": (DataConfig, "augment"), "precision": (TrainConfig, "precision"),
-                                   "tracker": (TrainConfig, "tracker")}.items():
-        assert list(opts[flag].type.choices) == list(get_args(section.model_fields[field].annotation))
-    assert opts["epochs"].type.convert("0.5", None, None) == 0.5 and opts["epochs"].type.convert("2", None, None) == 2
-
-
 def test_every_commands_dataset_and_tta_choices_are_the_configs():
     """The dataset and view names the commands offer (written out in cli/_common.py so that `edlab --help`
     loads no library) are the config's, and the library's own checks use the config's (edlab.config.DATASETS)."""

@@ -408,27 +408,6 @@ def build(cls: type[BaseModel], *layers: dict) -> Any:
         raise EdlabError(_describe(err, cls)) from None
 
 
-# Option name -> config key, for the options that callers (the CLI's flags, a recipe's stage options,
-# edlab.train_run's keywords) give by name instead of as a dotted key: the common ones, like timm's train.py.
-DISTILL_FLAGS = {"teacher": "distill.teacher", "temperature": "distill.temperature", "alpha": "distill.alpha"}
-TRAIN_FLAGS = {
-    "model": "model.name", "dataset": "data.dataset", "data_dir": "data.data_dir",
-    "train_subset": "data.train_subset", "epochs": "epochs", "batch_size": "data.batch_size",
-    "optimizer": "optim.name", "lr": "optim.lr", "weight_decay": "optim.weight_decay",
-    "scheduler": "sched.name", "augment": "data.augment", "seed": "seed", "out": "out", "device": "device",
-    "precision": "precision", "threads": "threads", "tracker": "tracker", **DISTILL_FLAGS,
-}
-
-
-def flags_to_tree(values: dict, mapping: dict) -> dict:
-    """The named options that are set (not None) as a config tree: {"lr": 0.1} -> {"optim": {"lr": 0.1}}."""
-    tree: dict = {}
-    for flag, key in mapping.items():
-        if values.get(flag) is not None:
-            set_dotted(tree, key, values[flag])
-    return tree
-
-
 def load_train_config(path: str | None = None, flags: dict | None = None, sets: list[str] | None = None):
     file_layer = read_yaml(path) if path else {}
     return build(TrainConfig, file_layer, flags or {}, parse_overrides(sets or []))

@@ -76,23 +76,19 @@ def plot(result: dict, path) -> None:
     plt.close(fig)
 
 
-def find_lr(config: str | None = None, steps: int = 100, start: float = 1e-6, end: float = 10.0,
-            plot_path: str | None = "lr_find.png", sets: list[str] | tuple[str, ...] = (), progress=None,
-            **options) -> dict:
-    """``edlab lr-find`` as a call: the training config (file, named options as in edlab.train_run, sets)
-    -> {'lrs', 'losses', 'suggested_lr', 'plot'}; the plot is written to ``plot_path`` unless it is None."""
-    from .config import TRAIN_FLAGS, flags_to_tree, load_train_config
+def find_lr(config: str | None = None, sets: list[str] | tuple[str, ...] = (), progress=None, **options) -> dict:
+    """``edlab lr-find`` as a call: the training config (file, ``sets``) and the options of
+    edlab.options.LrFindOptions -> {'lrs', 'losses', 'suggested_lr', 'plot'}; the plot is written to
+    ``plot_path`` unless it is None."""
+    from .config import load_train_config
     from .data import data_from_config
     from .device import resolve_device, use_threads
-    from .errors import EdlabError
+    from .options import LrFindOptions
     from .train import model_from_config
 
-    if not 0 < start < end:
-        raise EdlabError(f"--start must be > 0 and below --end (got {start}, {end})")
-    unknown = sorted(set(options) - set(TRAIN_FLAGS))
-    if unknown:
-        raise EdlabError(f"unknown training option(s) {', '.join(unknown)}")
-    cfg = load_train_config(config, flags_to_tree(options, TRAIN_FLAGS), list(sets))
+    o = LrFindOptions.of(options)
+    steps, start, end, plot_path = o.steps, o.start, o.end, o.plot_path
+    cfg = load_train_config(config, o.config_tree(), list(sets))
     use_threads(cfg.threads)
     device = resolve_device(cfg.device)
     data = data_from_config(cfg, device)

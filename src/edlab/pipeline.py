@@ -78,25 +78,38 @@ def load_recipe(path: str, sets: list[str] | None = None) -> dict:
     return {"name": name, "out": recipe.get("out"), "stages": parsed}
 
 
+def _check_partial_config(tree: dict) -> None:
+    """Keys and types of a stage's config edits (merged later with its checkpoint's config, so a rule across
+    keys is left to the stage)."""
+    from .config import TrainConfig, build
+
+    try:
+        build(TrainConfig, tree)
+    except EdlabError as e:
+        if not str(e).startswith("config: "):
+            raise
+
+
 def check_stages(recipe: dict) -> None:
     """Check every stage's options as its function takes them (unknown options, bad types, the train stage's
     config, every stage's config edits) before anything runs: a typo in stage 3 must not surface after
     stages 0-2 ran for an hour."""
-    from .config import TRAIN_FLAGS, TrainConfig, build, flags_to_tree, load_train_config, merge
+    from .config import load_train_config, merge
 
     for i, (name, opts) in enumerate(recipe["stages"]):
         made = any(n in ("train", "prune", "quantize") for n, _ in recipe["stages"][:i])
         try:
             kw = stage_kwargs(name, opts, "model.ckpt" if made else None, "probe")
+            model = STAGES[name].options_model()
             if name == "train":
-                load_train_config(kw.get("config"), flags_to_tree(kw, TRAIN_FLAGS), kw.get("sets"))
-            elif kw.get("sets") or STAGES[name].named:  # keys and types of the stage's config edits
-                mapping = STAGES[name].named_mapping()
-                try:  # (merged later with its checkpoint's config)
-                    build(TrainConfig, merge(flags_to_tree(kw, mapping), parse_overrides(kw.get("sets", []))))
-                except EdlabError as e:
-                    if not str(e).startswith("config: "):  # a rule across keys needs the merged config
-                        raise
+                named = model.of({k: v for k, v in kw.items() if k in model.model_fields})
+                load_train_config(kw.get("config"), named.config_tree(), kw.get("sets"))
+                continue
+            edits = parse_overrides(kw.get("sets", []))
+            _check_partial_config(edits)  # the edits' own keys first: a typo is named as one
+            if model:
+                named = model.of({k: v for k, v in kw.items() if k in model.model_fields}, partial=True)
+                _check_partial_config(merge(named.config_tree(), edits))
         except EdlabError as e:
             raise EdlabError(f"stage {i} ({name}): {e}") from None
 

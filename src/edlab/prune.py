@@ -28,24 +28,19 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import DISTILL_FLAGS
 from .errors import EdlabError
+from .options import IMPORTANCES, SCHEDULES, SCOPES, TARGETS, PruneOptions, PruneRecipe
 from .scoring import dense_reference, dense_reference_of, profile
 
 if TYPE_CHECKING:
     from .stage import StageRun
 
-IMPORTANCES = ("l1", "l2", "bn", "taylor")
-TARGETS = ("params", "macs")
-SCHEDULES = ("linear", "cubic")
-SCOPES = ("global", "layer")
 WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
@@ -540,49 +535,7 @@ def reinitialize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 # -------------------------------------------------------------------------------------------- recipe
-@dataclass
-class Recipe:
-    """The seed's strategy as one stage: structured steps, then unstructured steps, fine-tuning after each.
-    ``structured`` is the total fraction of the dense params (or MACs, per ``target``) removed;
-    ``unstructured`` the total fraction of the dense params zeroed (pu)."""
-
-    structured: float = 0.0
-    unstructured: float = 0.0
-    steps: int = 1
-    finetune_epochs: int = 5
-    importance: str = "l1"
-    global_pruning: bool = False
-    target: str = "params"
-    keep: tuple[str, ...] = ()
-    schedule: str = "linear"
-    scope: str = "global"
-    round_to: int | None = None
-    distill: bool = False
-    from_scratch: bool = False
-    scratch_epochs: int | None = None
-    calib_batches: int = 8
-
-    def validate(self) -> None:
-        _check_fraction("--structured", self.structured)
-        _check_fraction("--unstructured", self.unstructured)
-        if self.structured == 0 and self.unstructured == 0:
-            raise EdlabError("nothing to prune: give --structured and/or --unstructured (fractions in [0, 1))")
-        if self.target == "params" and self.structured + self.unstructured >= 1:
-            raise EdlabError(f"--structured + --unstructured = {self.structured + self.unstructured:g} must be "
-                             f"< 1: both are fractions of the dense model's parameters (ps + pu < 1)")
-        for label, value, choices in (("importance", self.importance, IMPORTANCES),
-                                      ("target", self.target, TARGETS), ("schedule", self.schedule, SCHEDULES),
-                                      ("scope", self.scope, SCOPES)):
-            if value not in choices:
-                raise EdlabError(f"unknown {label} '{value}' (choices: {', '.join(choices)})")
-        if self.steps < 1:
-            raise EdlabError(f"--steps must be >= 1, got {self.steps}")
-        if self.finetune_epochs < 0 or (self.scratch_epochs is not None and self.scratch_epochs < 0):
-            raise EdlabError("epochs must be >= 0")
-        if self.round_to is not None and self.round_to < 1:
-            raise EdlabError(f"--round-to must be >= 1, got {self.round_to}")
-        if self.calib_batches < 1:
-            raise EdlabError(f"--calib-batches must be >= 1, got {self.calib_batches}")
+Recipe = PruneRecipe  # its options, checks and defaults: edlab.options
 
 
 def finetune_config(model: nn.Module, flags: dict | None = None, sets: Sequence[str] = (), epochs: int = 5,
@@ -619,7 +572,6 @@ def run_recipe(model: nn.Module, recipe: Recipe, cfg, data=None, run=None, conso
     ``name``, when not given; ``data`` likewise, from ``cfg``)."""
     from .stage import run_model_stage
 
-    recipe.validate()
     if recipe.distill and cfg.distill.teacher:
         raise EdlabError("give --distill (the unpruned model teaches) or --teacher CKPT, not both")
 
@@ -676,7 +628,7 @@ def _prune_stage(s: StageRun, model: nn.Module, recipe: Recipe, scratch_cfg,
         return state.history[-1]["val_accuracy"] if state.history else val()
 
     if console is not None:
-        kinds = [f"structured {recipe.structured:g} of the dense {recipe.target}"] if recipe.structured else []
+        kinds = [f"structured {recipe.structured:g} of the dense {recipe.target_kind}"] if recipe.structured else []
         kinds += [f"unstructured {recipe.unstructured:g} of the dense params"] if recipe.unstructured else []
         tuning = (f"then train from scratch for {(scratch_cfg or cfg).epochs} epochs" if recipe.from_scratch else
                   f"fine-tuning {cfg.epochs} epochs per step at lr {cfg.optim.lr:g}"
@@ -704,7 +656,7 @@ def _prune_stage(s: StageRun, model: nn.Module, recipe: Recipe, scratch_cfg,
         batches = None
         if recipe.importance == "taylor":
             batches = [b for _, b in zip(range(recipe.calib_batches), data.train)]
-        prune_structured(model, recipe.structured, x, recipe.importance, recipe.target, recipe.global_pruning,
+        prune_structured(model, recipe.structured, x, recipe.importance, recipe.target_kind, recipe.global_pruning,
                          recipe.keep, recipe.steps, recipe.round_to, recipe.schedule, batches, after("structured"))
     if recipe.unstructured:
         prune_unstructured(model, recipe.unstructured, recipe.scope, recipe.keep, steps=recipe.steps,
@@ -728,12 +680,12 @@ def _prune_stage(s: StageRun, model: nn.Module, recipe: Recipe, scratch_cfg,
     stored["data"] = cfg.data.model_dump(mode="json")
     entry = s.entry({"structured": recipe.structured, "unstructured": recipe.unstructured, "ps": p.ps,
                      "pu": p.pu}, test, inference)
-    s.save(model, entry, config=stored, prune=asdict(recipe), finetune_config=cfg.model_dump(mode="json"),
+    s.save(model, entry, config=stored, prune=recipe.record(), finetune_config=cfg.model_dump(mode="json"),
            test_accuracy=test["accuracy"], val_accuracy=last["val_accuracy"], source=source, inference=inference)
     return model, {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"], "val_accuracy": last["val_accuracy"],
         "dense_val_accuracy": dense_val, "finetune_epochs_total": epochs_done, "steps": run.metrics(),
-        "recipe": asdict(recipe), "source": source, "device": str(device),
+        "recipe": recipe.record(), "source": source, "device": str(device),
         "precision": inference["precision"], "inference": inference, **p.to_dict(),
         "seconds": time.perf_counter() - t_start,
     }  # the skeleton adds the command, the run folder and the teacher's leak record
@@ -747,49 +699,29 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
-# The fine-tuning options given by name (prune_checkpoint's **options, the CLI's flags): option -> config key.
-PRUNE_FLAGS = {"dataset": "data.dataset", "data_dir": "data.data_dir", "train_subset": "data.train_subset",
-               "batch_size": "data.batch_size", "device": "device", "seed": "seed", "precision": "precision",
-               "threads": "threads", **DISTILL_FLAGS}
-
-
-def prune_checkpoint(target: str, structured: float = 0.0, unstructured: float = 0.0, steps: int = 1,
-                     finetune_epochs: int = 5, schedule: str = "linear", importance: str = "l1",
-                     global_pruning: bool = False, target_kind: str = "params", keep: str = "",
-                     scope: str = "global", round_to: int | None = None, distill: bool = False,
-                     from_scratch: bool = False, scratch_epochs: int | None = None, calib_batches: int = 8,
-                     lr: float | None = None, out: str | None = None, sets: Sequence[str] = (), console=None,
+def prune_checkpoint(target: str, out: str | None = None, sets: Sequence[str] = (), console=None,
                      **options) -> dict:
     """``edlab prune`` as a call: prune a checkpoint (structured, then unstructured), fine-tuning after every
     step; write a run directory (metrics.jsonl, finetune.jsonl, config.yaml, summary.json, model.ckpt) and
-    return its summary. ``options``: the fine-tuning options of PRUNE_FLAGS (dataset, train_subset, threads,
-    teacher, ...); ``sets``: any fine-tuning config key ("optim.lr=0.01"). See :class:`Recipe` for the rest."""
-    from .config import flags_to_tree
+    return its summary. ``options``: the fields of edlab.options.PruneOptions (``structured=0.3``,
+    ``unstructured=0.2``, ``finetune_epochs``, ..., and the fine-tuning run's ``train_subset``, ``threads``,
+    ``teacher``, ``lr``, ...); ``sets``: any fine-tuning config key ("optim.lr=0.01")."""
     from .loader import load_model
     from .qlayers import is_quantized
 
-    unknown = sorted(set(options) - set(PRUNE_FLAGS))
-    if unknown:
-        raise EdlabError(f"unknown prune option(s) {', '.join(unknown)}")
-    recipe = Recipe(structured, unstructured, steps, finetune_epochs, importance, global_pruning, target_kind,
-                    tuple(k.strip() for k in keep.split(",") if k.strip()), schedule, scope, round_to, distill,
-                    from_scratch, scratch_epochs, calib_batches)
-    recipe.validate()
-    if options.get("precision") not in (None, "auto", "fp32", "bf16", "fp16"):
-        raise EdlabError(f"unknown precision '{options['precision']}' (choices: auto, fp32, bf16, fp16)")
+    o = PruneOptions.of(options)
+    recipe = o.recipe()
     model = load_model(target, refuse_onnx="ONNX models are exported, not pruned: prune the checkpoint it was "
                                            "exported from")
     if is_quantized(model):  # Torch-Pruning would fail on its layers, after the run folder was made
         raise EdlabError(f"{target} is a quantized model: models are pruned before quantization (prune the float "
                          f"checkpoint, then quantize the pruned one)")
     _resolve(model, recipe.keep)  # a wrong --keep fails now, not after the data is loaded
-    tree = flags_to_tree(options, PRUNE_FLAGS)
-    if lr is not None:
-        tree.setdefault("optim", {})["lr"] = lr
+    tree = o.config_tree()
     sets = list(sets) + ([f"out={out}"] if out else [])
-    cfg = finetune_config(model, tree, sets, finetune_epochs)
-    scratch = finetune_config(model, tree, sets, finetune_epochs if scratch_epochs is None else scratch_epochs,
-                              scratch=True) if from_scratch else None
+    cfg = finetune_config(model, tree, sets, recipe.finetune_epochs)
+    scratch = finetune_config(model, tree, sets, recipe.finetune_epochs if recipe.scratch_epochs is None
+                              else recipe.scratch_epochs, scratch=True) if recipe.from_scratch else None
     spec = getattr(model, "edlab_spec", {}) or {}
     name = spec.get("name") or spec.get("builder", "model").rsplit(".", 1)[-1]
     with warnings.catch_warnings():

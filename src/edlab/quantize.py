@@ -29,6 +29,7 @@ import torch.nn as nn
 from .checkpoint import conv_kwargs
 from .errors import EdlabError
 from .evaluation import final_test
+from .options import QuantizeOptions
 from .qlayers import (
     QUANT_TYPES,
     BinaryConv2d,
@@ -46,7 +47,6 @@ from .views import TTA_VIEWS
 if TYPE_CHECKING:
     from .stage import StageRun
 
-METHODS = ("fp16", "bf16", "binaryconnect", "qat", "int8")
 # Fine-tuning defaults of the training stages, between the checkpoint's saved config and the user's flags:
 # a few epochs from a trained model at a tenth of the usual peak lr, no warm-up.
 STAGE_DEFAULTS = {
@@ -374,43 +374,25 @@ def _int8(source: nn.Module, data, run, options: dict, console, calib_images: in
             "extra": extra}
 
 
-def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bits_a: int | None = None,
-                        epochs: int | None = None, keep_first_last: bool = True, first_last_bits: int | None = None,
-                        scale: bool = False, stochastic: bool = False, data_dir: str | None = None,
-                        dataset: str | None = None, out: str | None = None, sets: list[str] | tuple = (),
-                        calib_images: int = 1024, console=None, resume: bool = False, distill: bool = False,
-                        teacher: str | None = None, temperature: float | None = None,
-                        alpha: float | None = None, layer_bits: str | None = None, fold: bool = False,
-                        train_subset: int | None = None, threads: int | None = None) -> dict:
+def quantize_checkpoint(checkpoint: str | Path, method: str | None = None, out: str | None = None,
+                        sets: list[str] | tuple = (), console=None, resume: bool = False, **options) -> dict:
     """Run one quantization stage on a float32 checkpoint; write its run directory; return the summary.
 
-    ``bits_a`` None means the same as ``bits_w`` (32: float activations). The summary holds the test accuracy
-    of the result and of the float model on the same split, and the score counted on the result.
-    ``resume``: continue the stage killed in ``out`` (binaryconnect/qat from their last finished epoch; the
-    other methods, which do not train, are redone). ``distill`` (the float source teaches) or ``teacher`` (a
-    checkpoint), with ``temperature`` and ``alpha``: binaryconnect/qat fine-tune with distillation.
+    ``method`` and ``options``: the fields of edlab.options.QuantizeOptions (``bits_w``, ``bits_a``,
+    ``epochs``, ``fold``, ``layer_bits``, ..., and the fine-tuning run's ``train_subset``, ``threads``,
+    ``teacher``, ...). ``bits_a`` None means the same as ``bits_w`` (32: float activations). The summary holds
+    the test accuracy of the result and of the float model on the same split, and the score counted on the
+    result. ``resume``: continue the stage killed in ``out`` (binaryconnect/qat from their last finished epoch;
+    the other methods, which do not train, are redone). ``distill`` (the float source teaches) or ``teacher``
+    (a checkpoint), with ``temperature`` and ``alpha``: binaryconnect/qat fine-tune with distillation.
     ``layer_bits`` (qat): per-layer bits by name pattern, see :func:`parse_layer_bits`. ``fold``: merge the BN
     layers into the convs before them (``edlab.fold``): after fine-tuning (binaryconnect, qat) or before the
-    cast (fp16, bf16, int8), so that what is tested, scored and saved is the deployment form.
-    ``train_subset``, ``threads``: as ``sets`` data.train_subset=N and threads=N (an entry of ``sets`` wins)."""
-    from .config import DATASETS
+    cast (fp16, bf16, int8), so that what is tested, scored and saved is the deployment form."""
     from .loader import load_model
     from .stage import run_model_stage
 
-    if method not in METHODS:
-        raise EdlabError(f"unknown method '{method}' (choices: {', '.join(METHODS)})")
-    if dataset is not None and dataset not in DATASETS:
-        raise EdlabError(f"unknown dataset '{dataset}' (choices: {', '.join(DATASETS)})")
-    sets = [*([f"data.train_subset={train_subset}"] if train_subset is not None else []),
-            *([f"threads={threads}"] if threads is not None else []), *sets]  # a later --set wins
-    if method == "qat":
-        bits_a = bits_w if bits_a is None else bits_a
-        _check_bits(bits_w, "--bits-w")
-        if bits_a != 32:
-            _check_bits(bits_a, "--bits-a")
-        _check_bits(first_last_bits, "--first-last-bits", allow_none=True)
-    if calib_images < 1:
-        raise EdlabError(f"--calib-images must be >= 1, got {calib_images}")
+    o = QuantizeOptions.of(options, method=method)
+    method = o.method
     if resume and not out:
         raise EdlabError("--resume needs --out RUN_DIR: the quantize run to continue")
     source = load_model(checkpoint, refuse_onnx=f"an ONNX file cannot be quantized by --method {method} (int8 "
@@ -422,19 +404,12 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     if is_quantized(source) or \
             any(p.dtype != torch.float32 for p in source.parameters()):
         raise EdlabError(f"{checkpoint} is already quantized or half; quantize a float32 checkpoint")
-    if layer_bits and method != "qat":
-        raise EdlabError(f"--layer-bits is a qat option (method {method} has one bit-width)")
+    bits_a = o.bits_w if o.bits_a is None else o.bits_a
     if method == "qat":  # a bad rule fails now, before the data is loaded
-        layer_bits_plan(source, bits_w, bits_a, keep_first_last, first_last_bits, layer_bits)
-    flags: dict = {k: v for k, v in {"epochs": epochs, "out": out}.items() if v is not None}
-    data_flags = {k: v for k, v in {"dataset": dataset, "data_dir": data_dir}.items() if v is not None}
-    if data_flags:
-        flags["data"] = data_flags
-    distill_flags = {k: v for k, v in {"teacher": teacher, "temperature": temperature, "alpha": alpha}.items()
-                     if v is not None}
-    if distill_flags:
-        flags["distill"] = distill_flags
+        layer_bits_plan(source, o.bits_w, bits_a, o.keep_first_last, o.first_last_bits, o.layer_bits)
+    flags = {**o.config_tree(), **({"out": out} if out else {})}
     cfg = stage_config(source, checkpoint, method, flags, list(sets))
+    distill = o.distill
     if distill and cfg.distill.teacher:
         raise EdlabError("give --distill (the float source teaches) or --teacher CKPT, not both")
     if (distill or cfg.distill.teacher) and method not in STAGE_DEFAULTS:
@@ -442,9 +417,9 @@ def quantize_checkpoint(checkpoint: str | Path, method: str, bits_w: int = 8, bi
     options: dict = {"method": method, "source_checkpoint": str(checkpoint)}
     if progressive is not None:  # recorded: the stage fine-tuned a QAT model at new bits
         options["progressive_from"] = [{"layer": n, "bits_w": w, "bits_a": b} for n, w, b in progressive]
-    how = dict(bits_w=bits_w, bits_a=None if bits_a == 32 else bits_a, keep_first_last=keep_first_last,
-               first_last_bits=first_last_bits, scale=scale, stochastic=stochastic, calib_images=calib_images,
-               layer_bits=layer_bits, fold=fold)
+    how = dict(bits_w=o.bits_w, bits_a=o.activation_bits, keep_first_last=o.keep_first_last,
+               first_last_bits=o.first_last_bits, scale=o.scale, stochastic=o.stochastic,
+               calib_images=o.calib_images, layer_bits=o.layer_bits, fold=o.fold)
 
     def algorithm(s: StageRun, source: nn.Module) -> tuple[nn.Module, dict]:
         return source, _quantize_stage(s, source, method, options, how)

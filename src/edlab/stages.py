@@ -2,10 +2,11 @@
 recipes) runs its stages from, with no command line in between.
 
 A stage's options are the command's options, spelled as in the CLI or in Python (``finetune-epochs: 2`` or
-``finetune_epochs: 2``); a key with a dot (``optim.lr: 0.05``) or ``set: [...]`` is a config edit (``sets``);
-``true`` sets a flag, ``false`` and null leave the default (as an absent flag). Each option is checked
-against the function's signature and coerced to its type before any stage runs, so a typo in stage 3 stops
-the pipeline before stages 0-2 spend an hour.
+``finetune_epochs: 2``); train, prune, quantize and lr-find take those of their model in edlab.options, with
+its other spellings (``epochs``, ``global``, ``no-keep-first-last``). A key with a dot (``optim.lr: 0.05``) or
+``set: [...]`` is a config edit (``sets``); ``true`` sets a flag, ``false`` and null leave the default (as an
+absent flag). Each option is checked against the function's signature or its options model before any stage
+runs, so a typo in stage 3 stops the pipeline before stages 0-2 spend an hour.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +27,7 @@ from .errors import EdlabError
 class Stage:
     target: str  # "module:function", imported when the stage is checked or run
     positional: str | None = None  # the keyword that receives the checkpoint (or config, paths)
-    named: str | None = None  # "module:MAPPING" of the options the function takes through **options
+    options: str | None = None  # "module:Model": the options model of the keywords it takes through **options
     aliases: dict[str, tuple[str, Any]] = field(default_factory=dict)  # CLI flag -> (keyword, value or None)
     takes_checkpoint: bool = False  # gets the last model.ckpt of an earlier stage unless checkpoint: is given
     writes_json: bool = False  # the result is the stage's result.json (commands with --json)
@@ -33,11 +37,26 @@ class Stage:
     def function(self):
         return _resolve(self.target)
 
-    def named_mapping(self) -> dict[str, str]:
-        return _resolve(self.named) if self.named else {}
+    def options_model(self):
+        return _resolve(self.options) if self.options else None
 
     def named_options(self) -> tuple[str, ...]:
-        return tuple(self.named_mapping())
+        model = self.options_model()
+        return tuple(model.model_fields) if model else ()
+
+    def all_aliases(self) -> dict[str, tuple[str, Any]]:
+        """The other spellings of its options: the model's extra flags (``epochs`` for finetune_epochs,
+        ``no-keep-first-last``) and the function's own (``aliases``)."""
+        from .options import flags_of, meta
+
+        model = self.options_model()
+        found = dict(self.aliases)
+        for name, f in (model.model_fields.items() if model else ()):
+            flags = flags_of(name, f)
+            found.update({flag[2:]: (name, None) for flag in flags if flag[2:] != name.replace("_", "-")})
+            if meta(f).get("negatable"):
+                found[f"no-{flags[0][2:]}"] = (name, False)
+        return found
 
 
 def _resolve(target: str) -> Any:
@@ -70,17 +89,16 @@ def show_models(echo=print) -> dict[str, int]:
 
 
 STAGES: dict[str, Stage] = {
-    "train": Stage("edlab.train:train_run", "config", named="edlab.config:TRAIN_FLAGS", resumable=True),
+    "train": Stage("edlab.train:train_run", "config", options="edlab.options:TrainOptions", resumable=True),
     "eval": Stage("edlab.evaluation:evaluate_checkpoint", "checkpoint", takes_checkpoint=True, writes_json=True,
                   takes_out=False),
     "score": Stage("edlab.inspect_file:score_file", "target", takes_checkpoint=True, writes_json=True, takes_out=False),
     "info": Stage("edlab.stages:show_info", "target", takes_checkpoint=True, takes_out=False),
     "bench": Stage("edlab.bench:bench_target", "target", takes_checkpoint=True, writes_json=True, takes_out=False),
-    "prune": Stage("edlab.prune:prune_checkpoint", "target", named="edlab.prune:PRUNE_FLAGS", takes_checkpoint=True,
-                   aliases={"epochs": ("finetune_epochs", None), "global": ("global_pruning", None),
-                            "target": ("target_kind", None)}),
-    "quantize": Stage("edlab.quantize:quantize_checkpoint", "checkpoint", takes_checkpoint=True, resumable=True,
-                      aliases={"fold-bn": ("fold", None), "no-keep-first-last": ("keep_first_last", False)}),
+    "prune": Stage("edlab.prune:prune_checkpoint", "target", options="edlab.options:PruneOptions",
+                   takes_checkpoint=True),
+    "quantize": Stage("edlab.quantize:quantize_checkpoint", "checkpoint", options="edlab.options:QuantizeOptions",
+                      takes_checkpoint=True, resumable=True),
     "export": Stage("edlab.export:export_checkpoint", "checkpoint", takes_checkpoint=True,
                     aliases={"format": ("fmt", None), "eval": ("do_eval", None), "no-eval": ("do_eval", False),
                              "per-tensor": ("per_channel", False)}),
@@ -88,8 +106,7 @@ STAGES: dict[str, Stage] = {
     "report": Stage("edlab.page:report_or_page", "paths"),
     "demo": Stage("edlab.pipeline:demo"),
     "sweep": Stage("edlab.study:sweep", "study_file"),
-    "lr-find": Stage("edlab.lr_find:find_lr", "config", named="edlab.config:TRAIN_FLAGS", takes_out=False,
-                     aliases={"plot": ("plot_path", None)}),
+    "lr-find": Stage("edlab.lr_find:find_lr", "config", options="edlab.options:LrFindOptions", takes_out=False),
     "models": Stage("edlab.stages:show_models", takes_out=False),
 }
 # keywords the pipeline fills in itself, not stage options
@@ -97,12 +114,13 @@ INTERNAL = {"console", "table_console", "echo", "progress", "options", "sets", "
 
 
 def _kind(annotation: Any) -> str:
-    """The type a keyword's annotation asks for first: bool, int, float, list or str; "+list" when a list is
-    also taken (floor: float | list[float])."""
-    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-    first = text.split("|")[0].strip()
-    listy = any(w in text for w in ("Sequence", "list", "tuple"))
-    kind = first if first in ("bool", "int", "float") else "list" if listy and first != "str" else "str"
+    """The type a keyword's annotation (a resolved type hint) asks for first: bool, int, float, list or str;
+    "+list" when a list is also taken (floor: float | list[float])."""
+    union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+    members = [a for a in typing.get_args(annotation) if a is not type(None)] if union else [annotation]
+    listy = any((typing.get_origin(a) or a) in (list, tuple, Sequence) for a in members)
+    first = members[0]
+    kind = first.__name__ if first in (bool, int, float) else "list" if listy and first is not str else "str"
     return kind + ("+list" if listy and kind != "list" else "")
 
 
@@ -141,8 +159,10 @@ def stage_kwargs(name: str, opts: dict, checkpoint: str | None = None, out_dir: 
         raise EdlabError(f"'{name}' is not an edlab command (choices: {', '.join(STAGES)})")
     st = STAGES[name]
     params = inspect.signature(st.function()).parameters
-    kinds = {k: _kind(p.annotation) for k, p in params.items() if k not in INTERNAL}
-    kinds.update({k: "any" for k in st.named_options()})
+    hints = typing.get_type_hints(st.function())
+    kinds = {k: _kind(hints.get(k, str)) for k in params if k not in INTERNAL}
+    kinds.update({k: "any" for k in st.named_options()})  # checked by the model, in the function
+    aliases = st.all_aliases()
     opts = dict(opts)
     kw: dict[str, Any] = {}
     if st.takes_checkpoint:
@@ -160,9 +180,9 @@ def stage_kwargs(name: str, opts: dict, checkpoint: str | None = None, out_dir: 
             continue
         if key in ("json", "resume"):  # the pipeline decides both
             continue
-        keyword, fixed = st.aliases.get(key, (key.replace("-", "_"), None))
+        keyword, fixed = aliases.get(key, (key.replace("-", "_"), None))
         if keyword not in kinds or keyword in kw:
-            options = sorted({k.replace("_", "-") for k in kinds if k != st.positional} | set(st.aliases))
+            options = sorted({k.replace("_", "-") for k in kinds if k != st.positional} | set(aliases))
             raise EdlabError(f"No such option: {key} (options: {', '.join(options)})")  # click's words
         if value is False or value is None:  # as an absent flag: the default
             continue

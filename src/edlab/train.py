@@ -361,15 +361,13 @@ def _train_stage(s: StageRun, model: nn.Module) -> tuple[nn.Module, dict | None]
 def train_run(config: str | None = None, resume: bool = False, sets: list[str] | tuple[str, ...] = (),
               console=None, **options) -> dict | None:
     """``edlab train`` as a call: the config file (optional), named options (``model``, ``epochs``, ``lr``,
-    ... as in edlab.config.TRAIN_FLAGS) and ``sets`` (["optim.nesterov=false"]) -> the run's summary
+    ... the fields of edlab.options.TrainOptions) and ``sets`` (["optim.nesterov=false"]) -> the run's summary
     (None on a torchrun rank other than 0). ``console``: anything with ``.print(text)`` hears the epochs."""
-    from .config import TRAIN_FLAGS, flags_to_tree, load_train_config
+    from .config import load_train_config
+    from .options import TrainOptions
 
-    unknown = sorted(set(options) - set(TRAIN_FLAGS))
-    if unknown:
-        raise EdlabError(f"unknown training option(s) {', '.join(unknown)} (named options: {', '.join(TRAIN_FLAGS)}; "
-                         f"any other config key goes in sets)")
-    if resume and not options.get("out"):
+    named = TrainOptions.of(options)  # any other config key goes in sets
+    if resume and not named.out:
         raise EdlabError("--resume needs --out RUN_DIR: the run to continue")
-    cfg = load_train_config(config, flags_to_tree(options, TRAIN_FLAGS), list(sets))
+    cfg = load_train_config(config, named.config_tree(), list(sets))
     return train(cfg, resume=resume, console=console)[1]  # the module's train: monkeypatched in tests

@@ -2,48 +2,14 @@
 
 import click
 
-from ..config import DataConfig, OptimConfig, SchedConfig, TrainConfig, choices
-from ._common import DATASETS, console, distill_options
-
-
-class _Epochs(click.ParamType):
-    """A whole number of epochs (2) or a fraction (9.9, 0.5), as the config's ``epochs`` takes."""
-
-    name = "epochs"
-
-    def convert(self, value, param, ctx):
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number of epochs", param, ctx)
-        return int(v) if v.is_integer() else v
-
-
-EPOCHS = _Epochs()
+from ..options import TrainOptions
+from ._common import console, options_from
 
 
 @click.command()
 @click.argument("config", required=False, type=click.Path())  # a folder: one line from the reader
-@click.option("--model", help="Registered model name (see `edlab models`).")
-@click.option("--dataset", type=click.Choice(DATASETS))
-@click.option("--data-dir", help="Folder holding cifar-10-batches-py/ (else $EDLAB_DATA_DIR, else ./data).")
-@click.option("--train-subset", type=int, help="Train on only N images (quick runs).")
-@click.option("--epochs", type=EPOCHS, help="Epochs; a fraction (9.9, 0.5) ends with a partial epoch.")
-@click.option("--batch-size", type=int)
-@click.option("--optimizer", type=click.Choice(choices(OptimConfig, "name")))
-@click.option("--lr", type=float)
-@click.option("--weight-decay", type=float)
-@click.option("--scheduler", type=click.Choice(choices(SchedConfig, "name")))
-@click.option("--augment", type=click.Choice(choices(DataConfig, "augment")))
-@click.option("--seed", type=int)
-@click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
-@click.option("--precision", type=click.Choice(choices(TrainConfig, "precision")))
-@click.option("--threads", type=int, help="CPU threads (default: all cores; 1 on a busy shared machine).")
-@click.option("--tracker", type=click.Choice(choices(TrainConfig, "tracker")),
-              help="Also log to W&B or MLflow (TensorBoard always); needs pip install edlab[wandb] / edlab[mlflow].")
-@click.option("--out", help="Run directory (default runs/<name>-<timestamp>).")
+@options_from(TrainOptions, first=("model", "dataset", "data_dir", "train_subset", "epochs"))
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
-@distill_options
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any config key, e.g. optim.nesterov=false.")
 def train(config, resume, sets, **flags):
     """Train a model; write a run directory (config, metrics, summary, TensorBoard, model.ckpt).

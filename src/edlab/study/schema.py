@@ -428,10 +428,11 @@ def full_epochs(st: Study, point: dict[str, Any]) -> tuple[float, float]:
     if st.kind == "config":
         e = float(trial_config(st, point, "probe").epochs)
         return e, e
+    from ..options import PruneRecipe
     from ..pipeline import load_recipe
-    from ..prune import Recipe
     from ..quantize import STAGE_DEFAULTS
 
+    default = {k: f.default for k, f in PruneRecipe.model_fields.items()}
     stages = load_recipe(recipe_path(st), set_args({**st.fixed, **point}))["stages"]
     counts = []
     for name, opts in stages:
@@ -440,8 +441,8 @@ def full_epochs(st: Study, point: dict[str, Any]) -> tuple[float, float]:
             counts.append(float(opts.get("epochs", cfg.get("epochs", TrainConfig().epochs))))
         elif name == "prune":  # fine-tuning after each step of each kind (structured, then unstructured)
             kinds = sum(float(opts.get(k) or 0) > 0 for k in ("structured", "unstructured"))
-            counts.append(float(opts.get("finetune-epochs", opts.get("epochs", Recipe.finetune_epochs)))
-                          * int(opts.get("steps", Recipe.steps)) * max(kinds, 1))
+            counts.append(float(opts.get("finetune-epochs", opts.get("epochs", default["finetune_epochs"])))
+                          * int(opts.get("steps", default["steps"])) * max(kinds, 1))
         elif name == "quantize" and opts.get("method", "qat") in STAGE_DEFAULTS:
             counts.append(float(opts.get("epochs", STAGE_DEFAULTS[opts.get("method", "qat")]["epochs"])))
     return (counts[0] if counts else 0.0), sum(counts)
