@@ -218,3 +218,23 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = before
+
+
+def write_fake_cifar(root: Path, n: int = 20, bad_label: bool = False, labels: list | None = None) -> Path:
+    """A CIFAR-10 folder (cifar-10-batches-py, pickled batches) of ``n`` random images per batch: the layout
+    the data reader takes, small enough to damage on purpose. ``labels``: every batch's labels; ``bad_label``:
+    the first label out of range."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = list(rng.integers(0, 10, n)) if labels is None else labels
+        if bad_label:
+            labels[0] = 12
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": labels}, f)
+    return folder

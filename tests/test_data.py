@@ -4,6 +4,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import write_fake_cifar
 
 from edlab import EdlabError
 from edlab.augment import (
@@ -173,21 +174,8 @@ def test_unknown_policy():
         Augment("blur", (0, 0, 0), (1, 1, 1))
 
 
-def _write_fake_cifar(root, n=20, bad_label=False, labels=None):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        labels = list(rng.integers(0, 10, n)) if labels is None else labels
-        if bad_label:
-            labels[0] = 12
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": labels}, f)
-    return folder
-
-
 def test_cifar_layout_is_read(tmp_path):
-    _write_fake_cifar(tmp_path)
+    write_fake_cifar(tmp_path)
     train, test = load_cifar("cifar10", str(tmp_path), download=False)
     assert train.images.shape == (100, 3, 32, 32) and len(test) == 20
 
@@ -198,7 +186,7 @@ def test_missing_dataset_names_paths(tmp_path):
 
 
 def test_incomplete_or_malformed_folder(tmp_path):
-    folder = _write_fake_cifar(tmp_path)
+    folder = write_fake_cifar(tmp_path)
     (folder / "data_batch_3").unlink()
     with pytest.raises(EdlabError, match="missing data_batch_3"):
         load_cifar("cifar10", str(tmp_path), download=False)
@@ -208,7 +196,7 @@ def test_incomplete_or_malformed_folder(tmp_path):
 
 
 def test_bad_labels(tmp_path):
-    _write_fake_cifar(tmp_path, bad_label=True)
+    write_fake_cifar(tmp_path, bad_label=True)
     with pytest.raises(EdlabError, match="labels outside"):
         load_cifar("cifar10", str(tmp_path), download=False)
 
@@ -221,7 +209,7 @@ def test_bad_labels(tmp_path):
     (np.full((20, 3072), 256, np.int64), "values from 256 to 256"),
 ])
 def test_pixels_outside_0_255_are_refused_naming_the_file(tmp_path, pixels, msg):
-    folder = _write_fake_cifar(tmp_path)
+    folder = write_fake_cifar(tmp_path)
     with open(folder / "data_batch_2", "wb") as f:
         pickle.dump({"data": pixels, "labels": [0] * 20}, f)
     with pytest.raises(EdlabError, match=f"malformed dataset file {folder / 'data_batch_2'}: .*{msg}"):
@@ -229,7 +217,7 @@ def test_pixels_outside_0_255_are_refused_naming_the_file(tmp_path, pixels, msg)
 
 
 def test_whole_pixels_of_any_number_type_load_as_their_uint8(tmp_path):
-    folder = _write_fake_cifar(tmp_path)
+    folder = write_fake_cifar(tmp_path)
     train, _ = load_cifar("cifar10", str(tmp_path), download=False)
     with open(folder / "data_batch_1", "rb") as f:
         batch = pickle.load(f)
@@ -248,7 +236,7 @@ class _Evil:
 
 
 def test_hostile_batch_pickle_does_not_run_code(tmp_path):
-    folder = _write_fake_cifar(tmp_path)
+    folder = write_fake_cifar(tmp_path)
     marker = tmp_path / "pwned"
     with open(folder / "data_batch_1", "wb") as f:
         pickle.dump({"data": _Evil(str(marker)), "labels": [0]}, f)
@@ -281,7 +269,7 @@ def test_affine_grid_matches_torch():
 def test_float_labels_are_refused(tmp_path):
     from edlab.data import load_cifar
 
-    _write_fake_cifar(tmp_path, n=4, labels=[0.5, 1.7, 2.0, 3.9])
+    write_fake_cifar(tmp_path, n=4, labels=[0.5, 1.7, 2.0, 3.9])
     with pytest.raises(EdlabError, match="labels must be integers"):
         load_cifar("cifar10", str(tmp_path), download=False)
 
@@ -291,7 +279,7 @@ def test_md5_warning_once_per_data_folder(tmp_path):
 
     from edlab import data
 
-    folder = _write_fake_cifar(tmp_path, n=4)
+    folder = write_fake_cifar(tmp_path, n=4)
 
     def command() -> int:
         """One command, as a new process would run it: no memo in the process, every warning shown."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TRAIN, assert_one_line_error, invoke, rewrite_header
+from conftest import TINY_TRAIN, assert_one_line_error, invoke, rewrite_header, write_fake_cifar
 from safetensors.torch import save as st_save
 
 from edlab import EdlabError, load_checkpoint
@@ -111,17 +111,6 @@ def test_hostile_resume_state_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
-def _fake_cifar(root: Path, n: int = 8) -> Path:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                         "labels": list(rng.integers(0, 10, n))}, f)
-    return folder
-
-
 @pytest.mark.parametrize("damage,msg", [
     ("evil", "refused global"),
     ("evil-shell", "refused global"),
@@ -133,7 +122,7 @@ def _fake_cifar(root: Path, n: int = 8) -> Path:
     ("label-range", "labels outside"),
 ])
 def test_broken_dataset_folder_is_one_line(tmp_path, damage, msg):
-    folder = _fake_cifar(tmp_path / "data")
+    folder = write_fake_cifar(tmp_path / "data", n=8)
     marker = tmp_path / "pwned"
     batch = folder / "data_batch_2"
     good = batch.read_bytes()

@@ -26,6 +26,7 @@ Every path is relative to the page file, so the page rebuilds from any working d
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -123,8 +124,18 @@ def row_cells(r: RunInfo) -> list[str]:
             "—" if r.score is None else f"{r.score:.4f}", "—" if seconds is None else f"{seconds / 60:.1f}"]
 
 
+def _pruning_steps(run: RunInfo) -> list[dict]:
+    """The run's metrics.jsonl rows (a prune run writes one per step: dense, then each pruning step)."""
+    path = run.path / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def plot_sparsity(runs: list[RunInfo], path: Path) -> bool:
-    """Accuracy against the pruned fraction ps + pu (val filled, test hollow): the pruning slides' question."""
+    """Accuracy against the pruned fraction ps + pu (val filled, test hollow), with the validation accuracy
+    right after the last pruning step, before its fine-tuning (crosses) and the dense source: the pruning
+    slides' questions (how much accuracy each sparsity costs, and what fine-tuning gives back)."""
     from matplotlib.figure import Figure
 
     pts = [(_num(r.summary.get("ps")) or 0.0) + (_num(r.summary.get("pu")) or 0.0) for r in runs]
@@ -132,6 +143,14 @@ def plot_sparsity(runs: list[RunInfo], path: Path) -> bool:
         return False
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.subplots()
+    steps = [_pruning_steps(r) for r in runs]
+    dense = {s[0]["val_accuracy"] for s in steps if s and s[0].get("kind") == "dense" and s[0].get("val_accuracy")}
+    if len(dense) == 1:
+        ax.scatter([0.0], [dense.pop()], color="k", marker="s", label="dense source (validation)", zorder=3)
+    before = [(x, s[-1]["val_accuracy_pruned"]) for x, s in zip(pts, steps)
+              if s and s[-1].get("val_accuracy_pruned") is not None]
+    if before:
+        ax.scatter(*zip(*before), color="C3", marker="x", label="validation, pruned before fine-tuning", zorder=3)
     ax.scatter(pts, [r.val for r in runs], color="C0", label="validation accuracy", zorder=3)
     tested = [(x, r.test) for x, r in zip(pts, runs) if r.test is not None]
     if tested:
