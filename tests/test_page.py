@@ -76,6 +76,24 @@ def test_a_rebuilt_page_follows_its_runs(page_file, tmp_path):
     assert "| b32 | 85.55 |" in text and "81.23" not in text
 
 
+def test_sections_share_one_study_by_the_config_values_they_ask_for(tmp_path):
+    """The seed deck's four training questions share one study: its baseline run is trained once and shown in
+    every section; each section keeps the runs with its ``where`` values; the trade-off plot counts it once."""
+    for name, lr, bs in (("base", 0.001, 64), ("lr3", 0.003, 64), ("bs32", 0.001, 32)):
+        write_run(tmp_path / "seed" / name, 0.8, 0.79, 0.19)
+        (tmp_path / "seed" / name / "config.yaml").write_text(f"optim: {{lr: {lr}}}\ndata: {{batch_size: {bs}}}\n")
+    page = tmp_path / "p.yaml"
+    page.write_text("title: t\nsections:\n"
+                    "  - {title: batch size, runs: [seed], where: {optim.lr: 1.0e-3}}\n"
+                    "  - {title: learning rate, runs: [seed], where: {data.batch_size: 64}}\n")
+    r = build_page(page)
+    assert r["sections"] == {"batch size": 2, "learning rate": 2}
+    text = (tmp_path / "page.md").read_text()
+    first, second = text.split("## 2.")
+    assert "| base |" in first and "| bs32 |" in first and "| lr3 |" not in first
+    assert "| base |" in second and "| lr3 |" in second and "| bs32 |" not in second
+
+
 @pytest.mark.parametrize("body, says", [
     ("title: x\nsections: [{title: a, plot: bars}]\n", "sections.0.plot"),
     ("title: x\nsections: []\nout: deck.html\n", "Markdown"),

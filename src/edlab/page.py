@@ -16,8 +16,9 @@ A page file::
     sections:
       - title: Batch size 32 -> 64
         deck: the students' setting and observation (quoted)
-        command: edlab sweep studies/batch-size.yaml      # how the runs were made
-        runs: [deck/batch-size]                          # run/study folders, relative to the page file
+        command: edlab sweep studies/seed-deck.yaml       # how the runs were made
+        runs: [deck/seed]                                # run/study folders, relative to the page file
+        where: {optim.lr: 0.001, data.augment: crop-flip}  # optional: the runs with these config values
         plot: curves             # curves | sparsity | none
         note: what the measurement says (Markdown)
 
@@ -45,6 +46,8 @@ class Section(BaseModel):
     deck: str = ""  # the students' setting and observation
     command: str = ""  # the edlab command that made the runs
     runs: list[str] = Field(default_factory=list)  # folders holding this section's runs
+    where: dict[str, Any] = Field(default_factory=dict)  # config values a run needs to be shown here, e.g.
+    # {optim.lr: 0.001}: sections that ask one question each of one shared study (its baseline run is shared)
     plot: Literal["curves", "sparsity", "none"] = "curves"
     note: str = ""  # what edlab measured, in words (Markdown)
 
@@ -163,6 +166,13 @@ def plot_sparsity(runs: list[RunInfo], path: Path) -> bool:
     return True
 
 
+def _same(value: Any, wanted: Any) -> bool:
+    """A config value as a section's ``where`` asks for it (numbers by value: 1e-3 is 0.001)."""
+    if isinstance(wanted, (int, float)) and not isinstance(wanted, bool) and isinstance(value, (int, float)):
+        return abs(float(value) - float(wanted)) <= 1e-12 * max(1.0, abs(float(wanted)))
+    return value == wanted
+
+
 def build_page(page_file: str | Path) -> dict:
     """Write the page (and its figures) the page file describes; returns {out, figures, sections: {title: runs}}.
     A section whose folders hold no runs yet says so on the page, so a page can be laid out before its runs."""
@@ -191,11 +201,12 @@ def build_page(page_file: str | Path) -> dict:
         folders = [home / f for f in sec.runs]
         missing = [f for f, p in zip(sec.runs, folders) if not p.is_dir()]
         runs = discover([p for p in folders if p.is_dir()])[0] if len(missing) < len(folders) else []
+        runs = [r for r in runs if all(_same(r.get(*key.split(".")), v) for key, v in sec.where.items())]
         runs.sort(key=lambda r: r.name)
         found[sec.title] = len(runs)
         if runs:
             md.append(markdown_table(COLUMNS, [row_cells(r) for r in runs]))
-            every += runs
+            every += [r for r in runs if r.path not in {e.path for e in every}]  # a shared run: once
             name = f"{stem}-{k:02d}-{slug(sec.title)}.png"
             drawn = plot_curves(runs, out.parent / name) if sec.plot == "curves" else \
                 plot_sparsity(runs, out.parent / name) if sec.plot == "sparsity" else False
