@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from .config import TrainConfig
+from .config import TrainConfig, set_dotted
 from .errors import EdlabError
 
 
@@ -83,7 +83,7 @@ class Options(BaseModel):
         except ValidationError as err:
             if partial and all(isinstance(e.get("ctx", {}).get("error"), RuleAcross) for e in err.errors()):
                 return cls.model_construct(**given)
-            raise EdlabError(describe_error(err, cls)) from None
+            raise EdlabError(_describe(err, cls)) from None
 
     @classmethod
     def config_flags(cls) -> dict[str, str]:
@@ -109,8 +109,6 @@ class Options(BaseModel):
 
     def config_tree(self) -> dict:
         """The config-setting options that were given, as a config tree: {"lr": 0.1} -> {"optim": {"lr": 0.1}}."""
-        from .config import set_dotted
-
         tree: dict = {}
         for name, key in self.config_flags().items():
             if getattr(self, name) is not None:
@@ -118,7 +116,7 @@ class Options(BaseModel):
         return tree
 
 
-def describe_error(err: ValidationError, cls: type[BaseModel]) -> str:
+def _describe(err: ValidationError, cls: type[BaseModel]) -> str:
     e = err.errors()[0]
     name = str(e["loc"][0]) if e["loc"] else ""
     msg = e["msg"].removeprefix("Value error, ")
