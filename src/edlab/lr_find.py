@@ -11,6 +11,7 @@ import torch.nn as nn
 from .config import TrainConfig
 from .device import autocast, resolve_precision
 from .optim import build_optimizer
+from .options import LrFindOptions, takes
 
 
 def lr_range_test(model: nn.Module, data, cfg: TrainConfig, start: float = 1e-6, end: float = 10.0,
@@ -76,6 +77,7 @@ def plot(result: dict, path) -> None:
     plt.close(fig)
 
 
+@takes(LrFindOptions)
 def find_lr(config: str | None = None, sets: list[str] | tuple[str, ...] = (), progress=None, **options) -> dict:
     """``edlab lr-find`` as a call: the training config (file, ``sets``) and the options of
     edlab.options.LrFindOptions -> {'lrs', 'losses', 'suggested_lr', 'plot'}; the plot is written to
@@ -83,7 +85,6 @@ def find_lr(config: str | None = None, sets: list[str] | tuple[str, ...] = (), p
     from .config import load_train_config
     from .data import data_from_config
     from .device import resolve_device, use_threads
-    from .options import LrFindOptions
     from .train import model_from_config
 
     o = LrFindOptions.of(options)

@@ -13,6 +13,7 @@ Torch-free (pydantic only), so that ``edlab --help`` stays fast.
 
 from __future__ import annotations
 
+import inspect
 from functools import cache
 from typing import Annotated, Any, Literal, get_args
 
@@ -61,6 +62,20 @@ def literal_choices(annotation: Any) -> tuple | None:
         return get_args(annotation)
     args = [a for a in get_args(annotation) if a is not type(None)]
     return literal_choices(args[0]) if len(args) == 1 else None
+
+
+def takes(model: type[BaseModel]):
+    """Show a function's ``**options`` as its options model's fields in its signature, with their defaults, so
+    that help() and inspect.signature() list them (the model stays their one spelling)."""
+    def decorate(fn):
+        sig = inspect.signature(fn)
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=f.annotation,
+                                   default=inspect.Parameter.empty if f.is_required() else f.default)
+                 for name, f in model.model_fields.items() if name not in sig.parameters]
+        fn.__signature__ = sig.replace(parameters=own + extra)
+        return fn
+    return decorate
 
 
 class RuleAcross(ValueError):

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import EdlabError
-from .options import IMPORTANCES, SCHEDULES, SCOPES, TARGETS, PruneOptions, PruneRecipe
+from .options import IMPORTANCES, SCHEDULES, SCOPES, TARGETS, PruneOptions, PruneRecipe, takes
 from .scoring import dense_reference, dense_reference_of, profile
 
 if TYPE_CHECKING:
@@ -699,6 +699,7 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
+@takes(PruneOptions)
 def prune_checkpoint(target: str, out: str | None = None, sets: Sequence[str] = (), console=None,
                      **options) -> dict:
     """``edlab prune`` as a call: prune a checkpoint (structured, then unstructured), fine-tuning after every

@@ -29,7 +29,7 @@ import torch.nn as nn
 from .checkpoint import conv_kwargs
 from .errors import EdlabError
 from .evaluation import final_test
-from .options import QuantizeOptions
+from .options import QuantizeOptions, takes
 from .qlayers import (
     QUANT_TYPES,
     BinaryConv2d,
@@ -374,6 +374,7 @@ def _int8(source: nn.Module, data, run, options: dict, console, calib_images: in
             "extra": extra}
 
 
+@takes(QuantizeOptions)
 def quantize_checkpoint(checkpoint: str | Path, method: str | None = None, out: str | None = None,
                         sets: list[str] | tuple = (), console=None, resume: bool = False, **options) -> dict:
     """Run one quantization stage on a float32 checkpoint; write its run directory; return the summary.

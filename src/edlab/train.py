@@ -32,6 +32,7 @@ from .evaluation import evaluate, final_test
 from .loader import load_checkpoint
 from .models import create_model
 from .optim import LRSchedule, build_optimizer, total_steps
+from .options import TrainOptions, takes
 from .resume import FitState, load_resume, save_resume
 from .runs import Run
 from .stage import StageRun, inference_record, run_model_stage
@@ -358,13 +359,13 @@ def _train_stage(s: StageRun, model: nn.Module) -> tuple[nn.Module, dict | None]
     }  # the skeleton adds the command, the run folder and the teacher's leak record
 
 
+@takes(TrainOptions)
 def train_run(config: str | None = None, resume: bool = False, sets: list[str] | tuple[str, ...] = (),
               console=None, **options) -> dict | None:
     """``edlab train`` as a call: the config file (optional), named options (``model``, ``epochs``, ``lr``,
     ... the fields of edlab.options.TrainOptions) and ``sets`` (["optim.nesterov=false"]) -> the run's summary
     (None on a torchrun rank other than 0). ``console``: anything with ``.print(text)`` hears the epochs."""
     from .config import load_train_config
-    from .options import TrainOptions
 
     named = TrainOptions.of(options)  # any other config key goes in sets
     if resume and not named.out:
