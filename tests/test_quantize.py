@@ -19,7 +19,7 @@ from edlab.cli import cli
 from edlab.data import data_from_config
 from edlab.evaluation import evaluate
 from edlab.models import create_model
-from edlab.qlayers import BinaryConv2d, BinaryLinear, LSQConv2d, LSQLinear, binarize_ste, lsq_quantize
+from edlab.qlayers import BinaryConv2d, BinaryLinear, LSQConv2d, LSQLinear, binarize_ste, glorot_h, lsq_quantize
 from edlab.quantize import binarize, calibrate, clip_latent_, quantize_checkpoint, quantize_qat, stage_config, to_half
 from edlab.scoring import profile
 from edlab.train import fit
@@ -70,6 +70,23 @@ def test_stochastic_binarization_follows_hard_sigmoid():
     b = binarize_ste(torch.full((20000,), 0.5), stochastic=True)
     assert set(b.unique().tolist()) == {-1.0, 1.0}
     assert (b == 1).float().mean().item() == pytest.approx(0.75, abs=0.02)  # p = clip((w + 1) / 2, 0, 1)
+
+
+def test_stochastic_signs_follow_the_layers_weight_scale():
+    """A layer's stochastic signs draw +1 with probability hard_sigmoid(w / H), H = sqrt(1.5 / (fan_in +
+    fan_out)) (BinaryConnect's code): a trained layer's small weights are not a coin toss. Weights at H / 2 give
+    +1 three times in four; with hard_sigmoid(w) they gave +1 about half the time (the deck's stochastic
+    fine-tune stayed at chance)."""
+    torch.manual_seed(0)
+    conv = BinaryConv2d(64, 64, 3, padding=1, bias=False, stochastic=True).train()
+    h = (1.5 / ((64 + 64) * 9)) ** 0.5
+    assert glorot_h(conv.weight) == pytest.approx(h)
+    with torch.no_grad():
+        conv.weight.fill_(h / 2)
+    b = conv.quantized_weight()
+    assert (b == 1).float().mean().item() == pytest.approx(0.75, abs=0.02)
+    conv.eval()  # evaluation: the deterministic sign
+    assert (conv.quantized_weight() == 1).all()
 
 
 def test_binary_layer_clips_latent_weights_and_evaluates_with_sign():

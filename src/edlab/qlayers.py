@@ -19,6 +19,8 @@ convolution.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,12 +29,13 @@ from .checkpoint import conv_kwargs, register_leaf
 
 
 # ------------------------------------------------------------------------------------- the estimators
-def binarize_ste(w: torch.Tensor, stochastic: bool = False) -> torch.Tensor:
+def binarize_ste(w: torch.Tensor, stochastic: bool = False, h: float = 1.0) -> torch.Tensor:
     """sign(w) forward (0 -> +1); backward passes the gradient straight through where |w| <= 1 and cancels it
     where |w| > 1 (hard-tanh STE, Courbariaux et al.). ``stochastic``: +1 with probability
-    hard_sigmoid(w) = clip((w + 1) / 2, 0, 1), else -1."""
+    hard_sigmoid(w / h) = clip((w / h + 1) / 2, 0, 1), else -1 (``h``: the layer's weight scale, see
+    :func:`glorot_h`)."""
     if stochastic:
-        p = ((w.detach() + 1) / 2).clamp(0, 1)
+        p = ((w.detach() / h + 1) / 2).clamp(0, 1)
         b = (torch.rand_like(p) < p).to(w.dtype) * 2 - 1
     else:
         b = (w.detach() >= 0).to(w.dtype) * 2 - 1
@@ -40,6 +43,16 @@ def binarize_ste(w: torch.Tensor, stochastic: bool = False) -> torch.Tensor:
     # freeze every weight the clip has put on the boundary)
     inside = (w.detach().abs() <= 1).to(w.dtype)
     return b + (w - w.detach()) * inside
+
+
+def glorot_h(weight: torch.Tensor) -> float:
+    """BinaryConnect's H for stochastic signs (Courbariaux et al. 2015, as their code sets it): sqrt(1.5 /
+    (fan_in + fan_out)), the scale of a layer's weights (Glorot's, receptive field counted for a conv). With
+    hard_sigmoid(w) alone, a trained layer's weights (|w| ~ 0.05) made every sign a coin toss: the stochastic
+    fine-tuning of the deck's trained resnet20 stayed at chance (val 9.9 %) while the deterministic one reached
+    83.7 %."""
+    field = weight[0, 0].numel() if weight.dim() > 2 else 1
+    return math.sqrt(1.5 / ((weight.shape[0] + weight.shape[1]) * field))
 
 
 def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, grad_scale: float) -> torch.Tensor:
@@ -138,7 +151,7 @@ class BinaryLayer(QuantLayer):
             with torch.no_grad():  # BinaryConnect's clip, for the update of the previous step
                 w.clamp_(-1, 1)
             self._apply_mask_()
-        b = binarize_ste(w, self.stochastic and self.training)
+        b = binarize_ste(w, self.stochastic and self.training, glorot_h(w) if self.stochastic else 1.0)
         if mask is not None:
             b = b * mask
         if not self.scale:
