@@ -7,6 +7,7 @@ tests/test_imports.py (no cycle at all, no private name taken from another modul
 
     python scripts/import_graph.py            # module -> edlab modules it imports   [click, rich]
     python scripts/import_graph.py --json
+    python scripts/import_graph.py --layers   # modules by depth: each imports only from the rows above it
 """
 
 from __future__ import annotations
@@ -123,8 +124,27 @@ def layer_cycles(g: dict[str, dict]) -> list[list[str]]:
     return cycles(layered)
 
 
+def layers(g: dict[str, dict]) -> list[list[str]]:
+    """Modules by depth over all imports (lazy ones too): depth 0 imports no edlab module, depth k imports
+    only modules of depth < k. Defined only without cycles, which tests/test_imports.py guarantees."""
+    depth: dict[str, int] = {}
+
+    def of(m: str) -> int:
+        if m not in depth:
+            depth[m] = 1 + max((of(i) for i in g[m]["imports"]), default=-1)
+        return depth[m]
+
+    for m in g:
+        of(m)
+    return [sorted(m for m in g if depth[m] == k) for k in range(max(depth.values(), default=-1) + 1)]
+
+
 def main() -> None:
     g = graph()
+    if "--layers" in sys.argv:
+        for k, mods in enumerate(layers(g)):
+            print(f"{k:>2}  " + ", ".join(m.removeprefix("edlab.") or "edlab" for m in mods))
+        return
     if "--json" in sys.argv:
         print(json.dumps({"graph": g, "cycles": cycles(g), "load_time_cycles": cycles(g, "top")}, indent=2))
         return

@@ -69,3 +69,49 @@ def test_the_checks_can_fail(tmp_path):
     assert import_graph.cycles(g) == [["edlab.a", "edlab.b"]] and import_graph.cycles(g, "top") == []
     assert g["edlab.a"]["ui_top"] == ["rich"]
     assert private_imports(tmp_path) == ["edlab.a: from edlab.b import _hidden"]
+
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+
+def layer_table(text: str) -> list[list[str]]:
+    """The modules of each row of docs/architecture.md's layer table (rows "| N. name | `mod`, ... | ... |"),
+    as globs (``cli.*``) over names without the ``edlab.`` prefix."""
+    import re
+
+    rows = [line.split("|") for line in text.splitlines() if re.match(r"\| \d+\. ", line)]
+    return [re.findall(r"`([^`]+)`", cells[2]) for cells in rows]
+
+
+def layer_violations(graph: dict, table: list[list[str]]) -> list[str]:
+    """What breaks the table: a module in no row, or one importing a module of a later row."""
+    from fnmatch import fnmatchcase
+
+    def row_of(mod: str) -> int | None:
+        name = mod.removeprefix("edlab.") if mod != "edlab" else "edlab"
+        exact = [k for k, row in enumerate(table) if name in row]
+        return exact[0] if exact else next((k for k, row in enumerate(table)
+                                            if any(fnmatchcase(name, g) for g in row)), None)
+
+    found = [f"{m}: in no row" for m in graph if row_of(m) is None]
+    for m, d in graph.items():
+        for i in d["imports"]:
+            if None not in (row_of(m), row_of(i)) and row_of(i) > row_of(m):
+                found.append(f"{m} (row {row_of(m) + 1}) imports {i} (row {row_of(i) + 1})")
+    return found
+
+
+def test_the_layers_in_docs_architecture_hold(graph):
+    """docs/architecture.md's layer table is a rule, not a picture: every module is in a row, and imports
+    (lazy ones too) only from its row or the rows above."""
+    table = layer_table(ARCHITECTURE.read_text())
+    assert len(table) == 8
+    assert layer_violations(graph, table) == []
+
+
+def test_the_layer_check_sees_a_missing_module_and_an_upward_import(graph):
+    table = layer_table(ARCHITECTURE.read_text())
+    without_prune = [[m for m in row if m != "prune"] for row in table]
+    assert layer_violations(graph, without_prune) == ["edlab.prune: in no row"]
+    swapped = [table[5], *table[:5], *table[6:]]  # compression above foundations
+    assert any(v.startswith("edlab.prune (row 1) imports edlab.train") for v in layer_violations(graph, swapped))

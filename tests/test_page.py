@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,35 @@ def test_the_command_rebuilds_the_page_and_refuses_paths_with_it(page_file, tmp_
     assert r.returncode != 0 and "give no PATHS" in r.stderr and "Traceback" not in r.stderr
     r = edlab("--page", tmp_path / "nope.yaml")
     assert r.returncode != 0 and "page file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+DECK = Path(__file__).resolve().parents[1] / "docs" / "results" / "deck.yaml"
+
+
+def test_the_committed_deck_page_is_what_its_committed_run_folders_say(tmp_path):
+    """docs/results/deck.md is rebuilt from its committed folders: every table row of a fresh rebuild (into a
+    scratch copy of the page file) is on the committed page, and the page has no other row."""
+    import yaml
+
+    tree = yaml.safe_load(DECK.read_text())
+    for sec in tree["sections"]:
+        sec["runs"] = [str(DECK.parent / f) for f in sec.get("runs", [])]
+    (tmp_path / "deck.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    build_page(tmp_path / "deck.yaml")
+
+    def rows(path):
+        return sorted(line for line in path.read_text().splitlines() if line.startswith("| ") and "---" not in line)
+
+    assert rows(tmp_path / "deck.md") == rows(DECK.parent / "deck.md")
+
+
+def test_the_deck_pages_shared_model_scores_what_the_page_says():
+    """The model file the page names (the shared resnet20) scores, counted from the file, what its row says."""
+    from edlab.inspect_file import score_file
+
+    ckpt = DECK.parent / "deck" / "resnet20" / "model.ckpt"
+    summary = json.loads((ckpt.parent / "summary.json").read_text())
+    p = score_file(str(ckpt))
+    assert p.score == pytest.approx(summary["score"], rel=1e-9) and p.params == summary["params"]
+    row = next(line for line in (DECK.parent / "deck.md").read_text().splitlines() if line.startswith("| resnet20 |"))
+    assert f"| {p.score:.4f} |" in row and f"| {p.params:,} |" in row

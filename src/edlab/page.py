@@ -117,7 +117,7 @@ def row_cells(r: RunInfo) -> list[str]:
     """One run as the page shows it: every figure read from its summary.json (the study's chosen test, when
     the study read the test split only for its chosen point, as the report puts it on that run)."""
     s = r.summary
-    bits = f"{_num(s.get('bits_w')) or 32:g}/{_num(s.get('bits_a')) or 32:g}"
+    bits = f"{_num(s.get('bits_w')) or 32:.3g}/{_num(s.get('bits_a')) or 32:.3g}"  # a mean: 1.3015 reads 1.3
     ps, pu = _num(s.get("ps")) or 0.0, _num(s.get("pu")) or 0.0
     inference = s.get("inference") if isinstance(s.get("inference"), dict) else {}
     views = s.get("views") if s.get("views") is not None else inference.get("views")
