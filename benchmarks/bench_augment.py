@@ -30,26 +30,17 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from edlab.data import FOLDERS, Data, get_data, resolve_data_dir
+from edlab.device import host
 
 POLICIES = ("none", "crop-flip", "scale-rotate", "fancy")
-
-
-def cpu_name() -> str:
-    """The CPU model as lscpu reports it, so recorded figures say which machine made them."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine() -> dict:
     """What a recorded figure needs next to it: CPU, cores, threads, versions, UTC time."""
     import torchvision
 
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    h = host()
+    return {"cpu": f"{h['cpu']} ({h['kind']})", "cores": h["cores"], "torch_threads": h["threads"],
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(),
             "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),

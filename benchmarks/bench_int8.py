@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ import torch
 
 from edlab.checkpoint import load_checkpoint
 from edlab.data import get_data
+from edlab.device import host
 from edlab.errors import EdlabError
 from edlab.export import _plain_batches, export_onnx, latency_ms, ort_evaluate, ort_session
 from edlab.models import create_model
@@ -48,17 +48,11 @@ VARIANTS = {
 
 
 def machine() -> str:
-    flags = ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        have = set(next(line for line in text.splitlines() if line.startswith("flags")).split())
-        flags = " ".join(f for f in ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in have)
-    except (OSError, StopIteration):
-        model = platform.processor()
     import onnxruntime
 
-    return (f"{model} ({os.cpu_count()} cores; {flags or 'no VNNI/AMX'}), torch {torch.__version__}, "
+    h = host()
+    vnni = " ".join(f for f in h["flags"] if "vnni" in f or "bf16" in f or "amx" in f)
+    return (f"{h['cpu']} ({h['cores']} cores; {vnni or 'no VNNI/AMX'}), torch {torch.__version__}, "
             f"onnxruntime {onnxruntime.__version__}")
 
 

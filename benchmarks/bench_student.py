@@ -21,21 +21,11 @@ import torch.nn as nn
 import yaml
 
 from edlab.config import OptimConfig
-from edlab.device import autocast, resolve_channels_last, resolve_precision
+from edlab.device import autocast, host, resolve_channels_last, resolve_precision
 from edlab.models import create_model
 from edlab.optim import build_optimizer
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "student-dw233-distill.yaml"
-
-
-def host_kind() -> str:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
-    if "amx_bf16" in flags:
-        return "AMX (AVX512-BF16 too)"
-    return "AVX512-BF16, no AMX" if "avx512_bf16" in flags else "AVX2 only"
 
 
 def student(conv: str | None = None) -> nn.Module:
@@ -96,7 +86,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     amp = resolve_precision("auto", torch.device("cpu"))
-    print(f"host: {host_kind()}  (oneDNN bf16: {'yes' if amp else 'no'}; edlab's auto precision: "
+    print(f"host: {host()['kind']}  (oneDNN bf16: {'yes' if amp else 'no'}; edlab's auto precision: "
           f"{'bf16' if amp else 'fp32'})  threads {a.threads}  batch {a.batch_size}; median img/s of "
           f"{a.rounds} rounds of {a.steps} steps, the arms interleaved (a load that comes and goes hits all)")
     b = a.batch_size

@@ -62,6 +62,9 @@ def test_the_page_holds_each_sections_runs_figures_and_prose(page_file, tmp_path
     assert "| data.batch_size=64 | 83.45 |" in batch and "Batch 64 generalises better here too." in batch
     assert "| pu09 | 70.12 | — |" in pruning and "0.00/0.90" in pruning
     assert "Not measured yet" in binary  # laid out before its runs
+    # what each section cost, and all of them, summed from the runs' own clocks (4 runs of 120 s each)
+    assert "*2 run(s): 4.0 minutes (0.07 hours) by their own clocks.*" in batch
+    assert "All sections together (a shared run once): *4 run(s): 8.0 minutes (0.13 hours)" in text
     assert r["sections"] == {"Batch size": 2, "Simple pruning": 2, "BinaryConnect": 0}
     for name in r["figures"]:
         assert (page_file.parent / name).stat().st_size > 1000

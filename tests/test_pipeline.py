@@ -142,6 +142,33 @@ def test_two_runs_on_one_out_do_not_both_proceed(tmp_path, small_ckpt):
     assert invoke("run", recipe, "--out", out).exit_code == 0  # lock released: it runs
 
 
+def test_a_pipeline_killed_in_its_first_stage_continues_in_a_copy_without_its_lock_file(tmp_path, small_ckpt,
+                                                                                       monkeypatch):
+    """A run folder is committed or copied without its lock file (ignored, machine-local): a pipeline that
+    died inside stage 0 must still be known as this recipe's folder there, and continue."""
+    import shutil
+
+    import edlab.pipeline
+
+    recipe, out = score_recipe(tmp_path, small_ckpt), tmp_path / "p"
+
+    def killed(name, kwargs, echo):  # dies after the stage made its folder, before it finished
+        (out / "00-score").mkdir()
+        (out / "00-score" / "partial.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(edlab.pipeline, "run_stage", killed)
+    with pytest.raises(KeyboardInterrupt):
+        edlab.pipeline.run_pipeline(str(recipe), out=str(out))
+    monkeypatch.undo()
+    copy = tmp_path / "elsewhere" / "p"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.lock"))
+    assert (copy / "pipeline.json").exists() and not (copy / ".edlab-pipeline.lock").exists()
+    r = invoke("run", recipe, "--out", copy)
+    assert r.exit_code == 0 and (copy / "00-score" / "result.json").exists(), (r.output, r.stderr)
+    assert (copy / "00-score.interrupted-1" / "partial.txt").exists()  # the half-done stage kept aside
+
+
 def test_every_stage_is_checked_before_any_runs(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("stages:\n  - train: {dataset: synthetic, epochs: 1}\n"

@@ -4,6 +4,7 @@ run folder, the resume check, the teacher's leak record, the stage history and t
 import json
 
 import pytest
+import torch
 import torch.nn as nn
 
 from edlab import EdlabError
@@ -28,8 +29,11 @@ def test_a_new_stage_is_its_algorithm_plus_one_call(tiny_cfg, tmp_path):
     model, summary = run_model_stage("measure", cfg, _measure, create_model("resnet20", width=0.25))
     run = tmp_path / "run"
     assert json.loads((run / "summary.json").read_text()) == summary
-    assert set(summary) == {"test_accuracy", "command", "run_dir", "teacher", "teacher_val_leak", "val_leak"}
+    assert set(summary) == {"test_accuracy", "command", "run_dir", "host", "teacher", "teacher_val_leak", "val_leak"}
     assert summary["teacher"] == str(tmp_path / "t.ckpt") and summary["val_leak"] == 0
+    # the machine it ran on: a figure's CPU kind and threads travel with it
+    assert summary["host"]["threads"] == torch.get_num_threads() >= 1
+    assert summary["host"]["kind"] in ("AMX", "AVX512-BF16, no AMX", "AVX2", "unknown")
     assert (run / "config.yaml").exists()
     saved = load_checkpoint(run / "model.ckpt").edlab_metadata
     assert saved["stages"][-1] == {"stage": "measure", "note": "measured", "train_subset": 64,

@@ -30,6 +30,34 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+# the flags that a CPU step's speed depends on
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def host() -> dict:
+    """The machine a figure was measured on, as every summary.json and benchmark records it: speeds on these
+    CPUs differ by 2-10x with their vector extensions (AMX, AVX512-BF16, AVX2 only), so a number without its
+    host says little. ``kind`` is the short name docs use; ``threads`` the torch CPU threads in use."""
+    model, flags = "", set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        import platform
+
+        model = platform.processor() or platform.machine()
+    kind = "AMX" if "amx_bf16" in flags else "AVX512-BF16, no AMX" if "avx512_bf16" in flags else \
+        "AVX2" if "avx2" in flags else "unknown"
+    info = {"cpu": model or "unknown", "kind": kind, "flags": [f for f in CPU_FLAGS if f in flags],
+            "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype, None = fp32. 'auto' picks bf16 on CUDA and on CPUs with native bf16 kernels."""
     if precision == "auto":

@@ -127,6 +127,19 @@ def row_cells(r: RunInfo) -> list[str]:
             "—" if r.score is None else f"{r.score:.4f}", "—" if seconds is None else f"{seconds / 60:.1f}"]
 
 
+def compute_line(runs: list[RunInfo]) -> str:
+    """What the runs cost, summed from their summaries' own clocks (a study's trial counts its stages): the
+    page answers "how many CPU-hours did this take" without a note that could drift from the folders."""
+    seconds = [_num(r.summary.get("seconds")) for r in runs]
+    hosts = {(h.get("kind"), h.get("threads")) if isinstance(h := r.summary.get("host"), dict) else None
+             for r in runs}
+    where = "" if len(hosts) != 1 or None in hosts else " on one {} CPU, {} thread(s)".format(*hosts.pop())
+    total = sum(x for x in seconds if x is not None)
+    unknown = sum(x is None for x in seconds)
+    return (f"*{len(runs)} run(s): {total / 60:.1f} minutes ({total / 3600:.2f} hours) by their own clocks{where}"
+            + (f"; {unknown} without a recorded time" if unknown else "") + ".*")
+
+
 def _pruning_steps(run: RunInfo) -> list[dict]:
     """The run's metrics.jsonl rows (a prune run writes one per step: dense, then each pruning step)."""
     path = run.path / "metrics.jsonl"
@@ -206,6 +219,7 @@ def build_page(page_file: str | Path) -> dict:
         found[sec.title] = len(runs)
         if runs:
             md.append(markdown_table(COLUMNS, [row_cells(r) for r in runs]))
+            md.append(compute_line(runs) + "\n")
             every += [r for r in runs if r.path not in {e.path for e in every}]  # a shared run: once
             name = f"{stem}-{k:02d}-{slug(sec.title)}.png"
             drawn = plot_curves(runs, out.parent / name) if sec.plot == "curves" else \
@@ -220,6 +234,8 @@ def build_page(page_file: str | Path) -> dict:
         if sec.note:
             md.append(sec.note.strip() + "\n")
     md.append("## The trade-off across every section\n")
+    if every:
+        md.append("All sections together (a shared run once): " + compute_line(every) + "\n")
     pareto = f"{stem}-pareto.png"
     if every and plot_pareto(every, pareto_front([(r.score, r.val) for r in every]), None, out.parent / pareto,
                              page.floors):

@@ -262,6 +262,10 @@ def _run_stages(recipe_path: str, recipe: dict, root: Path, echo) -> dict:
         write_json(state_path, {"recipe": recipe_path, "name": recipe["name"], **extra, "spec": spec,
                                 "stages": results})
 
+    if not state_path.exists():
+        # before the first stage makes its folder: a pipeline killed inside stage 0 and carried to another
+        # machine without its (ignored, machine-local) lock file is still known as this pipeline's folder
+        save_state()
     for i, (name, opts) in enumerate(recipe["stages"]):
         stage_dir = root / f"{i:02d}-{name}"
         prev = done[i] if i < len(done) else None

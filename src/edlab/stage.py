@@ -32,7 +32,7 @@ from . import distill, distributed
 from .checkpoint import save_checkpoint, upstream_val_leak, with_stage
 from .config import TrainConfig, to_yaml
 from .data import Data, data_from_config
-from .device import resolve_device, use_threads
+from .device import host, resolve_device, use_threads
 from .distributed import Dist
 from .errors import EdlabError
 from .runs import Run, command_line
@@ -220,7 +220,7 @@ def run_model_stage(stage: str, cfg: TrainConfig, algorithm: Algorithm, model: n
     s = StageRun(stage, cfg, run, data, device, teacher, leak, console, resume, d)
     model, summary = algorithm(s, model)
     if summary is not None:
-        summary = {**summary, "command": command_line(), "run_dir": str(run.path),
+        summary = {**summary, "command": command_line(), "run_dir": str(run.path), "host": host(),
                    **(leak if teacher_in_summary else {"val_leak": leak["val_leak"]})}
         run.write_summary(summary)
         run.close()
