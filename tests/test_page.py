@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import cifar_dir
 
 from edlab.errors import EdlabError
 from edlab.page import build_page
@@ -155,3 +156,17 @@ def test_the_deck_pages_shared_model_scores_what_the_page_says():
     assert p.score == pytest.approx(summary["score"], rel=1e-9) and p.params == summary["params"]
     row = next(line for line in (DECK.parent / "deck.md").read_text().splitlines() if line.startswith("| resnet20 |"))
     assert f"| {p.score:.4f} |" in row and f"| {p.params:,} |" in row
+
+
+@pytest.mark.slow  # tens of seconds: the 10,000 test images through resnet20
+@pytest.mark.skipif(cifar_dir() is None, reason="needs CIFAR-10 in $EDLAB_DATA_DIR")
+def test_the_deck_pages_shared_model_evaluates_to_what_the_page_says():
+    """`edlab eval` on the committed resnet20 (tested under bf16 autocast) gives the test accuracy of its row."""
+    from edlab.evaluation import evaluate_checkpoint
+
+    ckpt = DECK.parent / "deck" / "resnet20" / "model.ckpt"
+    summary = json.loads((ckpt.parent / "summary.json").read_text())
+    r = evaluate_checkpoint(str(ckpt), data_dir=cifar_dir())
+    assert r["test_accuracy"] == summary["test_accuracy"], r
+    row = next(line for line in (DECK.parent / "deck.md").read_text().splitlines() if line.startswith("| resnet20 |"))
+    assert f"| {100 * r['test_accuracy']:.2f} |" in row

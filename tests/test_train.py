@@ -212,3 +212,21 @@ def test_the_saved_model_records_the_validation_accuracy_of_its_own_weights(tiny
     vals = [json.loads(line)["val_accuracy"] for line in open(f"{cfg.out}/metrics.jsonl")]
     want = vals[-1] if keep == "last" else max(vals)
     assert load_checkpoint(f"{cfg.out}/model.ckpt").edlab_metadata["val_accuracy"] == want
+
+
+def test_eval_reproduces_an_accuracy_tested_under_bf16_autocast(tiny_cfg):
+    """A run tested under bf16 autocast is re-measured under it by `edlab eval` (the accuracy beside its score
+    is reproduced, not a float32 neighbour of it); --autocast fp32 measures it in float32."""
+    from edlab.evaluation import evaluate_checkpoint
+
+    cfg = tiny_cfg(epochs=1, precision="bf16")
+    _, s = train(cfg)
+    assert s["inference"]["precision"] == "bfloat16"
+    again = evaluate_checkpoint(f"{cfg.out}/model.ckpt", batch_size=64)
+    assert again["precision"].startswith("bfloat16 autocast")
+    assert again["test_accuracy"] == s["test_accuracy"]
+    assert again["test_loss"] == pytest.approx(s["test_loss"], rel=1e-4)  # (another batch size: bf16 sums differ)
+    fp32 = evaluate_checkpoint(f"{cfg.out}/model.ckpt", batch_size=64, autocast_as="fp32")
+    assert fp32["precision"] == "fp32" and fp32["test_loss"] != again["test_loss"]
+    with pytest.raises(EdlabError, match="unknown autocast 'fp8'"):
+        evaluate_checkpoint(f"{cfg.out}/model.ckpt", autocast_as="fp8")

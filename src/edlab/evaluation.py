@@ -16,6 +16,8 @@ from .device import autocast, resolve_device
 from .errors import EdlabError
 from .views import TTA_VIEWS, tta_logits
 
+AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # inference["precision"] of an autocast test
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, amp: torch.dtype | None = None, tta: str = "none") -> dict:
@@ -54,11 +56,13 @@ def pct(v: float | None) -> str:
 
 def evaluate_checkpoint(checkpoint: str, dataset: str | None = None, data_dir: str | None = None,
                         half: bool = False, batch_size: int = 1000, device: str = "auto", tta: str = "trained",
-                        progress=None) -> dict:
+                        progress=None, autocast_as: str = "trained") -> dict:
     """``edlab eval`` as a call: re-measure the test accuracy of a checkpoint, packed or .onnx file (or run
-    folder) on the dataset it was trained on, with the views it was measured with (``tta="trained"``).
-    Returns {checkpoint, dataset, precision, tta, views, test_accuracy, test_loss, images}.
-    ``progress(text)``, if given, hears what is about to be evaluated."""
+    folder) on the dataset it was trained on, with the views it was measured with (``tta="trained"``) and
+    the arithmetic: ``autocast_as="trained"`` runs the model under the autocast dtype its stage tested in
+    (bf16 on a CPU with fast bf16, say), so that the accuracy printed beside its score is reproduced, not
+    a neighbour of it; ``"fp32"`` evaluates in float32. Returns {checkpoint, dataset, precision, tta, views,
+    test_accuracy, test_loss, images}. ``progress(text)``, if given, hears what is about to be evaluated."""
     from .checkpoint import trained_with
     from .loader import load_checkpoint, load_model, resolve_model_path
 
@@ -66,6 +70,8 @@ def evaluate_checkpoint(checkpoint: str, dataset: str | None = None, data_dir: s
         raise EdlabError(f"unknown dataset '{dataset}' (choices: {', '.join(DATASETS)})")
     if tta != "trained" and tta not in TTA_VIEWS:
         raise EdlabError(f"unknown tta '{tta}' (choices: {', '.join(TTA_VIEWS)}, trained)")
+    if autocast_as not in ("trained", "fp32"):
+        raise EdlabError(f"unknown autocast '{autocast_as}' (choices: trained, fp32)")
     checkpoint = resolve_model_path(checkpoint)
     onnx = checkpoint.endswith(".onnx")
     model = load_model(checkpoint) if onnx else load_checkpoint(checkpoint)
@@ -79,17 +85,20 @@ def evaluate_checkpoint(checkpoint: str, dataset: str | None = None, data_dir: s
     data = get_data(dataset, data_dir or trained["data_dir"], batch_size=batch_size, val_size=0,
                     eval_batch_size=batch_size, device=dev, download=False)
     model.to(dev)
-    precision = "fp32"
+    precision, amp = "fp32", None
+    inference = meta.get("inference") if isinstance(meta.get("inference"), dict) else {}
     if half:
         dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
         model.to(dtype)
         precision = str(dtype).replace("torch.", "")
+    elif autocast_as == "trained" and not onnx and inference.get("precision") in AUTOCAST:
+        amp = AUTOCAST[inference["precision"]]  # a float model tested under autocast: the same arithmetic
+        precision = f"{inference['precision']} autocast, as its stage tested"
     if tta == "trained":
-        inference = meta.get("inference") if isinstance(meta.get("inference"), dict) else {}
         tta = inference.get("tta") if inference.get("tta") in TTA_VIEWS else trained["tta"]
     if progress is not None:
         progress(f"evaluating {len(data.test.split):,} test images x {TTA_VIEWS[tta]} view(s) on {dev}")
-    r = evaluate(model, data.test, tta=tta)
+    r = evaluate(model, data.test, amp, tta=tta)
     if onnx:
         precision = (model.edlab_metadata.get("inference") or {}).get("precision", "fp32") + " (ONNX Runtime)"
     return {"checkpoint": checkpoint, "dataset": dataset, "precision": precision, "tta": tta,

@@ -91,7 +91,7 @@ def show_models(echo=print) -> dict[str, int]:
 STAGES: dict[str, Stage] = {
     "train": Stage("edlab.train:train_run", "config", options="edlab.options:TrainOptions", resumable=True),
     "eval": Stage("edlab.evaluation:evaluate_checkpoint", "checkpoint", takes_checkpoint=True, writes_json=True,
-                  takes_out=False),
+                  takes_out=False, aliases={"autocast": ("autocast_as", None)}),
     "score": Stage("edlab.inspect_file:score_file", "target", takes_checkpoint=True, writes_json=True, takes_out=False),
     "info": Stage("edlab.stages:show_info", "target", takes_checkpoint=True, takes_out=False),
     "bench": Stage("edlab.bench:bench_target", "target", takes_checkpoint=True, writes_json=True, takes_out=False),

@@ -10,12 +10,15 @@ from ._common import DATASETS, TTA_NAMES, echo_json
 @click.option("--dataset", type=click.Choice(DATASETS), help="Default: the dataset the checkpoint was trained on.")
 @click.option("--data-dir")
 @click.option("--half", is_flag=True, help="Evaluate in half precision (fp16 on CUDA, bf16 on CPU).")
+@click.option("--autocast", "autocast_as", type=click.Choice(["trained", "fp32"]), default="trained",
+              show_default=True, help="'trained': under the autocast dtype the stage tested in (bf16 on a CPU "
+              "with fast bf16), so the recorded accuracy is reproduced; 'fp32': in float32.")
 @click.option("--batch-size", type=int, default=1000, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tta", type=click.Choice([*TTA_NAMES, "trained"]), default="trained",
               show_default=True, help="Test-time views averaged; 'trained' = what the run that made it used.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json):
+def eval_(checkpoint, dataset, data_dir, half, autocast_as, batch_size, device, tta, as_json):
     """Re-measure test accuracy of a checkpoint.
 
     \b
@@ -24,11 +27,13 @@ def eval_(checkpoint, dataset, data_dir, half, batch_size, device, tta, as_json)
       edlab eval runs/latest                # a run folder: its model.ckpt (or model.int8.onnx)
       edlab eval model.ckpt --tta flip      # average the logits of each image and its mirror
       edlab eval model.int8.onnx            # through ONNX Runtime
+      edlab eval model.ckpt --autocast fp32 # in float32, whatever the run tested in
     """
     from ..evaluation import evaluate_checkpoint
 
     progress = None if as_json else (lambda m: click.echo(m, err=True))  # --json is for scripts: no chatter
-    r = evaluate_checkpoint(checkpoint, dataset, data_dir, half, batch_size, device, tta, progress=progress)
+    r = evaluate_checkpoint(checkpoint, dataset, data_dir, half, batch_size, device, tta, progress=progress,
+                            autocast_as=autocast_as)
     if as_json:
         echo_json(r)
     else:
