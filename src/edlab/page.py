@@ -228,7 +228,7 @@ def build_page(page_file: str | Path) -> dict:
                 md.append(f"![{sec.title}]({name})\n")
                 figures.append(name)
             for r in runs:  # on the plot across sections, a run is named by its section too
-                r.name = f"{k}: {r.name}"
+                r.name = f"{k}: {point_label(r)}"
         else:
             md.append(f"*Not measured yet: no runs under {', '.join(sec.runs) or '(no folder named)'}.*\n")
         if sec.note:

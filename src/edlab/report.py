@@ -382,8 +382,17 @@ def plot_pareto(runs: list[RunInfo], front: list[int], best: RunInfo | None, pat
         ax.step([r.score for r in on_front], [r.val for r in on_front], where="post", color="C2",
                 label="Pareto front (val): lowest score per accuracy")
         for k, r in enumerate(on_front):  # which run each front point is
-            ax.annotate(r.name, (r.score, r.val), xytext=(4, 4 + 8 * (k % 2)), textcoords="offset points",
+            ax.annotate(r.name, (r.score, r.val), xytext=(4, 4 + 8 * (k % 3)), textcoords="offset points",
                         fontsize=7, color="C2")
+    # a run far below the front and the floors (a failed or chance-level one) would squeeze the region where
+    # the choice is made into a few pixels: the axis stops 10 points under them and such readings sit on it
+    kept = [r.val for r in on_front] + list(floors)
+    bottom = min(kept) - 0.1 if kept else None
+    below = [x for x, a in vals + tests if bottom is not None and a < bottom]
+    if below:
+        ax.set_ylim(bottom=bottom, top=max([a for _, a in vals + tests] + list(floors)) + 0.02)
+        ax.scatter(below, [bottom] * len(below), marker="v", color="0.4", clip_on=False, zorder=3,
+                   label=f"{len(below)} reading(s) below {100 * bottom:.0f} %, drawn on the axis")
     if best is not None and best.score and _num(best.val) is not None:
         ax.scatter([best.score], [best.val], marker="*", s=220, color="C3", label=f"best: {best.name}", zorder=4)
     for k, f in enumerate(floors):
