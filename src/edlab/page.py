@@ -35,7 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import EdlabError
-from .report import RunInfo, discover, markdown_table, pareto_front, plot_curves, plot_pareto
+from .report import RunInfo, discover, markdown_table, pareto_front, plot_curves, plot_pareto, read_jsonl
 
 COLUMNS = ["run", "val %", "test %", "params", "MACs", "bits w/a", "ps/pu", "views", "score", "minutes"]
 
@@ -93,8 +93,6 @@ def _pct(v: float | None) -> str:
 def point_label(r: RunInfo) -> str:
     """A study trial named by its point (``data.batch_size=32``), which says more than its folder (trials/0001);
     a stage folder of a recipe trial keeps its stage name after it."""
-    import json
-
     for study in r.path.parents:
         if (study / "study.json").is_file():
             try:
@@ -140,14 +138,6 @@ def compute_line(runs: list[RunInfo]) -> str:
             + (f"; {unknown} without a recorded time" if unknown else "") + ".*")
 
 
-def _pruning_steps(run: RunInfo) -> list[dict]:
-    """The run's metrics.jsonl rows (a prune run writes one per step: dense, then each pruning step)."""
-    path = run.path / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def plot_sparsity(runs: list[RunInfo], path: Path) -> bool:
     """Accuracy against the pruned fraction ps + pu (val filled, test hollow), with the validation accuracy
     right after the last pruning step, before its fine-tuning (crosses) and the dense source: the pruning
@@ -159,7 +149,7 @@ def plot_sparsity(runs: list[RunInfo], path: Path) -> bool:
         return False
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.subplots()
-    steps = [_pruning_steps(r) for r in runs]
+    steps = [read_jsonl(r.path / "metrics.jsonl") for r in runs]  # prune: dense, then each step
     dense = {s[0]["val_accuracy"] for s in steps if s and s[0].get("kind") == "dense" and s[0].get("val_accuracy")}
     if len(dense) == 1:
         ax.scatter([0.0], [dense.pop()], color="k", marker="s", label="dense source (validation)", zorder=3)

@@ -98,7 +98,8 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file (metrics.jsonl, finetune.jsonl); a line cut by a crash is skipped."""
     rows = []
     try:
         lines = path.read_text().splitlines()
@@ -129,9 +130,9 @@ def read_curves(run_dir: Path) -> list[dict]:
 
     A train (or QAT) run logs one row per epoch in metrics.jsonl. A prune run logs one row per pruning step
     there, and its fine-tuning epochs in finetune.jsonl: those are numbered 1, 2, ... across the steps."""
-    rows = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if "train_accuracy" in r or "train_loss" in r]
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train_accuracy" in r or "train_loss" in r]
     if not rows and (run_dir / "finetune.jsonl").exists():
-        rows = [{**r, "epoch": i} for i, r in enumerate(_read_jsonl(run_dir / "finetune.jsonl"), 1)]
+        rows = [{**r, "epoch": i} for i, r in enumerate(read_jsonl(run_dir / "finetune.jsonl"), 1)]
     return [r for r in rows if _num(r.get("epoch")) is not None]
 
 
