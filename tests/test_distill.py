@@ -4,6 +4,7 @@
 import json
 import math
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -405,25 +406,27 @@ def test_teacher_with_other_classes_is_refused(tmp_path, tiny_cfg):
 @pytest.mark.slow
 @pytest.mark.skipif(cifar_dir() is None, reason="needs CIFAR-10 in $EDLAB_DATA_DIR")
 def test_distilled_small_student_beats_the_student_alone(tmp_path):
-    """CIFAR-10, 5,000 training images, 2,000 validation images, one CPU thread. A resnet20 (width 0.5) teacher
-    trained with crop-flip for 15 epochs; then the same tiny student (depthwise blocks [1, 1, 1], width 0.5:
-    4,538 parameters) for 15 epochs on the plain images, alone and distilled (T = 4, alpha = 0.9; the plain
-    images make the teacher's logits a per-image table, computed once). The distilled student validates
-    higher (docs/training.md has the figures)."""
-    common = ["data.train_subset=5000", "data.batch_size=128", "data.val_size=2000", "optim.lr=0.1",
-              "sched.warmup_epochs=1", "epochs=15", "precision=auto", "threads=1", f"data.data_dir={cifar_dir()}"]
-    _, t = train(load_train_config(None, None, common + [
-        "model.name=resnet20", "model.width=0.5", "data.augment=crop-flip", f"out={tmp_path / 'teacher'}"]))
-    student = ["model.name=resnet20", "model.blocks=[1,1,1]", "model.conv=depthwise", "model.width=0.5",
-               "data.augment=none"]
+    """CIFAR-10, 5,000 training images, the 5,000-image validation split, one CPU thread. The teacher is the
+    deck's resnet20 (docs/results/deck/resnet20: 30 epochs on the 45,000 other images, val 87.0 %), trained
+    beside this very split, so it saw none of the validation images (the student's summary says 0). The same
+    tiny student (depthwise blocks [1, 1, 1], width 0.5: 4,538 parameters) trains 10 epochs on the plain
+    images, alone and distilled (T = 4, alpha = 0.9; the plain images make the teacher's logits a per-image
+    table, computed once). The distilled student validates higher (docs/training.md has the figures).
+    Reusing a committed teacher keeps this claim cheap enough for CI (it trained its own before)."""
+    teacher = Path(__file__).resolve().parents[1] / "docs/results/deck/resnet20/model.ckpt"
+    common = ["data.train_subset=5000", "data.batch_size=128", "data.val_size=5000", "optim.lr=0.1",
+              "sched.warmup_epochs=1", "epochs=10", "precision=auto", "threads=1", f"data.data_dir={cifar_dir()}",
+              "model.name=resnet20", "model.blocks=[1,1,1]", "model.conv=depthwise", "model.width=0.5",
+              "data.augment=none"]
     results = {}
-    for name, extra in (("alone", []), ("distilled", [f"distill.teacher={tmp_path / 'teacher' / 'model.ckpt'}"])):
-        _, results[name] = train(load_train_config(None, None, common + student + extra + [f"out={tmp_path / name}"]))
-    for name, s in {"teacher": t, **results}.items():
+    for name, extra in (("alone", []), ("distilled", [f"distill.teacher={teacher}"])):
+        _, results[name] = train(load_train_config(None, None, common + extra + [f"out={tmp_path / name}"]))
+    for name, s in results.items():
         print(f"{name}: params {s['params']} val {100 * s['val_accuracy']:.2f} test {100 * s['test_accuracy']:.2f} "
               f"seconds {s['seconds']:.0f}")
     assert results["distilled"]["val_accuracy"] > results["alone"]["val_accuracy"]
     assert results["distilled"]["params"] == results["alone"]["params"]
+    assert results["distilled"]["teacher_val_leak"] == 0
 
 
 @pytest.mark.slow  # tens of seconds on 2 cores: CI runs it (scripts/test.sh), the default suite not
