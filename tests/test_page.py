@@ -15,7 +15,8 @@ from edlab.page import build_page
 def write_run(folder, val, test, score, ps=0.0, pu=0.0, params=1000, macs=50000, epochs=3):
     folder.mkdir(parents=True)
     summary = {"val_accuracy": val, "test_accuracy": test, "score": score, "ps": ps, "pu": pu, "params": params,
-               "macs": macs, "bits_w": 32, "bits_a": 32, "views": 1, "seconds": 120.0}
+               "macs": macs, "bits_w": 32, "bits_a": 32, "views": 1, "seconds": 120.0,
+               "epochs": epochs}
     (folder / "summary.json").write_text(json.dumps(summary))
     rows = [{"epoch": e, "train_accuracy": val * e / epochs, "val_accuracy": val * e / epochs, "train_loss": 1.0 / e,
              "val_loss": 1.2 / e} for e in range(1, epochs + 1)]
@@ -59,7 +60,7 @@ def test_the_page_holds_each_sections_runs_figures_and_prose(page_file, tmp_path
     batch, pruning, binary = text.split("## 1. Batch size")[1].split("## 2.")[0], text.split("## 2.")[1], \
         text.split("## 3. BinaryConnect")[1].split("## The trade-off")[0]
     assert "> batch 32 overfits" in batch and "edlab sweep studies/batch-size.yaml" in batch
-    assert "| b32 | 81.23 | 80.01 | 1,000 | 50,000 | 32/32 | 0.00/0.00 | 1 | 0.1944 | 2.0 |" in batch
+    assert "| b32 | 81.23 | 80.01 | 1,000 | 50,000 | 32/32 | 0.00/0.00 | 1 | 0.1944 | 2.0 | 0.67 |" in batch  # 3 epochs
     assert "| data.batch_size=64 | 83.45 |" in batch and "Batch 64 generalises better here too." in batch
     assert "| pu09 | 70.12 | — |" in pruning and "0.00/0.90" in pruning
     assert "Not measured yet" in binary  # laid out before its runs

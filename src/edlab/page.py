@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import EdlabError
 from .report import RunInfo, discover, markdown_table, pareto_front, plot_curves, plot_pareto, read_jsonl
 
-COLUMNS = ["run", "val %", "test %", "params", "MACs", "bits w/a", "ps/pu", "views", "score", "minutes"]
+COLUMNS = ["run", "val %", "test %", "params", "MACs", "bits w/a", "ps/pu", "views", "score", "minutes", "min/epoch"]
 
 
 class Section(BaseModel):
@@ -119,10 +119,11 @@ def row_cells(r: RunInfo) -> list[str]:
     ps, pu = _num(s.get("ps")) or 0.0, _num(s.get("pu")) or 0.0
     inference = s.get("inference") if isinstance(s.get("inference"), dict) else {}
     views = s.get("views") if s.get("views") is not None else inference.get("views")
-    seconds = _num(s.get("seconds"))
+    seconds, epochs = _num(s.get("seconds")), _num(s.get("epochs"))
+    per_epoch = "—" if seconds is None or not epochs else f"{seconds / epochs / 60:.2f}"  # what a model costs to train
     return [point_label(r), _pct(_num(r.val)), _pct(r.test), f"{int(s.get('params') or 0):,}",
             f"{int(s.get('macs') or 0):,}", bits, f"{ps:.2f}/{pu:.2f}", "" if views is None else str(views),
-            "—" if r.score is None else f"{r.score:.4f}", "—" if seconds is None else f"{seconds / 60:.1f}"]
+            "—" if r.score is None else f"{r.score:.4f}", "—" if seconds is None else f"{seconds / 60:.1f}", per_epoch]
 
 
 def compute_line(runs: list[RunInfo]) -> str:
