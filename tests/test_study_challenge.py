@@ -186,6 +186,15 @@ def test_teacher_checkpoint_is_reused_and_trained_once_under_contention(tmp_path
     assert saved_teacher(tmp_path / "out" / "trials" / "0000") == got[0]
 
 
+def test_a_dry_run_writes_nothing(tmp_path):
+    """--dry-run of an inline-recipe study counts its budget from the recipe without writing <out>/recipe.yaml:
+    a folder it left behind would be refused by the real run as someone else's."""
+    pytest.importorskip("optuna")
+    r = sweep_in(tmp_path, PRUNE2, "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "2 trial(s)" in r.output and not (tmp_path / "out").exists()
+
+
 def test_floor_from_the_command_line_and_the_validation_margin(tmp_path):
     from edlab.study import best, load_study
 

@@ -429,11 +429,10 @@ def full_epochs(st: Study, point: dict[str, Any]) -> tuple[float, float]:
         e = float(trial_config(st, point, "probe").epochs)
         return e, e
     from ..options import PruneRecipe
-    from ..pipeline import load_recipe
     from ..quantize import STAGE_DEFAULTS
 
     default = {k: f.default for k, f in PruneRecipe.model_fields.items()}
-    stages = load_recipe(recipe_path(st), set_args({**st.fixed, **point}))["stages"]
+    stages = study_recipe(st, point)["stages"]
     counts = []
     for name, opts in stages:
         if name == "train":
@@ -481,21 +480,27 @@ def recipe_path(st: Study) -> str:
     return str(p)
 
 
+def study_recipe(st: Study, point: dict[str, Any]) -> dict:
+    """The study's recipe with the point's overrides, read without writing anything: a dry run, a budget or a
+    check must not leave a recipe.yaml that would make the out folder look like someone else's."""
+    from ..pipeline import load_recipe
+
+    if st.inline_recipe is None:
+        return load_recipe(st.base, set_args({**st.fixed, **point}))
+    import tempfile
+
+    import yaml
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(st.inline_recipe, f)
+    try:
+        return load_recipe(f.name, set_args({**st.fixed, **point}))
+    finally:
+        os.unlink(f.name)
+
+
 def _check_recipe(st: Study, point: dict[str, Any]) -> None:
     """Parse every stage's command line as the CLI would (unknown options, bad types), without running it."""
-    from ..pipeline import check_stages, load_recipe
+    from ..pipeline import check_stages
 
-    if st.inline_recipe is not None:
-        import tempfile
-
-        import yaml
-
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            yaml.safe_dump(st.inline_recipe, f)
-        try:
-            recipe = load_recipe(f.name, set_args({**st.fixed, **point}))
-        finally:
-            os.unlink(f.name)
-    else:
-        recipe = load_recipe(st.base, set_args({**st.fixed, **point}))
-    check_stages(recipe)
+    check_stages(study_recipe(st, point))
