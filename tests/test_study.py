@@ -421,3 +421,14 @@ def test_sweeps_started_at_the_same_instant_share_a_new_storage(tmp_path):
     for p in procs:
         o, e = p.communicate(timeout=120)
         assert p.returncode == 0 and o.strip() == "ok", e[-500:]
+
+
+def test_failed_trials_name_their_error_once_below_the_table(tmp_path):
+    """A trial that fails says "fail [n]" in the table and its message is printed once under it, however many
+    trials failed alike: a long message in a column made the table unreadable."""
+    pytest.importorskip("optuna")
+    study = _study(tmp_path, "name: f\nconfig: tiny.yaml\ngrid: {model.conv: ['grouped:3'], optim.lr: [0.05, 0.1]}\n")
+    r = invoke("sweep", study, "--out", tmp_path / "out")
+    assert r.output.count("fail [1]") == 2, r.output
+    [line] = [x for x in r.output.splitlines() if x.startswith("[1] ")]
+    assert "G must be a power of two" in line

@@ -76,6 +76,7 @@ def render(report: dict, console) -> None:
         table.add_column(h, overflow="fold")
     for col in ("val %", "test %", "views", "score", "MACs", "s"):
         table.add_column(col, justify="right", no_wrap=True)
+    errors: dict[str, int] = {}  # each failure's message once, below the table: a long one kept the table readable
     for r in report["trials"]:
         if r["state"] == "FAIL" and r["interrupted"]:
             continue  # re-run under another trial number
@@ -85,8 +86,9 @@ def render(report: dict, console) -> None:
         if r.get("pruned_at") is not None:  # where the pruner stopped it: epoch k of the full run's K
             full = (r.get("full_epochs") or [None])[0]
             state = f"stopped @{r['pruned_at']}" + (f"/{full:g}" if full else "")
-        table.add_row(f"{r['slot']:04d}{mark}" if r["slot"] is not None else "-",
-                      state if not r["error"] else f"fail: {r['error']}",
+        if r["error"]:
+            state = f"fail [{errors.setdefault(r['error'], len(errors) + 1)}]"
+        table.add_row(f"{r['slot']:04d}{mark}" if r["slot"] is not None else "-", state,
                       *(_short(point.get(k, "")) for k in keys), pct(r["val_accuracy"]),
                       pct(r["test_accuracy"]), str(r.get("views") or 1),
                       "-" if r["score"] is None else f"{r['score']:.4f}",
@@ -96,6 +98,8 @@ def render(report: dict, console) -> None:
     if not console.is_terminal:  # a log file or pipe: no 80-column wrapping of a wide table
         console.width = 250
     console.print(table)
+    for message, n in errors.items():
+        console.print(f"[{n}] {message}", markup=False, highlight=False)
     console.width = width
     counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(report["counts"].items()))
     rule = b.get("rule", "pareto front")
