@@ -213,6 +213,9 @@ def build_page(page_file: str | Path) -> dict:
             md.append(compute_line(runs) + "\n")
             every += [r for r in runs if r.path not in {e.path for e in every}]  # a shared run: once
             name = f"{stem}-{k:02d}-{slug(sec.title)}.png"
+            for r in runs:  # the legend names a trial by what this section varies (trials/0003 says nothing)
+                r.name = ", ".join(part for part in point_label(r).split(", ")
+                                   if part.split("=", 1)[0] not in sec.where) or point_label(r)
             drawn = plot_curves(runs, out.parent / name) if sec.plot == "curves" else \
                 plot_sparsity(runs, out.parent / name) if sec.plot == "sparsity" else False
             if drawn:
