@@ -19,13 +19,14 @@ def test_cifar10_layout_and_split():
 
 
 def test_resnet20_learns_on_cifar10(tmp_path):
-    """One short epoch on 8,000 images: far above chance (10 %) on the 10,000 test images."""
+    """One epoch on 8,000 images: far above chance (10 %) on the 10,000 test images (36.6 % on the JPEG copy,
+    AVX512-BF16 host, 15 s; it trained two epochs before, 39 s, the CI's second-slowest test)."""
     from edlab.config import load_train_config
     from edlab.train import train
 
     cfg = load_train_config(None, None, [
-        f"data.data_dir={cifar_dir()}", "data.train_subset=8000", "data.val_size=2000", "epochs=2",
+        f"data.data_dir={cifar_dir()}", "data.train_subset=8000", "data.val_size=2000", "epochs=1",
         "model.name=resnet20", "optim.lr=0.1", f"out={tmp_path / 'run'}"])
     _, s = train(cfg)
-    assert s["test_accuracy"] > 0.35, s["test_accuracy"]
+    assert s["test_accuracy"] > 0.25, s["test_accuracy"]
     assert s["params"] == 272_474 and s["macs"] == 40_813_184
