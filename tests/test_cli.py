@@ -144,10 +144,12 @@ def test_every_commands_dataset_and_tta_choices_are_the_configs():
     loads no library) are the config's, and the library's own checks use the config's (edlab.config.DATASETS)."""
     from edlab.cli import _common
     from edlab.config import DATASETS, TrainConfig, choices
+    from edlab.evaluation import AUTOCAST_AS
     from edlab.evaluation import DATASETS as EVAL_DATASETS
 
     assert _common.DATASETS == DATASETS == EVAL_DATASETS
     assert list(_common.TTA_NAMES) == choices(TrainConfig, "tta")
+    assert _common.AUTOCAST_AS == AUTOCAST_AS
 
 
 def test_options_are_consistent_across_commands():

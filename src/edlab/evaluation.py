@@ -17,6 +17,7 @@ from .errors import EdlabError
 from .views import TTA_VIEWS, tta_logits
 
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # inference["precision"] of an autocast test
+AUTOCAST_AS = ("trained", "fp32")  # what `edlab eval --autocast` evaluates in
 
 
 @torch.no_grad()
@@ -70,8 +71,8 @@ def evaluate_checkpoint(checkpoint: str, dataset: str | None = None, data_dir: s
         raise EdlabError(f"unknown dataset '{dataset}' (choices: {', '.join(DATASETS)})")
     if tta != "trained" and tta not in TTA_VIEWS:
         raise EdlabError(f"unknown tta '{tta}' (choices: {', '.join(TTA_VIEWS)}, trained)")
-    if autocast_as not in ("trained", "fp32"):
-        raise EdlabError(f"unknown autocast '{autocast_as}' (choices: trained, fp32)")
+    if autocast_as not in AUTOCAST_AS:
+        raise EdlabError(f"unknown autocast '{autocast_as}' (choices: {', '.join(AUTOCAST_AS)})")
     checkpoint = resolve_model_path(checkpoint)
     onnx = checkpoint.endswith(".onnx")
     model = load_model(checkpoint) if onnx else load_checkpoint(checkpoint)

@@ -213,16 +213,16 @@ def build_page(page_file: str | Path) -> dict:
             md.append(compute_line(runs) + "\n")
             every += [r for r in runs if r.path not in {e.path for e in every}]  # a shared run: once
             name = f"{stem}-{k:02d}-{slug(sec.title)}.png"
-            for r in runs:  # the legend names a trial by what this section varies (trials/0003 says nothing)
-                r.name = ", ".join(part for part in point_label(r).split(", ")
-                                   if part.split("=", 1)[0] not in sec.where) or point_label(r)
+            labels = [point_label(r) for r in runs]  # (each reads its study.json: once a run)
+            for r, label in zip(runs, labels):  # the legend names a trial by what this section varies
+                r.name = ", ".join(p for p in label.split(", ") if p.split("=", 1)[0] not in sec.where) or label
             drawn = plot_curves(runs, out.parent / name) if sec.plot == "curves" else \
                 plot_sparsity(runs, out.parent / name) if sec.plot == "sparsity" else False
             if drawn:
                 md.append(f"![{sec.title}]({name})\n")
                 figures.append(name)
-            for r in runs:  # on the plot across sections, a run is named by its section too
-                r.name = f"{k}: {point_label(r)}"
+            for r, label in zip(runs, labels):  # on the plot across sections, a run is named by its section too
+                r.name = f"{k}: {label}"
         else:
             md.append(f"*Not measured yet: no runs under {', '.join(sec.runs) or '(no folder named)'}.*\n")
         if sec.note:

@@ -11,6 +11,7 @@ import click
 
 DATASETS = ("cifar10", "cifar100", "synthetic")  # edlab.config.DATASETS (tests/test_cli.py checks they agree)
 TTA_NAMES = ("none", "flip", "flip-shift", "airbench")  # the config's tta choices (checked likewise)
+AUTOCAST_AS = ("trained", "fp32")  # edlab.evaluation.AUTOCAST_AS: edlab eval --autocast (checked likewise)
 
 # OSErrors that describe the machine, not a bug: reported in one line (every write is atomic, so the
 # files written before the failure are whole).

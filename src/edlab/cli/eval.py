@@ -2,7 +2,7 @@
 
 import click
 
-from ._common import DATASETS, TTA_NAMES, echo_json
+from ._common import AUTOCAST_AS, DATASETS, TTA_NAMES, echo_json
 
 
 @click.command("eval")
@@ -10,7 +10,7 @@ from ._common import DATASETS, TTA_NAMES, echo_json
 @click.option("--dataset", type=click.Choice(DATASETS), help="Default: the dataset the checkpoint was trained on.")
 @click.option("--data-dir")
 @click.option("--half", is_flag=True, help="Evaluate in half precision (fp16 on CUDA, bf16 on CPU).")
-@click.option("--autocast", "autocast_as", type=click.Choice(["trained", "fp32"]), default="trained",
+@click.option("--autocast", "autocast_as", type=click.Choice(AUTOCAST_AS), default="trained",
               show_default=True, help="'trained': under the autocast dtype the stage tested in (bf16 on a CPU "
               "with fast bf16), so the recorded accuracy is reproduced; 'fp32': in float32.")
 @click.option("--batch-size", type=int, default=1000, show_default=True)
