@@ -3,6 +3,13 @@
 # (../shared/data), it is prepared once into .cache/ and the real-data tests (marked slow) run too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# pytest workers (see the end): checked first, so that a typo fails before the minute of setup
+WORKERS=${EDLAB_TEST_WORKERS:-auto}
+case "$WORKERS" in
+  auto) XDIST=(-n auto --maxprocesses 8) ;;
+  ''|*[!0-9]*) echo "test.sh: EDLAB_TEST_WORKERS must be a number of workers or auto, got '$WORKERS'" >&2; exit 2 ;;
+  *) XDIST=(-n "$WORKERS") ;;
+esac
 bash scripts/setup.sh
 # tests/test_report.py opens the report in headless Chromium: install it quietly when missing; without apt
 # (or root/sudo) it is not installed and that test skips, saying why.
@@ -36,6 +43,7 @@ fi
 .venv/bin/ruff check src tests benchmarks
 # One pytest worker per core (pytest-xdist), each at one torch thread: the tests are small models whose second
 # thread buys little, so two one-thread workers finish the 2-core CI in ~5.5 min where one two-thread process
-# took ~8.5. EDLAB_TEST_WORKERS=0 runs them in this process, one after another (as plain pytest does).
+# took ~8.5. EDLAB_TEST_WORKERS=0 runs them in this process, one after another (as plain pytest does); =N sets
+# the count; auto is one per core, at most 8 (each worker holds its own torch, ~0.5 GB).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec .venv/bin/python -m pytest -m "$MARK" -n "${EDLAB_TEST_WORKERS:-auto}" "$@"
+exec .venv/bin/python -m pytest -m "$MARK" "${XDIST[@]}" "$@"
