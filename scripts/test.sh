@@ -42,8 +42,8 @@ if [ -n "${EDLAB_DATA_DIR:-}" ] && [ -d "$EDLAB_DATA_DIR/cifar-10-batches-py" ];
 fi
 .venv/bin/ruff check src tests benchmarks
 # One pytest worker per core (pytest-xdist), each at one torch thread: the tests are small models whose second
-# thread buys little, so two one-thread workers finish the 2-core CI in ~5.5 min where one two-thread process
-# took ~8.5. EDLAB_TEST_WORKERS=0 runs them in this process, one after another (as plain pytest does); =N sets
+# thread buys little: on 2 cores pytest took 4 min 44 s in two one-thread workers, 8 min 51 s in one process
+# (docs/getting-started.md#tests). EDLAB_TEST_WORKERS=0 runs them in this process, one after another (as plain pytest does); =N sets
 # the count; auto is one per core, at most 8 (each worker holds its own torch, ~0.5 GB).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec .venv/bin/python -m pytest -m "$MARK" "${XDIST[@]}" "$@"
