@@ -41,9 +41,7 @@ if [ -n "${EDLAB_DATA_DIR:-}" ] && [ -d "$EDLAB_DATA_DIR/cifar-10-batches-py" ];
   MARK="not stress"   # the stress kill tests run on demand: pytest -m stress -s
 fi
 .venv/bin/ruff check src tests benchmarks
-# One pytest worker per core (pytest-xdist), each at one torch thread: the tests are small models whose second
-# thread buys little: on 2 cores pytest took 4 min 44 s in two one-thread workers, 8 min 51 s in one process
-# (docs/getting-started.md#tests). EDLAB_TEST_WORKERS=0 runs them in this process, one after another (as plain pytest does); =N sets
-# the count; auto is one per core, at most 8 (each worker holds its own torch, ~0.5 GB).
+# One pytest worker per core (pytest-xdist), each at one torch thread: the tests train tiny models whose second
+# thread buys little. On 2 cores pytest took 4 min 44 s so, 8 min 51 s in one process (docs/getting-started.md).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec .venv/bin/python -m pytest -m "$MARK" "${XDIST[@]}" "$@"
