@@ -3,7 +3,8 @@
 # (../shared/data), it is prepared once into .cache/ and the real-data tests (marked slow) run too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# pytest workers (see the end): checked first, so that a typo fails before the minute of setup
+# pytest workers: EDLAB_TEST_WORKERS=0 (in this process), N, or auto (one per core, at most 8); checked first, so
+# that a typo fails before the minute of setup
 WORKERS=${EDLAB_TEST_WORKERS:-auto}
 case "$WORKERS" in
   auto) XDIST=(-n auto --maxprocesses 8) ;;
