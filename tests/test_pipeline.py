@@ -33,6 +33,18 @@ def test_overrides_edit_stages():
         load_recipe(str(RECIPE), ["export.int8=true"])
 
 
+def test_a_stage_flag_and_a_config_key_under_its_name_are_set_together(tmp_path):
+    """quantize's --distill flag and the config's distill.* section share a name; nesting the pairs into
+    one tree made them collide ('distill' is not a section)."""
+    p = tmp_path / "recipe.yaml"
+    p.write_text("stages:\n  - quantize: {checkpoint: m.ckpt, method: qat, distill: true}\n")
+    r = load_recipe(str(p), ["quantize.distill=false", "quantize.distill.crop_pool=4", "0={epochs: 2}"])
+    opts = r["stages"][0][1]
+    assert opts["distill"] is False and opts["distill.crop_pool"] == 4 and opts["epochs"] == 2
+    argv = stage_argv("quantize", opts, None, tmp_path)
+    assert "--distill" not in argv and argv[argv.index("distill.crop_pool=4") - 1] == "--set"
+
+
 @pytest.mark.parametrize("text,msg", [
     ("stages: []\n", "non-empty list"),
     ("stages:\n  - train: {}\n    score: {}\n", "one key"),

@@ -432,3 +432,11 @@ def test_failed_trials_name_their_error_once_below_the_table(tmp_path):
     assert r.output.count("fail [1]") == 2, r.output
     [line] = [x for x in r.output.splitlines() if x.startswith("[1] ")]
     assert "G must be a power of two" in line
+
+
+def test_a_study_sets_a_stage_flag_and_a_config_key_under_its_name(tmp_path):
+    """--set quantize.distill=false with --set quantize.distill.crop_pool=4 (the flag and the config section
+    share a name) used to stop the study with "'distill' is not a section"."""
+    st = load_study(str(ROOT / "studies" / "challenge-course.yaml"), out=str(tmp_path / "out"),
+                    sets=["quantize.distill=false", "quantize.distill.crop_pool=4"])
+    assert st.fixed["quantize.distill"] is False and st.fixed["quantize.distill.crop_pool"] == 4

@@ -208,10 +208,15 @@ def choices(section: type[BaseModel], field: str) -> list[str]:
 DATASETS = tuple(choices(DataConfig, "dataset"))  # what every command's --dataset accepts
 
 
-def set_dotted(tree: dict, key: str, value: Any) -> None:
+def _check_key(key: str) -> None:
     parts = key.split(".")
     if len(parts) > MAX_DEPTH or not all(parts):
         raise EdlabError(f"--set {key[:80]}: expected section.key=value")
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    _check_key(key)
+    parts = key.split(".")
     node = tree
     for p in parts[:-1]:
         node = node.setdefault(p, {})
@@ -220,21 +225,33 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """['optim.lr=0.05', 'data.augment=none'] -> nested dict; values parsed as YAML scalars."""
-    tree: dict = {}
+def parse_set_pairs(pairs: list[str]) -> dict[str, Any]:
+    """['optim.lr=0.05', 'data.augment=none'] -> {'optim.lr': 0.05, ...}, values parsed as YAML scalars, the
+    keys left flat: a recipe's or study's overrides mix a stage's options with its config keys, and a flag
+    (``quantize.distill=false``) may share its name with a config section (``quantize.distill.crop_pool=4``)."""
+    flat: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
             raise EdlabError(f"--set expects key=value, got '{pair}'")
         key, raw = pair.split("=", 1)
+        key = key.strip()
+        _check_key(key)
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
         except RecursionError:
-            raise EdlabError(f"--set {key.strip()}: the value is nested too deeply") from None
-        check_tree(value, f"--set {key.strip()}")
-        set_dotted(tree, key.strip(), value)
+            raise EdlabError(f"--set {key}: the value is nested too deeply") from None
+        check_tree(value, f"--set {key}")
+        flat[key] = value
+    return flat
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """['optim.lr=0.05', 'data.augment=none'] -> nested dict of config keys."""
+    tree: dict = {}
+    for key, value in parse_set_pairs(pairs).items():
+        set_dotted(tree, key, value)
     return tree
 
 

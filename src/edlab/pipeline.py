@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import parse_overrides, read_yaml, resolve_named_options, safe_name
+from .config import parse_overrides, parse_set_pairs, read_yaml, resolve_named_options, safe_name
 from .errors import EdlabError
 from .runs import check_out_path, write_json
 from .stages import STAGES, run_stage, stage_kwargs
@@ -63,7 +63,9 @@ def load_recipe(path: str, sets: list[str] | None = None) -> dict:
         if name not in STAGES:
             raise EdlabError(f"recipe {path}: stage {i} '{name}' is not an edlab command "
                              f"(choices: {', '.join(sorted(STAGES))})")
-    for key, value in _flatten(parse_overrides(sets or [])):
+    pairs = [kv for key, value in parse_set_pairs(sets or []).items()  # (a mapping value: its keys, dotted)
+             for kv in (_flatten(value, f"{key}.") if isinstance(value, dict) else [(key, value)])]
+    for key, value in pairs:
         target, _, option = key.partition(".")
         idx = int(target) if target.isdigit() else next((i for i, (n, _) in enumerate(parsed) if n == target), None)
         if idx is None or idx >= len(parsed) or not option:

@@ -113,7 +113,7 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
     (name and default out get ``-floor<F>``), so both floors' searches keep their own records. ``pruner``
     (``--pruner``: none or a type) replaces the file's pruner, as a separate study too (``-pruner-<type>``): the
     same search at full fidelity beside the multi-fidelity one."""
-    from ..config import parse_overrides
+    from ..config import parse_set_pairs
 
     raw = read_yaml(path)
     unknown = sorted(set(raw) - set(STUDY_KEYS))
@@ -161,7 +161,7 @@ def load_study(path: str, quick: bool = False, sets: tuple[str, ...] | list[str]
     if quick:
         fixed.update(quick_block)
     fixed = resolve_named_options(fixed, path)  # (a --set's paths stay the working directory's)
-    fixed.update(_flat(parse_overrides(list(sets)), path, "--set"))
+    fixed.update(parse_set_pairs(list(sets)))
     if out is None:
         out = str(raw["out"]) + suffix if raw.get("out") else f"runs/study-{name}"
     seed = raw.get("seed", 0)
