@@ -440,3 +440,22 @@ def test_a_study_sets_a_stage_flag_and_a_config_key_under_its_name(tmp_path):
     st = load_study(str(ROOT / "studies" / "challenge-course.yaml"), out=str(tmp_path / "out"),
                     sets=["quantize.distill=false", "quantize.distill.crop_pool=4"])
     assert st.fixed["quantize.distill"] is False and st.fixed["quantize.distill.crop_pool"] == 4
+
+
+def test_a_points_paths_are_read_from_the_study_files_folder(tmp_path, monkeypatch):
+    """A list point naming quantize.checkpoint relative to the study file finds it from any working directory,
+    as set:'s paths do; the point itself (the trial's identity in the storage) keeps the path as written."""
+    import edlab.study.trial as trial
+
+    (tmp_path / "s" / "student").mkdir(parents=True)
+    (tmp_path / "s" / "student" / "model.ckpt").write_bytes(b"x")
+    study = tmp_path / "s" / "study.yaml"
+    study.write_text("name: p\nrecipe:\n  - quantize: {method: qat}\n"
+                     "list:\n  - {quantize.checkpoint: student/model.ckpt}\n")
+    st = load_study(str(study), out=str(tmp_path / "out"))
+    seen = {}
+    monkeypatch.setattr(trial, "_run_recipe", lambda st, point, run_dir, console: seen.update(point) or {})
+    monkeypatch.chdir(tmp_path)
+    trial.run_point(st, st.points[0], tmp_path / "run", tmp_path / "log.txt")
+    assert Path(seen["quantize.checkpoint"]) == tmp_path / "s" / "student" / "model.ckpt"
+    assert st.points[0]["quantize.checkpoint"] == "student/model.ckpt"

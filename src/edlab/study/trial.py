@@ -9,7 +9,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig, build, read_yaml
+from ..config import TrainConfig, build, read_yaml, resolve_named_options
 from .schema import TRAINS, Study, nested, recipe_path, set_args, study_edits, teacher_path, trial_config
 
 
@@ -74,6 +74,7 @@ def run_point(st: Study, point: dict[str, Any], run_dir: Path, log: Path, observ
     ``observer``: shown every epoch (edlab.train.observe_epochs); the pruner's, which may stop the trial."""
     from ..train import observe_epochs
 
+    point = resolve_named_options(point, st.file)  # a point's paths, like set:'s, from the study file's folder
     console = _log_console(log)
     try:
         with observe_epochs(observer) if observer is not None else nullcontext():
