@@ -402,3 +402,17 @@ def test_progressive_qat_starts_a_lower_bit_stage_from_the_last_ones_weights():
     assert all(torch.equal(mods[n].weight, w) for n, w in latent.items())  # the latent weights carry over
     quantize_qat(model, 3, 4, first_last_bits=8)  # the next stage, from those weights
     assert {m.weight_bits for m in model.modules() if isinstance(m, QUANT_TYPES)} == {3, 8}
+
+
+def test_qat_keeping_its_best_epoch_reports_that_epochs_val(tiny_ckpt, tmp_path):
+    """quantize reloaded best.ckpt under keep: best but reported the last epoch's val, so a study ranked the
+    kept model by another model's accuracy."""
+    out = tmp_path / "qat"
+    r = invoke("quantize", tiny_ckpt, "--method", "qat", "--bits-w", "4", "--epochs", "4", "--out", out,
+               "--set", "data.train_subset=256", "--set", "keep=best", "--set", "optim.lr=1.0",
+               "--set", "sched.name=none")
+    assert r.exit_code == 0, r.output
+    vals = [json.loads(line)["val_accuracy"] for line in open(out / "metrics.jsonl")]
+    assert max(vals) > vals[-1]  # the setting peaks before the end (deterministic), so the two readings differ
+    s = json.loads((out / "summary.json").read_text())
+    assert s["val_accuracy"] == max(vals) == load_checkpoint(out / "model.ckpt").edlab_metadata["val_accuracy"]

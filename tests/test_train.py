@@ -208,10 +208,11 @@ def test_the_saved_model_records_the_validation_accuracy_of_its_own_weights(tiny
     """keep=last saved the last epoch's weights with the best epoch's val accuracy in their metadata, so
     `edlab info` read 87.70 % for a model that validated at 86.50 % (the 300-epoch challenge student)."""
     cfg = tiny_cfg(epochs=4, **{"optim.lr": 0.3, "sched.name": "none", "keep": keep})  # val peaks before the end
-    train(cfg)
+    _, s = train(cfg)
     vals = [json.loads(line)["val_accuracy"] for line in open(f"{cfg.out}/metrics.jsonl")]
     want = vals[-1] if keep == "last" else max(vals)
     assert load_checkpoint(f"{cfg.out}/model.ckpt").edlab_metadata["val_accuracy"] == want
+    assert s["val_accuracy"] == want and s["last_val_accuracy"] == vals[-1]  # a recipe study ranks by the first
 
 
 def test_eval_reproduces_an_accuracy_tested_under_bf16_autocast(tiny_cfg):

@@ -336,7 +336,7 @@ def _train(s: StageRun, source: nn.Module, method: str, options: dict, **how) ->
     model = model.to(memory_format=torch.contiguous_format).eval()
     if how["fold"]:  # step: fold after fine-tuning with BN (folding first made QAT diverge: docs/quantization.md)
         model = _fold(model, options)
-    val = state.history[-1]["val_accuracy"] if state.history else None
+    val = state.kept_val(cfg.keep)  # (keep: best reloaded best.ckpt above: its epoch's val, not the last's)
     test = final_test(model, data, None, cfg)  # the same views as fit's validation, fp32 arithmetic
     model = model.cpu()
     inference = inference_record(cfg, None)  # fp32 arithmetic

@@ -34,6 +34,14 @@ class FitState:
     skipped_steps: int = 0
     history: list[dict] = field(default_factory=list)
 
+    def kept_val(self, keep: str) -> float | None:
+        """The val accuracy of the weights a run keeps (``keep``: best or last); None without a validation
+        split. A stage that reloads best.ckpt must report its val, not the last epoch's: a study ranks by it."""
+        if keep == "best":
+            return self.best_val if self.best_epoch > 0 else None
+        return self.history[-1].get("val_accuracy") if self.history else None
+
+
 RESUME_MAGIC = b"edlab-resume/1\n"  # then the sha256 of the rest (32 bytes), then torch.save's bytes
 
 

@@ -343,13 +343,13 @@ def _train_stage(s: StageRun, model: nn.Module) -> tuple[nn.Module, dict | None]
     epochs = cfg.epochs if state.epoch >= math.ceil(cfg.epochs) else state.epoch
     best_val = state.best_val if state.best_epoch > 0 else None  # None: no validation split (val_size 0)
     last = state.history[-1] if state.history else {}
-    kept_val = best_val if cfg.keep == "best" else last.get("val_accuracy")  # the val of the weights saved
+    kept_val = state.kept_val(cfg.keep)
     s.save(model, s.entry({"model": cfg.model.name, "epochs": epochs}, test, inference),
            test_accuracy=test["accuracy"], val_accuracy=kept_val, config=cfg.model_dump(mode="json"),
            inference=inference)
     return model, {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-        "val_accuracy": last.get("val_accuracy"), "best_val_accuracy": best_val,
+        "val_accuracy": kept_val, "last_val_accuracy": last.get("val_accuracy"), "best_val_accuracy": best_val,
         "best_epoch": state.best_epoch if best_val is not None else None, "epochs": state.epoch,
         "seconds": state.seconds,
         "wall_seconds_this_process": time.perf_counter() - t0, "skipped_steps": state.skipped_steps,
