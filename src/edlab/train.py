@@ -341,7 +341,7 @@ def _train_stage(s: StageRun, model: nn.Module) -> tuple[nn.Module, dict | None]
     inference = inference_record(cfg, amp)
     # the stage's epochs: 9.9 when a fractional run ran to its end, the epochs run when it stopped early
     epochs = cfg.epochs if state.epoch >= math.ceil(cfg.epochs) else state.epoch
-    best_val = state.best_val if state.best_epoch > 0 else None  # None: no validation split (val_size 0)
+    best_val = state.kept_val("best")  # None: no validation split (val_size 0)
     last = state.history[-1] if state.history else {}
     kept_val = state.kept_val(cfg.keep)
     s.save(model, s.entry({"model": cfg.model.name, "epochs": epochs}, test, inference),
