@@ -98,6 +98,7 @@ def test_blocks_given_as_text_are_a_list():
     from edlab.config import ModelConfig
 
     assert ModelConfig(blocks="[1, 2, 3]").blocks == [1, 2, 3] == ModelConfig(blocks="1,2,3").blocks
+    assert ModelConfig(channels="[12, 32, 72]").channels == [12, 32, 72]
     with pytest.raises(ValidationError):
         ModelConfig(blocks="[1, a]")
 

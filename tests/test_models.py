@@ -122,12 +122,34 @@ def test_bad_blocks_are_one_clear_error(blocks):
         create_model("resnet20", blocks=blocks)
 
 
-def test_small_student_from_a_config(tiny_cfg):
+def test_channels_replace_the_stage_widths_before_width_scales_them():
+    """channels moves capacity between resolutions: [12, 32, 72] instead of resnet20's 16/32/64."""
+    m = create_model("resnet20", blocks=[1, 1, 2], channels=[12, 32, 72], conv="separable")
+    assert [m.conv1.out_channels] + [s[-1].conv2[1].out_channels for s in m.layers] == [12, 12, 32, 72]
+    half = create_model("resnet20", blocks=[1, 1, 1], channels="12,32,72", width=0.5)
+    assert {c.out_channels for c in half.modules() if isinstance(c, nn.Conv2d)} == {6, 16, 36}
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    back = create_model("convnext_nano", channels=[24, 48])  # the ConvNeXt family takes it too
+    assert back.fc.in_features == 48
+
+
+@pytest.mark.parametrize("channels", [[16, 32], [16, 0, 64], ["a", 32, 64], [16.5, 32, 64]])
+def test_bad_channels_are_one_clear_error(channels):
+    with pytest.raises(EdlabError, match="channels: give 3 positive integers"):
+        create_model("resnet20", channels=channels)
+
+
+def test_small_student_from_a_config(tiny_cfg, tmp_path):
+    from edlab.checkpoint import load_checkpoint, save_checkpoint
     from edlab.train import model_from_config
 
     cfg = tiny_cfg(**{"model.blocks": "[1,2,1]", "model.conv": "depthwise"})
     m = model_from_config(cfg, 10)
     assert [len(s) for s in m.layers] == [1, 2, 1] and m.edlab_spec["options"]["blocks"] == [1, 2, 1]
+    wide = model_from_config(tiny_cfg(**{"model.blocks": "[1,2,1]", "model.channels": "[8,16,40]"}), 10)
+    assert wide.fc.in_features == 20 and wide.edlab_spec["options"]["channels"] == [8, 16, 40]  # width 0.5
+    save_checkpoint(wide, tmp_path / "wide.ckpt")
+    assert load_checkpoint(tmp_path / "wide.ckpt").fc.in_features == 20  # rebuilt from the file alone
     assert "blocks" not in model_from_config(tiny_cfg(), 10).edlab_spec["options"]  # old specs unchanged
 
 

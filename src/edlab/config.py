@@ -36,15 +36,16 @@ class ModelConfig(Section):
     width: float = Field(1.0, gt=0, le=16)  # multiplier of every channel count
     conv: str = "standard"  # block 3x3 convs: standard | depthwise | separable | grouped:G, or one per stage "a,b,c"
     blocks: list[int] | None = None  # ResNets: blocks per stage, e.g. [2, 3, 3]; None = the model's own depths
+    channels: list[int] | None = None  # channels per stage, e.g. [12, 32, 72]; None = the model's own widths
     checkpoint: str | None = None  # start from this checkpoint instead of a fresh model (fine-tuning)
     bn_momentum: float | None = Field(None, gt=0, le=1)  # BN running statistics: weight of each new batch
     # (PyTorch's convention); None = the model's own (0.1). airbench94: 0.4, which keeps up with fast-moving
     # weights (its 64x BN-bias lr) so that evaluation-mode BN matches training
 
-    @field_validator("blocks", mode="before")
+    @field_validator("blocks", "channels", mode="before")
     @classmethod
-    def _blocks_as_text(cls, v: Any) -> Any:
-        """"[2, 3, 3]" or "2,3,3" as a list: a study grid's values are scalars, so blocks come as text."""
+    def _counts_as_text(cls, v: Any) -> Any:
+        """"[2, 3, 3]" or "2,3,3" as a list: a study grid's values are scalars, so counts come as text."""
         if isinstance(v, str):
             return [b.strip() for b in v.strip().strip("[]").split(",")]
         return v

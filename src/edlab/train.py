@@ -282,8 +282,8 @@ def model_from_config(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if cfg.model.checkpoint:
         return load_checkpoint(cfg.model.checkpoint)
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
-    blocks = {"blocks": cfg.model.blocks} if cfg.model.blocks is not None else {}  # only the ResNets take it
-    return create_model(cfg.model.name, num_classes, width=cfg.model.width, conv=cfg.model.conv, **blocks)
+    stages = {k: v for k, v in (("blocks", cfg.model.blocks), ("channels", cfg.model.channels)) if v is not None}
+    return create_model(cfg.model.name, num_classes, width=cfg.model.width, conv=cfg.model.conv, **stages)
 
 
 def init_model(model: nn.Module, cfg: TrainConfig, data: Data) -> nn.Module:

@@ -25,9 +25,9 @@ halves are paired), the per-channel skip scale is a 1x1 depthwise conv (initiali
 The parts of a block are split by the channel counts of its depthwise convs, so a pruned block (parts of
 unequal sizes) still runs (``edlab.prune.order_split_outputs`` makes Torch-Pruning map the parts right).
 
-Options: ``width`` multiplies the channel counts (snapped to multiples of 4), ``blocks`` replaces the
-blocks per stage (as for the ResNets), ``skip_scale=False`` drops the per-channel skip scale; ``conv`` is
-accepted for the shared config but only ``standard`` (the kernels are the family's design).
+Options: ``width`` multiplies the channel counts (snapped to multiples of 4), ``blocks`` and ``channels``
+replace the blocks and the channels per stage (as for the ResNets), ``skip_scale=False`` drops the per-channel
+skip scale; ``conv`` is accepted for the shared config but only ``standard`` (the kernels are the family's design).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch.nn as nn
 from ..errors import EdlabError
 from ..layers import LayerNorm2d, stage_plan
 from ._registry import register_model
-from .resnet import stage_depths
+from .resnet import stage_channels, stage_depths
 
 
 class TanhExp(nn.Module):
@@ -85,12 +85,12 @@ class TinyConvNeXt(nn.Module):
 
     def __init__(self, dims: list[int], depths: list[int], num_classes: int = 10, width: float = 1.0,
                  blocks: list[int] | None = None, skip_scale: bool = True, conv: str = "standard",
-                 stem_stride: int = 1):
+                 stem_stride: int = 1, channels: list[int] | None = None):
         super().__init__()
         if conv != "standard":  # every config passes conv; the kernels of this family are its design
             raise EdlabError(f"conv '{conv}': the convnext blocks have fixed (depthwise) kernels, "
                              f"only conv=standard applies")
-        dims = [max(4, 4 * round(d / 4)) for d in stage_plan(dims, width, "standard")[0]]
+        dims = [max(4, 4 * round(d / 4)) for d in stage_plan(stage_channels(dims, channels), width, "standard")[0]]
         depths = stage_depths(depths, blocks)
         stages, cin = [], 3
         for i, (dim, depth) in enumerate(zip(dims, depths)):

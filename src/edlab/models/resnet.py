@@ -8,7 +8,8 @@
 Options shared by every builder: ``width`` (multiplier of all channel counts), ``conv``: the kind of the
 blocks' 3x3 convolutions, one kind for all stages or a comma-separated kind per stage
 (``standard``, ``depthwise``, ``grouped:G``; the stem and the 1x1 shortcuts stay standard), and ``blocks``:
-the number of blocks in each stage, replacing the builder's depths. The three together describe the small
+the number of blocks in each stage, replacing the builder's depths, and ``channels``: the channels of each
+stage, replacing the builder's widths (``width`` then scales them). Together they describe the small
 students of the challenge (docs/models.md): ``create_model("resnet20", blocks=[2, 3, 3], conv="depthwise")``
 is the ~41 k-parameter depthwise ResNet with widths 16/32/64, ``width=0.5`` halves every channel count.
 """
@@ -106,10 +107,11 @@ class ResNet(nn.Module):
         width: float = 1.0,
         conv: str = "standard",
         blocks: list[int] | None = None,
+        channels: list[int] | None = None,
     ):
         super().__init__()
         block_cls = BLOCKS[block]
-        widths, convs = stage_plan(widths, width, conv)
+        widths, convs = stage_plan(stage_channels(widths, channels), width, conv)
         depths = stage_depths(depths, blocks)
         self.preact = block == "preact"
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
@@ -142,18 +144,28 @@ class ResNet(nn.Module):
 
 
 def stage_depths(depths: list[int], blocks) -> list[int]:
-    """The builder's blocks per stage, or ``blocks`` (one positive count per stage) in their place."""
-    if blocks is None:
-        return list(depths)
-    if isinstance(blocks, str):  # "2,3,3" from a command line
-        blocks = [b.strip() for b in blocks.split(",")]
+    """The builder's blocks per stage, or ``blocks`` in their place."""
+    return _per_stage(depths, blocks, "blocks")
+
+
+def stage_channels(widths: list[int], channels) -> list[int]:
+    """The builder's channels per stage, or ``channels`` in their place: the knob that moves capacity between
+    resolutions (a channel at 8x8 costs a sixteenth of the MACs of one at 32x32), which ``width`` cannot."""
+    return _per_stage(widths, channels, "channels")
+
+
+def _per_stage(own: list[int], given, key: str) -> list[int]:
+    """``given`` (a list, or "2,3,3" from a command line) as one positive integer per stage; ``own`` if None."""
+    if given is None:
+        return list(own)
+    values = [v.strip() for v in given.strip().strip("[]").split(",")] if isinstance(given, str) else given
     try:
-        counts = [int(b) for b in blocks]
+        counts = [int(v) for v in values]
     except (TypeError, ValueError):
         counts = []
-    if len(counts) != len(depths) or min(counts) < 1 or any(isinstance(b, (bool, float)) for b in blocks):
-        raise EdlabError(f"blocks: give {len(depths)} positive integers, one per stage "
-                         f"(e.g. {depths}), got {blocks!r}")
+    if len(counts) != len(own) or min(counts) < 1 or any(isinstance(v, (bool, float)) for v in values):
+        raise EdlabError(f"{key}: give {len(own)} positive integers, one per stage (e.g. {list(own)}), "
+                         f"got {given!r}")
     return counts
 
 
