@@ -93,7 +93,8 @@ def config_change(saved, cfg: TrainConfig) -> str | None:
         old["data"]["split_seed"] = old.get("seed", 0)
     old.setdefault("final_test", True)  # saved before final_test existed: those runs tested
     for section, key, default in (("data", "cutmix", 0.0), ("data", "mix_switch_prob", 0.5),
-                                  ("distill", "crop_pool", 0)):  # saved before these existed: they were off
+                                  ("distill", "crop_pool", 0), ("model", "channels", None)):
+        # saved before these existed: they were off (channels: the model's own widths)
         if isinstance(old.get(section), dict):
             old[section].setdefault(key, default)
     old = flatten(old)
