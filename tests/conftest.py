@@ -220,6 +220,13 @@ def _private_cache(tmp_path_factory):
         os.environ["XDG_CACHE_HOME"] = before
 
 
+@pytest.fixture(autouse=True)
+def _private_teacher_tables(tmp_path, monkeypatch):
+    """Each test its own shared teacher-table cache (edlab.distill.shared_table_dir): a table another test
+    left there would spare a test the teacher's pass it counts."""
+    monkeypatch.setenv("EDLAB_TEACHER_CACHE", str(tmp_path / "teacher-tables"))
+
+
 def write_fake_cifar(root: Path, n: int = 20, bad_label: bool = False, labels: list | None = None) -> Path:
     """A CIFAR-10 folder (cifar-10-batches-py, pickled batches) of ``n`` random images per batch: the layout
     the data reader takes, small enough to damage on purpose. ``labels``: every batch's labels; ``bad_label``:

@@ -3,6 +3,7 @@
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -148,6 +149,54 @@ def test_saved_teacher_table_is_read_back_only_when_it_matches(tiny_cfg, tmp_pat
     path.write_bytes(b"torn")
     _, reused = distill_mod.saved_teacher_table(teacher, data.train, None, 1, path)
     assert not reused and torch.load(path, weights_only=True)["table"].shape == (128, 10)
+
+
+def test_another_run_with_the_same_key_reads_the_shared_table(tiny_cfg, tmp_path):
+    """A table also goes to the shared cache under its key: a second run of the same teacher over the same
+    split (another --out) reads it there instead of calling the teacher, and keeps its own copy for a resume;
+    another teacher misses it. The cache keeps the newest SHARED_TABLES tables."""
+    cfg = tiny_cfg(**{"data.augment": "crop-flip", "data.crop_pad": 0, "data.train_subset": 128})
+    data = data_from_config(cfg, torch.device("cpu"))
+    teacher = create_model("resnet20", width=0.25).eval()
+    calls = []
+    teacher.register_forward_pre_hook(lambda m, a: calls.append(len(a[0])))
+    shared = tmp_path / "shared"
+    first, source = distill_mod.saved_teacher_table(teacher, data.train, None, 2, tmp_path / "a" / "t.pt",
+                                                    shared=shared)
+    assert source is None and sum(calls) == 2 * 128 and len(list(shared.glob("*.pt"))) == 1
+    calls.clear()
+    again, source = distill_mod.saved_teacher_table(teacher, data.train, None, 2, tmp_path / "b" / "t.pt",
+                                                    shared=shared)
+    assert calls == [] and torch.equal(again, first) and source.parent == shared
+    assert (tmp_path / "b" / "t.pt").exists()  # its own copy: a resume needs no cache
+    with torch.no_grad():
+        next(teacher.parameters()).add_(0.5)
+    _, source = distill_mod.saved_teacher_table(teacher, data.train, None, 2, None, shared=shared)
+    assert source is None and sum(calls) == 2 * 128 and len(list(shared.glob("*.pt"))) == 2
+    for i in range(distill_mod.SHARED_TABLES):  # older tables go first
+        torch.save({}, shared / f"old{i}.pt")
+        os.utime(shared / f"old{i}.pt", (1, 1))
+    distill_mod.saved_teacher_table(teacher, data.train, None, 1, None, shared=shared)
+    assert len(list(shared.glob("*.pt"))) == distill_mod.SHARED_TABLES
+
+
+def test_a_distilled_run_reads_a_finished_runs_table_from_the_cache(tiny_cfg, tmp_path, capsys):
+    """Two `edlab train` runs of one teacher over one split: the second says where it read the table."""
+    from rich.console import Console
+
+    save_checkpoint(create_model("resnet20", width=0.25), tmp_path / "t.ckpt")
+    sets = {"data.augment": "crop-flip", "data.crop_pad": 0, "data.train_subset": 128, "epochs": 1,
+            "distill.teacher": str(tmp_path / "t.ckpt")}
+    train(tiny_cfg(out=str(tmp_path / "one"), **sets))
+    passes = []
+    real = distill_mod.teacher_table
+    distill_mod.teacher_table = lambda *a, **k: passes.append(1) or real(*a, **k)
+    try:
+        train(tiny_cfg(out=str(tmp_path / "two"), **sets), console=Console(width=300))
+    finally:
+        distill_mod.teacher_table = real
+    out = capsys.readouterr().out
+    assert passes == [] and f"read back from {distill_mod.shared_table_dir()}" in out.replace("\n", "")
 
 
 @pytest.mark.slow  # tens of seconds on 2 cores: CI runs it (scripts/test.sh), the default suite not

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -140,27 +141,69 @@ def _table_key(teacher: nn.Module, loader, amp: torch.dtype | None, views: int, 
     return h.hexdigest()
 
 
+SHARED_TABLES = 8  # finished tables kept in the shared cache, the newest (14-29 MB each for a CIFAR-10 crop pool)
+
+
+def shared_table_dir() -> Path | None:
+    """Where teacher tables are kept for any later run with the same key: another run of the same teacher
+    over the same split and views (a study's trials, a QAT stage after the long run that built the table),
+    which then skips the teacher's pass (15-25 CPU-minutes for airbench94 over a crop pool on this project's
+    2-core host). ``$EDLAB_TEACHER_CACHE`` (``off``: no sharing), else ``$XDG_CACHE_HOME/edlab/teacher-tables``
+    (``~/.cache`` by default); delete it at will."""
+    given = os.environ.get("EDLAB_TEACHER_CACHE")
+    if given is not None:
+        return None if given.strip().lower() in ("", "off", "0", "no", "false") else Path(given).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "edlab" / "teacher-tables"
+
+
+def _read_table(path: Path, key: str) -> torch.Tensor | None:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a torn or foreign file: the caller recomputes (and replaces) it
+        return None
+    if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("table"), torch.Tensor):
+        return saved["table"]
+    return None
+
+
+def _keep_newest(folder: Path, n: int) -> None:
+    tables = sorted(folder.glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in tables[n:]:
+        old.unlink(missing_ok=True)
+
+
 def saved_teacher_table(teacher: nn.Module, loader, amp: torch.dtype | None, views: int, path=None,
-                        write: bool = True, pool: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+                        write: bool = True, pool: torch.Tensor | None = None,
+                        shared: Path | None = None) -> tuple[torch.Tensor, Path | None]:
     """``teacher_table``, kept in ``path`` so that a resumed run (``--resume`` after a kill, the next
     session's continuation) reads it back instead of paying the teacher's pass again (4-5 minutes for
-    airbench94 on 45,000 images and their mirrors on 2 CPU cores). The file is used only when its key
-    matches this teacher and these inputs; an unreadable or stale file is recomputed and replaced. Returns
-    (table, reused). ``pool``: a crop pool's offsets (``teacher_table``), part of the key."""
-    key = _table_key(teacher, loader, amp, views, pool=pool) if path is not None else None
-    if path is not None and path.exists():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("table"), torch.Tensor):
-                return saved["table"].to(loader.device), True
-        except Exception:  # a torn or foreign file: the teacher's pass below replaces it
-            pass
+    airbench94 on 45,000 images and their mirrors on 2 CPU cores), and in the folder ``shared``
+    (:func:`shared_table_dir`) for other runs with the same key. A file is used only when its key matches this
+    teacher and these inputs; an unreadable or stale one is recomputed and replaced. Returns (table, the file
+    it was read from, None when computed). ``pool``: a crop pool's offsets (``teacher_table``), part of the
+    key. ``write``: False on the processes of a distributed run that are not the main one."""
+    key = _table_key(teacher, loader, amp, views, pool=pool) if path is not None or shared is not None else None
+    common = shared / f"{key}.pt" if shared is not None else None
+    for source in (path, common):
+        if source is not None and Path(source).exists():
+            table = _read_table(Path(source), key)
+            if table is not None:
+                if source is common and path is not None and write:  # the run's own copy, for its resume
+                    atomic_write_bytes(path, Path(common).read_bytes())
+                return table.to(loader.device), Path(source)
     table = teacher_table(teacher, loader, amp, views, pool=pool)
-    if path is not None and write:
+    if write and (path is not None or common is not None):
         buf = io.BytesIO()
         torch.save({"key": key, "table": table.cpu()}, buf)
-        atomic_write_bytes(path, buf.getvalue())
-    return table, False
+        if path is not None:
+            atomic_write_bytes(path, buf.getvalue())
+        if common is not None:
+            try:  # a cache: a read-only or full disk there must not stop the run
+                atomic_write_bytes(common, buf.getvalue())
+                _keep_newest(shared, SHARED_TABLES)
+            except OSError:
+                pass
+    return table, None
 
 
 def table_rows(table: torch.Tensor, loader) -> torch.Tensor:

@@ -110,11 +110,11 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, run: Run | None = None,
             data.train.pool, views = pool, 2 * cfg.distill.crop_pool
         if views and state.epoch < math.ceil(cfg.epochs):
             path = run.file(distill.TABLE_FILE) if run is not None else None
-            table, reused = distill.saved_teacher_table(teacher, data.train, amp, views, path, write=d.main,
-                                                        pool=pool)
+            table, source = distill.saved_teacher_table(teacher, data.train, amp, views, path, write=d.main,
+                                                        pool=pool, shared=distill.shared_table_dir())
             if console is not None:
                 console.print(f"teacher logits: {len(table)} images x {views} view(s) "
-                              + (f"read back from {path}" if reused else "computed once"))
+                              + (f"read back from {source}" if source else "computed once"))
     # A non-finite loss is looked for on the host every step on CPU (free there) but every 50 steps on GPUs,
     # where each look is a host synchronisation; the first bad step is recorded on the device meanwhile.
     check_every = 1 if device.type == "cpu" or cfg.nan_policy == "skip" else 50
