@@ -25,6 +25,7 @@ import torch
 
 from .augment import Augment, alternate_mirror
 from .errors import EdlabError
+from .files import user_cache
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -116,8 +117,7 @@ def _md5_marker(path: Path) -> Path | None:
     except OSError:
         return None
     key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
-    return cache / "edlab" / "md5-checked" / key
+    return user_cache("md5-checked", key)
 
 
 def _check_md5(name: str, folder: Path) -> None:

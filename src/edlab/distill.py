@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .device import autocast
 from .errors import EdlabError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, user_cache
 from .loader import load_checkpoint
 
 
@@ -153,7 +153,7 @@ def shared_table_dir() -> Path | None:
     given = os.environ.get("EDLAB_TEACHER_CACHE")
     if given is not None:
         return None if given.strip().lower() in ("", "off", "0", "no", "false") else Path(given).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "edlab" / "teacher-tables"
+    return user_cache("teacher-tables")
 
 
 def _read_table(path: Path, key: str) -> torch.Tensor | None:

@@ -32,6 +32,12 @@ def _fault_point(f, data: bytes) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def user_cache(*parts: str) -> Path:
+    """A folder under the user's cache, ``$XDG_CACHE_HOME`` (``~/.cache`` by default) / edlab / ``parts``: where
+    edlab keeps what later processes may reuse (md5 verdicts, teacher tables)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser().joinpath("edlab", *parts)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename over the target: a reader (or a crash)
     sees the old file or the new one, never a mix. Concurrent writers each use their own temp file, so
