@@ -180,6 +180,24 @@ def test_another_run_with_the_same_key_reads_the_shared_table(tiny_cfg, tmp_path
     assert len(list(shared.glob("*.pt"))) == distill_mod.SHARED_TABLES
 
 
+def test_a_run_resumed_from_its_own_table_seeds_the_shared_cache(tiny_cfg, tmp_path):
+    """A run whose table was made before the cache existed (or on another machine) reads its own copy on
+    --resume and puts it in the cache, so the next run of the same teacher does not call it again."""
+    cfg = tiny_cfg(**{"data.augment": "crop-flip", "data.crop_pad": 0, "data.train_subset": 128})
+    data = data_from_config(cfg, torch.device("cpu"))
+    teacher = create_model("resnet20", width=0.25).eval()
+    own = tmp_path / "long" / "t.pt"
+    first, _ = distill_mod.saved_teacher_table(teacher, data.train, None, 2, own)  # no cache then
+    shared = tmp_path / "shared"
+    _, source = distill_mod.saved_teacher_table(teacher, data.train, None, 2, own, shared=shared)
+    assert source == own and len(list(shared.glob("*.pt"))) == 1
+    calls = []
+    teacher.register_forward_pre_hook(lambda m, a: calls.append(len(a[0])))
+    again, source = distill_mod.saved_teacher_table(teacher, data.train, None, 2, tmp_path / "qat" / "t.pt",
+                                                    shared=shared)
+    assert calls == [] and source.parent == shared and torch.equal(again, first)
+
+
 def test_a_distilled_run_reads_a_finished_runs_table_from_the_cache(tiny_cfg, tmp_path, capsys):
     """Two `edlab train` runs of one teacher over one split: the second says where it read the table."""
     from rich.console import Console

@@ -86,6 +86,40 @@ def test_test_chosen_reads_test_only_for_the_selected_point(tmp_path):
     assert row(report(tmp_path), 1)["test_accuracy"] == chosen["test_accuracy"]
 
 
+def test_only_the_process_that_ends_the_last_trial_reads_the_test_split(tmp_path, monkeypatch):
+    """Two processes share a study (a second command on the same --out, or machines on one PostgreSQL
+    storage): the one that ends while a trial still waits or runs elsewhere must not test its provisional best;
+    the one that ends the last trial tests the finished study's choice."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from edlab import evaluation
+    from edlab.study.schema import load_study
+    from edlab.study.select import test_chosen
+
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    (tmp_path / "study.yaml").write_text("name: two\nconfig: tiny.yaml\n"
+                                         "list: [{optim.lr: 0.1}, {optim.lr: 0.2}]\ntest: chosen\n")
+    st = load_study(str(tmp_path / "study.yaml"), out=str(tmp_path / "out"))
+    study = optuna.create_study(direction="maximize")
+    attrs = {"score": 0.1, "run_dir": str(tmp_path / "none")}
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5,
+                                 user_attrs={**attrs, "slot": 0, "val_accuracy": 0.5}))
+    study.enqueue_trial({})  # point 1, not yet taken by the other process
+    tested = []
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", lambda path: tested.append(path) or {
+        "test_accuracy": 0.4, "test_loss": 1.0, "views": 1, "tta": "none", "images": 10, "checkpoint": path})
+    said = []
+    assert test_chosen(st, study, echo=said.append) == [] and tested == []
+    assert "still waiting or running" in said[-1]
+    other = study.ask()  # the other process runs point 1
+    assert test_chosen(st, study, echo=said.append) == [] and tested == []
+    for k, v in {**attrs, "slot": 1, "val_accuracy": 0.6}.items():
+        other.set_user_attr(k, v)
+    study.tell(other, 0.6)
+    assert test_chosen(st, study, echo=said.append) == [1] and len(tested) == 1  # the finished study's choice
+
+
 def test_test_all_is_the_default_and_final_test_is_the_studys(tmp_path):
     r = sweep_in(tmp_path, "name: a\nconfig: tiny.yaml\ngrid: {optim.lr: [0.1]}\n")
     assert r.exit_code == 0, r.output

@@ -190,6 +190,10 @@ def saved_teacher_table(teacher: nn.Module, loader, amp: torch.dtype | None, vie
             if table is not None:
                 if source is common and path is not None and write:  # the run's own copy, for its resume
                     atomic_write_bytes(path, Path(common).read_bytes())
+                if source is path and common is not None and write and not common.exists():
+                    # a run resumed from its own copy (made elsewhere, or before the cache) seeds the cache,
+                    # so the stage after it (a QAT of the same teacher) skips the teacher's pass
+                    _share(Path(path).read_bytes(), common)
                 return table.to(loader.device), Path(source)
     table = teacher_table(teacher, loader, amp, views, pool=pool)
     if write and (path is not None or common is not None):
@@ -198,12 +202,17 @@ def saved_teacher_table(teacher: nn.Module, loader, amp: torch.dtype | None, vie
         if path is not None:
             atomic_write_bytes(path, buf.getvalue())
         if common is not None:
-            try:  # a cache: a read-only or full disk there must not stop the run
-                atomic_write_bytes(common, buf.getvalue())
-                _keep_newest(shared, SHARED_TABLES)
-            except OSError:
-                pass
+            _share(buf.getvalue(), common)
     return table, None
+
+
+def _share(data: bytes, common: Path) -> None:
+    """Put a table in the shared cache; a cache: a read-only or full disk there must not stop the run."""
+    try:
+        atomic_write_bytes(common, data)
+        _keep_newest(common.parent, SHARED_TABLES)
+    except OSError:
+        pass
 
 
 def table_rows(table: torch.Tensor, loader) -> torch.Tensor:

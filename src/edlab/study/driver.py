@@ -114,7 +114,7 @@ def sweep(study_file: str, out: str | None = None, storage: str | None = None, w
         run_worker(st, study, 0, echo=echo)
     else:
         spawn_workers(study_file, st, url, workers, quick, sets, stale_after, floor, pruner)
-        recover(study, stale_after)  # a worker that crashed left its trial RUNNING: the next run re-does it
+    recover(study, stale_after)  # a crashed worker left its trial RUNNING: not "still running" for the test below
     if st.test == "chosen":  # the trials never read the test split: the selected points are read now, once
         test_chosen(st, study, echo=echo)
     if st.pack:

@@ -65,9 +65,22 @@ def test_chosen(st: Study, study, echo=print) -> list[int]:
     """``test: chosen``: after the trials, read the test split once for each selected point's final model file,
     with the views it was validated with (``edlab eval``'s default: the ones its metadata records). The figure
     is stored in the study (``tested:<slot>``), so a re-run does not test the same point again; a point that a
-    later run of a grown study selects instead is tested then, and both figures stay on record."""
+    later run of a grown study selects instead is tested then, and both figures stay on record.
+
+    Several processes may share the study (a second command on the same ``--out``, other machines on one
+    PostgreSQL storage): while any trial is still waiting or running, the selection is provisional, and
+    testing it would read the test split for a point the finished study may not choose. So only the process
+    that ends with no trial left unfinished tests; the others say so and test nothing."""
+    from optuna.trial import TrialState
+
     from ..evaluation import evaluate_checkpoint
 
+    unfinished = retry(study.get_trials, deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+    if unfinished:
+        echo(f"test split not read: {len(unfinished)} trial(s) still waiting or running in another process "
+             f"(trial {', '.join(str(t.number) for t in unfinished)}); the sweep that finishes the last one "
+             f"tests the chosen point")
+        return []
     rows = trial_rows(study)
     done = retry(lambda: study.user_attrs)
     tested = []
