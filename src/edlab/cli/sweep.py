@@ -30,8 +30,10 @@ def sweep(study_file, out, storage, workers, quick, sets, retry_failed, stale_af
     """Run a study: one training (config:) or pipeline (recipe:) run per grid/list point or search trial.
 
     The study lives in an Optuna storage; run the same command again after any interruption and it
-    finishes the remaining trials (finished ones are never repeated; a killed one is re-run). At the end
-    it prints a table and writes <out>/study.json. See docs/studies.md.
+    finishes the remaining trials (finished ones are never repeated; a killed one is re-run). The same
+    command started while another runs joins it and takes the points still waiting; only the one that ends
+    the last trial reads the test split (test: chosen). At the end it prints a table and writes
+    <out>/study.json. See docs/studies.md.
 
     \b
     Examples:
