@@ -33,7 +33,7 @@ def test_train_eval_score_info(tmp_path):
                 "score_params_term", "score_ops_term", "nonzero_params", "bits_w", "bits_a", "ps", "pu"]:
         assert key in s, key
     assert s["command"].startswith("edlab train")
-    r = edlab("eval", out / "model.ckpt", "--json")
+    r = edlab("eval", out / "model.ckpt", "--json", "--threads", "1")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["test_accuracy"] == pytest.approx(s["test_accuracy"], abs=1e-6)
     r = edlab("score", out / "model.ckpt", "--json")
@@ -55,6 +55,19 @@ def test_bad_input_is_one_line_and_exit_2(args, msg, tmp_path, monkeypatch):
     process, interpreter start-up and warnings included."""
     monkeypatch.chdir(tmp_path)
     assert_one_line_error(invoke(*args), msg)
+
+
+def test_eval_threads_sets_torchs_cpu_threads(tmp_path, monkeypatch):
+    """`edlab eval --threads 1` beside a training on a shared machine: torch gets 1 thread before any work."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.chdir(tmp_path)
+    r = invoke("eval", "nope.ckpt", "--threads", "1")
+    assert calls == [1] and r.exit_code == 2
+    r = invoke("eval", "nope.ckpt", "--threads", "0")  # refused by the option itself, before anything runs
+    assert r.exit_code == 2 and "'--threads': 0 is not in the range" in r.stderr and calls == [1]
 
 
 def test_bad_input_from_a_real_process_is_one_line_and_exit_2(tmp_path):

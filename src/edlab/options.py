@@ -149,6 +149,9 @@ def _describe(err: ValidationError, cls: type[BaseModel]) -> str:
     return f"{flag}: {msg.replace('Input should be', 'must be')} (got {e.get('input')!r:.80})"
 
 
+THREADS_HELP = "CPU threads (default: all cores; 1 on a busy shared machine)."
+
+
 # --- options that set training-config keys (type, choices and limits: edlab.config) ---------------------------
 
 class DistillOptions(Options):
@@ -166,7 +169,7 @@ class FinetuneOptions(DistillOptions):
     data_dir: Any = option(help="Folder holding cifar-10-batches-py/ (else $EDLAB_DATA_DIR, else ./data).",
                            config="data.data_dir")
     train_subset: Any = option(help="Fine-tune on only N training images.", config="data.train_subset")
-    threads: Any = option(help="CPU threads (default: all cores; 1 on a busy shared machine).", config="threads")
+    threads: Any = option(help=THREADS_HELP, config="threads")
 
 
 class TrainOptions(DistillOptions):
@@ -187,7 +190,7 @@ class TrainOptions(DistillOptions):
     seed: Any = option(config="seed")
     device: Any = option(help="auto (default), cpu, cuda, cuda:N.", config="device")
     precision: Any = option(config="precision")
-    threads: Any = option(help="CPU threads (default: all cores; 1 on a busy shared machine).", config="threads")
+    threads: Any = option(help=THREADS_HELP, config="threads")
     tracker: Any = option(help="Also log to W&B or MLflow (TensorBoard always); needs pip install edlab[wandb] / "
                           "edlab[mlflow].", config="tracker")
     out: Any = option(help="Run directory (default runs/<name>-<timestamp>).", config="out")
@@ -207,7 +210,7 @@ class LrFindOptions(Options):
     batch_size: Any = option(config="data.batch_size")
     optimizer: Any = option(config="optim.name")
     train_subset: Any = option(help="Draw batches from only N training images.", config="data.train_subset")
-    threads: Any = option(help="CPU threads (default: all cores; 1 on a busy shared machine).", config="threads")
+    threads: Any = option(help=THREADS_HELP, config="threads")
 
     @model_validator(mode="after")
     def _range(self):

@@ -2,6 +2,7 @@
 
 import click
 
+from ..options import THREADS_HELP
 from ._common import AUTOCAST_AS, DATASETS, TTA_NAMES, echo_json
 
 
@@ -17,8 +18,9 @@ from ._common import AUTOCAST_AS, DATASETS, TTA_NAMES, echo_json
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tta", type=click.Choice([*TTA_NAMES, "trained"]), default="trained",
               show_default=True, help="Test-time views averaged; 'trained' = what the run that made it used.")
+@click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_(checkpoint, dataset, data_dir, half, autocast_as, batch_size, device, tta, as_json):
+def eval_(checkpoint, dataset, data_dir, half, autocast_as, batch_size, device, tta, threads, as_json):
     """Re-measure test accuracy of a checkpoint.
 
     \b
@@ -28,8 +30,12 @@ def eval_(checkpoint, dataset, data_dir, half, autocast_as, batch_size, device, 
       edlab eval model.ckpt --tta flip      # average the logits of each image and its mirror
       edlab eval model.int8.onnx            # through ONNX Runtime
       edlab eval model.ckpt --autocast fp32 # in float32, whatever the run tested in
+      edlab eval model.pack --threads 1     # beside a training on a shared machine
     """
+    from ..device import use_threads
     from ..evaluation import evaluate_checkpoint
+
+    use_threads(threads)
 
     progress = None if as_json else (lambda m: click.echo(m, err=True))  # --json is for scripts: no chatter
     r = evaluate_checkpoint(checkpoint, dataset, data_dir, half, batch_size, device, tta, progress=progress,
