@@ -57,14 +57,16 @@ def pct(v: float | None) -> str:
 
 def evaluate_checkpoint(checkpoint: str, dataset: str | None = None, data_dir: str | None = None,
                         half: bool = False, batch_size: int = 1000, device: str = "auto", tta: str = "trained",
-                        progress=None, autocast_as: str = "trained") -> dict:
+                        progress=None, autocast_as: str = "trained", threads: int | None = None) -> dict:
     """``edlab eval`` as a call: re-measure the test accuracy of a checkpoint, packed or .onnx file (or run
     folder) on the dataset it was trained on, with the views it was measured with (``tta="trained"``) and
     the arithmetic: ``autocast_as="trained"`` runs the model under the autocast dtype its stage tested in
     (bf16 on a CPU with fast bf16, say), so that the accuracy printed beside its score is reproduced, not
     a neighbour of it; ``"fp32"`` evaluates in float32. Returns {checkpoint, dataset, precision, tta, views,
-    test_accuracy, test_loss, images}. ``progress(text)``, if given, hears what is about to be evaluated."""
+    test_accuracy, test_loss, images}. ``progress(text)``, if given, hears what is about to be evaluated.
+    ``threads``: torch's CPU threads (``use_threads``), e.g. 1 beside a training on a shared machine."""
     from .checkpoint import trained_with
+    from .device import use_threads
     from .loader import load_checkpoint, load_model, resolve_model_path
 
     if dataset is not None and dataset not in DATASETS:
@@ -73,6 +75,9 @@ def evaluate_checkpoint(checkpoint: str, dataset: str | None = None, data_dir: s
         raise EdlabError(f"unknown tta '{tta}' (choices: {', '.join(TTA_VIEWS)}, trained)")
     if autocast_as not in AUTOCAST_AS:
         raise EdlabError(f"unknown autocast '{autocast_as}' (choices: {', '.join(AUTOCAST_AS)})")
+    if threads is not None and threads < 1:
+        raise EdlabError(f"threads must be >= 1, got {threads}")
+    use_threads(threads)
     checkpoint = resolve_model_path(checkpoint)
     onnx = checkpoint.endswith(".onnx")
     model = load_model(checkpoint) if onnx else load_checkpoint(checkpoint)

@@ -18,7 +18,7 @@ from ._common import AUTOCAST_AS, DATASETS, TTA_NAMES, echo_json
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tta", type=click.Choice([*TTA_NAMES, "trained"]), default="trained",
               show_default=True, help="Test-time views averaged; 'trained' = what the run that made it used.")
-@click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
+@click.option("--threads", type=int, help=THREADS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_(checkpoint, dataset, data_dir, half, autocast_as, batch_size, device, tta, threads, as_json):
     """Re-measure test accuracy of a checkpoint.
@@ -32,14 +32,11 @@ def eval_(checkpoint, dataset, data_dir, half, autocast_as, batch_size, device, 
       edlab eval model.ckpt --autocast fp32 # in float32, whatever the run tested in
       edlab eval model.pack --threads 1     # beside a training on a shared machine
     """
-    from ..device import use_threads
     from ..evaluation import evaluate_checkpoint
-
-    use_threads(threads)
 
     progress = None if as_json else (lambda m: click.echo(m, err=True))  # --json is for scripts: no chatter
     r = evaluate_checkpoint(checkpoint, dataset, data_dir, half, batch_size, device, tta, progress=progress,
-                            autocast_as=autocast_as)
+                            autocast_as=autocast_as, threads=threads)
     if as_json:
         echo_json(r)
     else:
