@@ -348,6 +348,41 @@ def test_challenge_course_study_quantizes_one_student_and_packs_the_chosen_point
     assert rep["winner"]["slot"] == 2 and (tmp_path / "out" / "winner.pack").is_file()
 
 
+def test_a_point_whose_checkpoint_is_not_there_yet_waits_and_runs_when_it_is(tmp_path):
+    """A study of two long runs' QAT forms, started when only the first run has finished: the second point
+    stays WAITING (not failed), no test is read while it waits, and the same command run again once its
+    checkpoint exists runs it and tests the finished study's choice."""
+    r = CliRunner().invoke(cli, ["train", *_tiny_train(tmp_path), "--out", str(tmp_path / "one")])
+    assert r.exit_code == 0, r.output
+    study = """name: late
+recipe:
+  - quantize: {method: qat, bits-w: 4, bits-a: 4, epochs: 1, train-subset: 256, threads: 1}
+list:
+  - {quantize.checkpoint: one/model.ckpt}
+  - {quantize.checkpoint: two/model.ckpt}
+objective: val_accuracy
+test: chosen
+"""
+    r = sweep_in(tmp_path, study)
+    assert r.exit_code == 0, r.output
+    assert "point 0001 waits for two/model.ckpt (not there yet)" in r.output
+    assert "test split not read" in r.output and "testing chosen point" not in r.output
+    states = {t["slot"]: t["state"] for t in report(tmp_path)["trials"]}
+    assert states == {0: "COMPLETE", 1: "WAITING"}
+    r = CliRunner().invoke(cli, ["train", *_tiny_train(tmp_path), "--out", str(tmp_path / "two")])
+    assert r.exit_code == 0, r.output
+    r = sweep_in(tmp_path, study)
+    assert r.exit_code == 0, r.output
+    rep = report(tmp_path)
+    assert {t["slot"]: t["state"] for t in rep["trials"]} == {0: "COMPLETE", 1: "COMPLETE"}
+    assert r.output.count("testing chosen point") == 1 and row(rep, rep["best"]["slot"])["tested"] is not None
+
+
+def _tiny_train(tmp_path: Path) -> list[str]:
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    return [str(tmp_path / "tiny.yaml"), "--epochs", "0"]
+
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSUMED_EPOCHS_PER_S = 0.45  # studies/challenge-gpu.yaml's sizing assumption (4 workers on the H200), not measured
 TEACHER_S = 50  # configs/resnet18-94-gpu.yaml: 46.8 s on the H200 (docs/benchmarks.md), inside the sweep's time

@@ -290,8 +290,22 @@ def _waiting_lock(study):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def claim(study):
-    """Take one WAITING trial (RUNNING from now on), or None. Never creates a trial."""
+def missing_inputs(st: Study, slot: int | None) -> list[str]:
+    """The input files a grid/list point names (a checkpoint, teacher or config, read from the study file's
+    folder as the trial will read them) that do not exist yet: a long run's model.ckpt that is still being
+    trained. Such a point stays WAITING instead of failing, and runs when a sweep finds its files."""
+    from ..config import is_path_key, resolve_named_options
+
+    if st.mode == "search" or slot is None or not 0 <= slot < len(st.points):
+        return []
+    point = resolve_named_options(st.points[slot], st.file)
+    return [str(v) for k, v in point.items()
+            if isinstance(v, str) and is_path_key(str(k)) and "data" not in str(k) and not Path(v).exists()]
+
+
+def claim(study, st: Study | None = None):
+    """Take one WAITING trial (RUNNING from now on), or None. Never creates a trial. With ``st``, a point
+    whose input files are missing (:func:`missing_inputs`) is passed over and stays WAITING."""
     import optuna
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
@@ -300,6 +314,8 @@ def claim(study):
     study_id = retry(storage.get_study_id_from_name, study.study_name)
     me = _owner()
     for t in retry(study.get_trials, deepcopy=False, states=(TrialState.WAITING,)):
+        if st is not None and missing_inputs(st, t.user_attrs.get("slot")):
+            continue
         tid = retry(storage.get_trial_id_from_study_id_trial_number, study_id, t.number)
         try:
             retry(storage.set_trial_user_attr, tid, _claim_key(me), time.time())  # before: no unowned RUNNING
@@ -320,7 +336,7 @@ def next_trial(st: Study, study):
 
     if st.budget_epochs is not None and spent_epochs(study) >= st.budget_epochs:
         return None  # the budget is spent: no trial starts (a re-run with a larger budget goes on)
-    trial = claim(study)
+    trial = claim(study, st)
     if trial is not None or st.mode != "search":
         return trial
     trials = retry(study.get_trials, deepcopy=False)

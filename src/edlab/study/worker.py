@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdlabError
-from .queue import next_trial, retry
+from .queue import missing_inputs, next_trial, retry
 from .schema import TRAINS, Study, directions, full_epochs, recipe_path, set_args, val_floor
 from .trial import run_point
 
@@ -119,6 +119,11 @@ def run_worker(st: Study, study, index: int = 0, echo=print) -> int:
     while True:
         trial = next_trial(st, study)
         if trial is None:
+            for t in retry(study.get_trials, deepcopy=False, states=(TrialState.WAITING,)):
+                slot = t.user_attrs.get("slot")
+                if missing := missing_inputs(st, slot):
+                    echo(f"{tag}point {slot:04d} waits for {', '.join(missing)} (not there yet): run the same "
+                         f"command again when it is")
             return done
         slot = trial.user_attrs["slot"]
         if _is_duplicate(study, trial):
