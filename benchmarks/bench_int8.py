@@ -33,7 +33,7 @@ from edlab.checkpoint import load_checkpoint
 from edlab.data import get_data
 from edlab.device import host
 from edlab.errors import EdlabError
-from edlab.export import _plain_batches, export_onnx, latency_ms, ort_evaluate, ort_session
+from edlab.export import export_onnx, latency_ms, ort_evaluate, ort_session, plain_batches
 from edlab.models import create_model
 
 # name: (quant_format, activations, per_channel, reduce_range, optimisation level)
@@ -95,7 +95,7 @@ def main() -> None:
         for name in args.variants.split(","):
             fmt, act, per_channel, reduce_range, level = VARIANTS[name]
             path = export_onnx(model, Path(tmp) / f"{name}.onnx", int8=True,
-                               calib_loader=_plain_batches(data, args.calib_images), calib_images=args.calib_images,
+                               calib_loader=plain_batches(data, args.calib_images), calib_images=args.calib_images,
                                quant_format=fmt, per_channel=per_channel, reduce_range=reduce_range, activations=act)
             s8 = ort_session(path, args.threads, level=level)
             rows.append({"variant": name, "ms": latency_ms(lambda s8=s8: s8.run(None, {"input": xn}), args.reps),

@@ -45,21 +45,10 @@ timeout -k 10 "$sweep_s" $PY -m edlab sweep studies/challenge-gpu.yaml --floor 0
 rc=$?
 echo "sweep exit ${rc} after $(( $(date +%s) - start )) s"
 if [ "$rc" -ne 0 ]; then
-  # stopped by the timeout (or a worker's error): test the chosen point of the finished trials once, pack it
-  # and write study.json, as the sweep's own end does; the trials cut off are marked FAIL (interrupted)
-  timeout "$FINISH_S" $PY - "$STUDY_OUT" "$QUICK" <<'PY'
-import sys
-from edlab.cli._common import console
-from edlab.cli.sweep import render
-from edlab.study import load_study, open_study, pack_winner, recover, storage_url, test_chosen, write_report
-st = load_study("studies/challenge-gpu.yaml", quick=bool(sys.argv[2]), out=sys.argv[1], floor=0.90)
-url = storage_url(st, None)
-study = open_study(st, url)
-recover(study, 0)
-test_chosen(st, study)
-pack_winner(st, study)
-render({**write_report(st, study, url), "out": str(st.out)}, console())
-PY
+  # stopped by the timeout (or a worker's error): end the study with the trials that finished, as the sweep's
+  # own end does (the chosen point tested once, packed, study.json); the trials cut off are withdrawn
+  timeout "$FINISH_S" $PY -m edlab sweep studies/challenge-gpu.yaml --floor 0.90 --out "$STUDY_OUT" $QUICK \
+    --finish || echo "edlab sweep --finish failed or ran past ${FINISH_S} s (exit $?)"
 fi
 timeout 120 $PY -m edlab report "$STUDY_OUT" --floor 0.90 --out /tmp/strict-report > /dev/null || \
   echo "edlab report failed or ran past 120 s (exit $?)"

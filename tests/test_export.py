@@ -17,7 +17,7 @@ from edlab.quantize import binarize, calibrate, quantize_checkpoint, quantize_qa
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from edlab.export import _plain_batches, export_onnx, ort_evaluate, ort_session  # noqa: E402
+from edlab.export import export_onnx, ort_evaluate, ort_session, plain_batches  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("threads_from_env")  # (conftest)
 
@@ -102,7 +102,7 @@ def test_uncalibrated_qat_model_is_refused(tmp_path):
 def test_int8_export_runs_integer_kernels_and_agrees_with_fp32(tiny_ckpt, tmp_path):
     model = load_checkpoint(tiny_ckpt)
     data = get_data("synthetic", val_size=0, eval_batch_size=250)
-    path = export_onnx(model, tmp_path / "m.int8.onnx", int8=True, calib_loader=_plain_batches(data, 256),
+    path = export_onnx(model, tmp_path / "m.int8.onnx", int8=True, calib_loader=plain_batches(data, 256),
                        calib_images=256)
     assert {"QLinearConv", "QLinearAdd"} <= ops(path) and "Conv" not in ops(path)
     x = next(iter(data.test))[0]

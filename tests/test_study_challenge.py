@@ -348,13 +348,7 @@ def test_challenge_course_study_quantizes_one_student_and_packs_the_chosen_point
     assert rep["winner"]["slot"] == 2 and (tmp_path / "out" / "winner.pack").is_file()
 
 
-def test_a_point_whose_checkpoint_is_not_there_yet_waits_and_runs_when_it_is(tmp_path):
-    """A study of two long runs' QAT forms, started when only the first run has finished: the second point
-    stays WAITING (not failed), no test is read while it waits, and the same command run again once its
-    checkpoint exists runs it and tests the finished study's choice."""
-    r = CliRunner().invoke(cli, ["train", *_tiny_train(tmp_path), "--out", str(tmp_path / "one")])
-    assert r.exit_code == 0, r.output
-    study = """name: late
+LATE = """name: late
 recipe:
   - quantize: {method: qat, bits-w: 4, bits-a: 4, epochs: 1, train-subset: 256, threads: 1}
 list:
@@ -363,6 +357,15 @@ list:
 objective: val_accuracy
 test: chosen
 """
+
+
+def test_a_point_whose_checkpoint_is_not_there_yet_waits_and_runs_when_it_is(tmp_path):
+    """A study of two long runs' QAT forms, started when only the first run has finished: the second point
+    stays WAITING (not failed), no test is read while it waits, and the same command run again once its
+    checkpoint exists runs it and tests the finished study's choice."""
+    r = CliRunner().invoke(cli, ["train", *_tiny_train(tmp_path), "--out", str(tmp_path / "one")])
+    assert r.exit_code == 0, r.output
+    study = LATE
     r = sweep_in(tmp_path, study)
     assert r.exit_code == 0, r.output
     assert "point 0001 waits for two/model.ckpt (not there yet)" in r.output
@@ -376,6 +379,47 @@ test: chosen
     rep = report(tmp_path)
     assert {t["slot"]: t["state"] for t in rep["trials"]} == {0: "COMPLETE", 1: "COMPLETE"}
     assert r.output.count("testing chosen point") == 1 and row(rep, rep["best"]["slot"])["tested"] is not None
+
+
+def test_finish_ends_a_stopped_study_with_what_finished_and_a_later_sweep_runs_the_rest(tmp_path):
+    """`--finish` on a study with a point still waiting: nothing trains, the waiting point is withdrawn, the
+    finished point is tested once and study.json written; the plain command later runs the withdrawn point."""
+    r = CliRunner().invoke(cli, ["train", *_tiny_train(tmp_path), "--out", str(tmp_path / "one")])
+    assert r.exit_code == 0, r.output
+    study = LATE.replace("list:", "pack: true\nlist:")
+    r = sweep_in(tmp_path, study)
+    assert r.exit_code == 0 and "test split not read" in r.output, r.output
+    r = sweep_in(tmp_path, study, "--finish")
+    assert r.exit_code == 0, r.output
+    assert "1 unfinished trial(s) withdrawn" in r.output and r.output.count("testing chosen point 0000") == 1
+    assert "interrupted" in r.output  # the withdrawn point stays in the table
+    rep = report(tmp_path)
+    assert {t["slot"]: t["state"] for t in rep["trials"]} == {0: "COMPLETE", 1: "FAIL"}
+    assert row(rep, 0)["tested"] is not None and (tmp_path / "out" / "winner.pack").is_file()
+    r = CliRunner().invoke(cli, ["train", *_tiny_train(tmp_path), "--out", str(tmp_path / "two")])
+    assert r.exit_code == 0, r.output
+    r = sweep_in(tmp_path, study)
+    assert r.exit_code == 0, r.output
+    assert 1 in {t["slot"] for t in report(tmp_path)["trials"] if t["state"] == "COMPLETE"}
+
+
+def test_finish_refuses_a_study_someone_still_works_on_and_one_never_started(tmp_path):
+    import socket
+
+    import optuna
+
+    r = sweep_in(tmp_path, LATE, "--finish")
+    assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "no study to finish" in r.output and not (tmp_path / "out").exists()
+    r = CliRunner().invoke(cli, ["train", *_tiny_train(tmp_path), "--out", str(tmp_path / "one")])
+    r = sweep_in(tmp_path, LATE)
+    assert r.exit_code == 0, r.output
+    study = optuna.load_study(study_name="late", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    live = study.ask()  # a trial held by a process that is alive: this one
+    live.set_user_attr("owner", {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": None})
+    r = sweep_in(tmp_path, LATE, "--finish")
+    assert r.exit_code != 0 and f"trial {live.number} (" in r.output and "still running" in r.output, r.output
+    assert "testing chosen point" not in r.output
 
 
 def _tiny_train(tmp_path: Path) -> list[str]:

@@ -185,7 +185,7 @@ def compare_latency(model: nn.Module, fp32_onnx: str | Path, int8_onnx: str | Pa
             "speedup_vs_torch_fp32": t_torch / t8, "speedup_vs_ort_fp32": t32 / t8}
 
 
-def _plain_batches(data, n: int, batch: int = 256):
+def plain_batches(data, n: int, batch: int = 256):
     """The first ``n`` training images, normalised, unaugmented, in batches (calibration data)."""
     from .augment import Augment
 
@@ -204,7 +204,7 @@ def int8_stage(model: nn.Module, data, run, calib_images: int = 1024, quant_form
     fp32_path, int8_path = run.file("model.fp32.onnx"), run.file("model.int8.onnx")
     dataset = getattr(data, "dataset", None)
     export_onnx(model, fp32_path, dataset=dataset)
-    export_onnx(model, int8_path, int8=True, calib_loader=_plain_batches(data, calib_images),
+    export_onnx(model, int8_path, int8=True, calib_loader=plain_batches(data, calib_images),
                 calib_images=calib_images, quant_format=quant_format, per_channel=per_channel,
                 reduce_range=reduce_range, dataset=dataset)
     s32, s8 = ort_session(fp32_path, threads), ort_session(int8_path, threads)
@@ -255,7 +255,7 @@ def export_checkpoint(checkpoint: str, fmt: str = "onnx", int8: bool = False, ca
         d = cfg.get("data", {})
         data = get_data(dataset or d.get("dataset", "cifar10"), data_dir, batch_size=256,
                         augment="none", val_size=0, eval_batch_size=500)
-    export_onnx(model, path, int8=int8, calib_loader=_plain_batches(data, calib_images) if int8 else None,
+    export_onnx(model, path, int8=int8, calib_loader=plain_batches(data, calib_images) if int8 else None,
                 calib_images=calib_images, quant_format=quant_format, per_channel=per_channel,
                 reduce_range=reduce_range, dataset=dataset or (cfg.get("data") or {}).get("dataset"))
     result = {"path": str(path), "bytes": path.stat().st_size, "test_accuracy": None, "images": None}

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from .checkpoint import build_base
 from .errors import EdlabError
-from .qlayers import BinaryLayer, LSQLayer
+from .qlayers import BinaryLayer, LSQLayer, QuantLayer
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -132,8 +132,8 @@ def _fold_pair(layer: nn.Module, bn: nn.Module) -> str | None:
         layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
     else:
         layer.bias.copy_(new_bias)
-    if hasattr(layer, "_cache"):
-        layer._cache = None
+    if isinstance(layer, QuantLayer):
+        layer.drop_weight_cache()
     return None
 
 

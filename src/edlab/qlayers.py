@@ -146,13 +146,20 @@ class QuantLayer:
         self.masked = masked
         self.register_buffer("weight_mask", torch.ones_like(self.weight, dtype=torch.bool) if masked else None)
 
-    def _apply_mask_(self) -> None:
+    def apply_mask_(self) -> None:
+        """Re-zero the pruned real weights (after an optimizer step, or once training ends): the mask only
+        zeroes the quantized weight, so without this a pruned real weight could drift and be saved non-zero."""
         if self.weight_mask is not None:
             with torch.no_grad():
                 self.weight.mul_(self.weight_mask)
 
     def _cache_key(self) -> tuple:
         return tuple((t._version, t.data_ptr(), t.dtype) for t in self._weight_sources())
+
+    def drop_weight_cache(self) -> None:
+        """Forget the cached eval-mode weight, for code that rewrites the weights in place (BN folding, the
+        clip after training): the cache key would notice, but the stale copy would be held until the next pass."""
+        self._cache = None
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the layer computes with (fresh in training; cached, without gradient, in eval)."""
@@ -198,7 +205,7 @@ class BinaryLayer(QuantLayer):
         if self.training:
             with torch.no_grad():  # BinaryConnect's clip, for the update of the previous step
                 w.clamp_(-1, 1)
-            self._apply_mask_()
+            self.apply_mask_()
         b = binarize_ste(w, self.stochastic and self.training, glorot_h(w) if self.stochastic else 1.0)
         if mask is not None:
             b = b * mask

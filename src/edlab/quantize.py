@@ -246,8 +246,8 @@ def clip_latent_(model: nn.Module) -> None:
         if isinstance(m, BinaryLayer):
             m.weight.clamp_(-1, 1)
         if isinstance(m, QuantLayer):
-            m._apply_mask_()
-            m._cache = None
+            m.apply_mask_()
+            m.drop_weight_cache()
 
 
 def to_half(model: nn.Module, dtype: torch.dtype) -> nn.Module:

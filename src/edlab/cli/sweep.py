@@ -24,9 +24,11 @@ from ._common import console
 @click.option("--pruner", help="none or successive-halving | hyperband | median: replaces the file's pruner: "
               "(a separate study, <name>-pruner-<type>); --pruner none runs the same search at full fidelity.")
 @click.option("--dry-run", is_flag=True, help="Check the study file and list its points; run nothing.")
+@click.option("--finish", is_flag=True, help="End a stopped sweep with the trials it finished: start none, "
+              "withdraw the unfinished ones (a later plain sweep runs them), then test, pack and report.")
 @click.option("--worker", "worker_index", type=int, hidden=True)
 def sweep(study_file, out, storage, workers, quick, sets, retry_failed, stale_after, floor, pruner, dry_run,
-          worker_index):
+          finish, worker_index):
     """Run a study: one training (config:) or pipeline (recipe:) run per grid/list point or search trial.
 
     The study lives in an Optuna storage; run the same command again after any interruption and it
@@ -43,12 +45,13 @@ def sweep(study_file, out, storage, workers, quick, sets, retry_failed, stale_af
       edlab sweep studies/challenge.yaml --floor 0.865  # the course-equivalent floor: a separate study
       edlab sweep studies/multi-fidelity.yaml --pruner none  # the same grid at full fidelity
       edlab sweep studies/resnets.yaml --storage postgresql://me@db/edlab --workers 4
+      timeout 3600 edlab sweep studies/challenge.yaml; edlab sweep studies/challenge.yaml --finish
     """
     from ..study import sweep as run_sweep
 
     c = console()
     report = run_sweep(study_file, out, storage, workers, quick, sets, retry_failed, stale_after, floor,
-                       worker_index, dry_run, echo=c.print, pruner=pruner)
+                       worker_index, dry_run, echo=c.print, pruner=pruner, finish=finish)
     if report is None:  # a dry run, or a worker (the sweep that started it reports)
         return
     render(report, c)
@@ -79,8 +82,9 @@ def render(report: dict, console) -> None:
     for col in ("val %", "test %", "views", "score", "MACs", "s"):
         table.add_column(col, justify="right", no_wrap=True)
     errors: dict[str, int] = {}  # each failure's message once, below the table: a long one kept the table readable
+    rerun = {r["slot"] for r in report["trials"] if not (r["state"] == "FAIL" and r["interrupted"])}
     for r in report["trials"]:
-        if r["state"] == "FAIL" and r["interrupted"]:
+        if r["state"] == "FAIL" and r["interrupted"] and r["slot"] in rerun:
             continue  # re-run under another trial number
         mark = " *" if r["slot"] in chosen and r["state"] == "COMPLETE" else ""
         point = r["point"] or {}
@@ -90,6 +94,8 @@ def render(report: dict, console) -> None:
             state = f"stopped @{r['pruned_at']}" + (f"/{full:g}" if full else "")
         if r["error"]:
             state = f"fail [{errors.setdefault(r['error'], len(errors) + 1)}]"
+        elif r["state"] == "FAIL" and r["interrupted"]:  # killed or withdrawn (--finish), not run again yet
+            state = "interrupted"
         table.add_row(f"{r['slot']:04d}{mark}" if r["slot"] is not None else "-", state,
                       *(_short(point.get(k, "")) for k in keys), pct(r["val_accuracy"]),
                       pct(r["test_accuracy"]), str(r.get("views") or 1),

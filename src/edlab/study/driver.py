@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import EdlabError
-from .queue import enqueue_missing, import_optuna, open_study, recover, redact, retry, storage_url
+from .queue import enqueue_missing, import_optuna, open_study, recover, redact, retry, storage_url, withdraw_unfinished
 from .schema import Study, full_epochs, load_study, recipe_path, teacher_path
 from .select import best, pack_winner, test_chosen, trial_rows
 from .trial import ensure_teacher
@@ -80,11 +80,13 @@ def write_report(st: Study, study, url: str) -> dict:
 def sweep(study_file: str, out: str | None = None, storage: str | None = None, workers: int = 1,
           quick: bool = False, sets: Sequence[str] = (), retry_failed: bool = False, stale_after: float = 600,
           floor: float | None = None, worker_index: int | None = None, dry_run: bool = False,
-          echo=print, pruner: str | None = None) -> dict | None:
+          echo=print, pruner: str | None = None, finish: bool = False) -> dict | None:
     """``edlab sweep`` as a call: run (or continue) a study, one training or pipeline run per point or trial,
     then test the chosen points (``test: chosen``), pack the winner (``pack: true``) and write
     <out>/study.json. Returns the study report (what study.json holds); None for a worker (``worker_index``,
     a process the sweep itself starts) and for ``dry_run`` (check the file, echo its points, run nothing).
+    ``finish`` ends a study that ran out of time with what finished: no trial is started, the unfinished
+    ones are withdrawn (queue.withdraw_unfinished), then the test, pack and report as at a normal end.
     ``echo(text)`` hears the progress lines."""
     if workers < 1:
         raise EdlabError(f"--workers must be >= 1, got {workers}")
@@ -94,9 +96,19 @@ def sweep(study_file: str, out: str | None = None, storage: str | None = None, w
             echo(line)
         return None
     import_optuna()
+    if finish and storage is None and not (st.out / "study.db").is_file():
+        raise EdlabError(f"no study to finish in {st.out} (no study.db): --finish ends a sweep that was started")
     if worker_index is None:
         _claim_out(st.out)
     url = storage_url(st, storage)
+    if finish:
+        try:
+            study = open_study(st, url, create=False)
+        except KeyError:  # Optuna: no such study in the storage
+            raise EdlabError(f"no study '{st.name}' in {redact(url)} to finish") from None
+        echo(f"study {st.name} in {redact(url)} finished where it stands: "
+             f"{withdraw_unfinished(study, stale_after)} unfinished trial(s) withdrawn (a later sweep runs them)")
+        return _end(st, study, url, echo)
     if st.kind == "recipe":
         recipe_path(st)
     ensure_teacher(st, echo=echo)  # before any trial; a worker finds it made (or waits on its lock)
@@ -115,6 +127,11 @@ def sweep(study_file: str, out: str | None = None, storage: str | None = None, w
     else:
         spawn_workers(study_file, st, url, workers, quick, sets, stale_after, floor, pruner)
     recover(study, stale_after)  # a crashed worker left its trial RUNNING: not "still running" for the test below
+    return _end(st, study, url, echo)
+
+
+def _end(st: Study, study, url: str, echo) -> dict:
+    """What every sweep does once no trial is left to run: test, pack, report."""
     if st.test == "chosen":  # the trials never read the test split: the selected points are read now, once
         test_chosen(st, study, echo=echo)
     if st.pack:

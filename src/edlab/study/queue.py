@@ -229,6 +229,29 @@ def recover(study, stale_after: float) -> int:
     return n
 
 
+def withdraw_unfinished(study, stale_after: float) -> int:
+    """``--finish``: end the study where it stands. Trials of dead processes are recovered as usual; trials
+    still WAITING are marked FAIL (interrupted), like a killed one, so that a later plain sweep runs them
+    again. A trial whose process is still alive (here, or heartbeating elsewhere within ``stale_after``) is
+    never taken from it: the study cannot be finished while anyone works on it. Returns the trials withdrawn."""
+    from optuna.trial import TrialState
+
+    n = recover(study, stale_after)
+    alive = retry(study.get_trials, deepcopy=False, states=(TrialState.RUNNING,))
+    if alive:
+        who = ", ".join(f"{t.number} ({(t.user_attrs.get('owner') or {}).get('host', '?')})" for t in alive)
+        raise EdlabError(f"trial {who} still running: stop its sweep first, or wait --stale-after "
+                         f"({stale_after:g} s) after its last heartbeat on another machine")
+    storage = study._storage
+    study_id = retry(storage.get_study_id_from_name, study.study_name)
+    for t in retry(study.get_trials, deepcopy=False, states=(TrialState.WAITING,)):
+        tid = retry(storage.get_trial_id_from_study_id_trial_number, study_id, t.number)
+        retry(storage.set_trial_user_attr, tid, "interrupted", True)
+        retry(storage.set_trial_state_values, tid, TrialState.FAIL)
+        n += 1
+    return n
+
+
 def _slot_states(study, retry_failed: bool) -> tuple[set[int], dict[int, dict]]:
     """Slots that are done or in progress, and for search the params of every slot drawn so far."""
     from optuna.trial import TrialState
