@@ -28,7 +28,7 @@ def module_name(path: Path, src: Path = SRC) -> str:
     return ".".join(parts)
 
 
-def _resolve(mod: str, is_pkg: bool, node: ast.ImportFrom, modules) -> list[str]:
+def resolve_from(mod: str, is_pkg: bool, node: ast.ImportFrom, modules) -> list[str]:
     """The absolute module names one `from ... import ...` names: the submodules it names, and the module
     it names them from when some name is an attribute of it (`from . import train` is edlab.train only)."""
     if node.level == 0:
@@ -41,7 +41,7 @@ def _resolve(mod: str, is_pkg: bool, node: ast.ImportFrom, modules) -> list[str]
     return subs + ([base] if len(subs) < len(node.names) else [])
 
 
-def _imports(tree: ast.AST):
+def imports_in(tree: ast.AST):
     """(node, lazy) for every import statement, skipping `if TYPE_CHECKING:` blocks; lazy = inside a
     function (runs when the function is called, not when the module loads)."""
     def walk(node, lazy):
@@ -63,9 +63,9 @@ def graph(src: Path = SRC, package: str = "edlab") -> dict[str, dict]:
     for mod, f in modules.items():
         tree = ast.parse(f.read_text(), str(f))
         names: dict[str, bool] = {}  # name -> imported at load time
-        for node, lazy in _imports(tree):
+        for node, lazy in imports_in(tree):
             found = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                _resolve(mod, f.name == "__init__.py", node, modules)
+                resolve_from(mod, f.name == "__init__.py", node, modules)
             for n in found:
                 names[n] = names.get(n, False) or not lazy
         deps = {n: top for n, top in names.items() if n in modules and n != mod}

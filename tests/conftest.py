@@ -74,12 +74,12 @@ def rewrite_header(src: Path, dst: Path, edit) -> Path:
 
     from safetensors.torch import save as st_save
 
-    from edlab.checkpoint import _header_digest, read_checkpoint
+    from edlab.checkpoint import header_digest, read_checkpoint
 
     header, tensors = read_checkpoint(src)
     new = edit(header)
     if isinstance(new, dict):  # the digest is no signature: a hostile file carries a valid one
-        new["header_sha256"] = _header_digest(new)
+        new["header_sha256"] = header_digest(new)
     meta = json.dumps(new) if not isinstance(new, str) else new
     dst.write_bytes(st_save(tensors, metadata={"edlab": meta}))
     return dst

@@ -146,10 +146,10 @@ def test_mixup_beta_draws_have_the_right_spread_at_every_accepted_alpha(alpha):
     """data.mixup accepts 0-100: Johnk's method alone took ~1e11 tries per draw at 20 (a valid option hung)."""
     import statistics
 
-    from edlab.augment import _beta
+    from edlab.augment import beta_draw
 
     g = gen(2)
-    draws = [_beta(alpha, g, "cpu") for _ in range(1500)]
+    draws = [beta_draw(alpha, g, "cpu") for _ in range(1500)]
     assert all(0 <= d <= 1 for d in draws)
     var = 1 / (4 * (2 * alpha + 1))  # Beta(a, a)
     assert abs(statistics.mean(draws) - 0.5) < 0.05 and 0.8 * var < statistics.pvariance(draws) < 1.2 * var

@@ -18,7 +18,7 @@ from conftest import TINY_TRAIN, assert_one_line_error, invoke, rewrite_header, 
 from safetensors.torch import save as st_save
 
 from edlab import EdlabError, load_checkpoint
-from edlab.checkpoint import _tensor_digest, read_checkpoint
+from edlab.checkpoint import read_checkpoint, tensor_digest
 
 TINY = TINY_TRAIN  # (conftest's tiny run)
 
@@ -179,7 +179,7 @@ def test_format_1_checkpoints_still_load(ckpt, tmp_path):
     """Files written before the header digest (format /1: tensor names and bytes digested) load as before."""
     header, tensors = read_checkpoint(ckpt)
     old = {k: v for k, v in header.items() if k != "header_sha256"}
-    old.update(format="edlab-ckpt/1", sha256=_tensor_digest(tensors, dtypes_and_shapes=False))
+    old.update(format="edlab-ckpt/1", sha256=tensor_digest(tensors, dtypes_and_shapes=False))
     (tmp_path / "v1.ckpt").write_bytes(st_save(tensors, metadata={"edlab": json.dumps(old)}))
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(load_checkpoint(tmp_path / "v1.ckpt")(x), load_checkpoint(ckpt)(x))

@@ -28,10 +28,10 @@ def private_imports(src: Path = SRC, package: str = "edlab") -> list[str]:
     modules = {import_graph.module_name(f, src): f for f in files}
     found = []
     for mod, f in modules.items():
-        for node, _lazy in import_graph._imports(ast.parse(f.read_text(), str(f))):
+        for node, _lazy in import_graph.imports_in(ast.parse(f.read_text(), str(f))):
             if not isinstance(node, ast.ImportFrom):
                 continue
-            bases = [b for b in import_graph._resolve(mod, f.name == "__init__.py", node, modules)
+            bases = [b for b in import_graph.resolve_from(mod, f.name == "__init__.py", node, modules)
                      if b in modules]
             for a in node.names:
                 if not a.name.startswith("_") or a.name.startswith("__"):
@@ -42,6 +42,23 @@ def private_imports(src: Path = SRC, package: str = "edlab") -> list[str]:
     return found
 
 
+def private_imports_from_outside(files: list[Path], src: Path = SRC) -> list[str]:
+    """"file: from edlab.x import _name" for every private name a test or benchmark takes from edlab (a name
+    they need is part of the contract, so it is public). A private module (edlab.cli._common, whose
+    constants a test compares with the config's) is a module, not a name taken from one."""
+    modules = {import_graph.module_name(f, src) for f in (src / "edlab").rglob("*.py")}
+    found = []
+    for f in files:
+        for node, _lazy in import_graph.imports_in(ast.parse(f.read_text(), str(f))):
+            if not isinstance(node, ast.ImportFrom) or node.level or not (node.module or "").startswith("edlab"):
+                continue
+            for a in node.names:
+                private = a.name.startswith("_") and not a.name.startswith("__")
+                if private and f"{node.module}.{a.name}" not in modules:
+                    found.append(f"{f.name}: from {node.module} import {a.name}")
+    return found
+
+
 def test_no_import_cycle_lazy_imports_counted(graph):
     assert import_graph.cycles(graph) == []
     assert import_graph.cycles(graph, "top") == []
@@ -49,6 +66,14 @@ def test_no_import_cycle_lazy_imports_counted(graph):
 
 def test_no_module_imports_another_modules_private_name():
     assert private_imports() == []
+
+
+def test_tests_and_benchmarks_take_no_private_name_from_edlab(tmp_path):
+    files = sorted((ROOT / "tests").glob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py"))
+    assert len(files) > 50 and private_imports_from_outside(files) == []
+    (tmp_path / "t.py").write_text("def f():\n    from edlab.export import _x, plain_batches\n"
+                                   "from edlab.cli import _common\n")
+    assert private_imports_from_outside([tmp_path / "t.py"]) == ["t.py: from edlab.export import _x"]
 
 
 def test_no_library_module_imports_click_or_rich_when_it_loads(graph):

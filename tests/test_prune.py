@@ -81,9 +81,9 @@ def test_dead_channels_are_removed_without_changing_the_output(conv):
                 bn.bias[::4] = 0
     ref = m(X)
     probe = copy.deepcopy(m)
-    from edlab.prune import _prune_channels
+    from edlab.prune import prune_channels
 
-    _prune_channels(probe, 0.25, X[:1], "bn", False, ["fc"], None)  # a quarter of every group's channels
+    prune_channels(probe, 0.25, X[:1], "bn", False, ["fc"], None)  # a quarter of every group's channels
     prune_structured(m, 1 - profile(probe).arch_params / profile(m).arch_params, importance="bn")
     assert n_params(m) == n_params(probe) < n_params(tiny(conv))
     assert torch.allclose(m(X), ref, atol=1e-5)

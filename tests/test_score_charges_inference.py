@@ -159,7 +159,7 @@ def test_the_split_seed_selects_the_same_images_as_before(tmp_path):
 
 
 def test_older_config_resumes_without_split_seed(tmp_path):
-    from edlab.stage import _same_run_config, with_split_seed
+    from edlab.stage import same_run_config, with_split_seed
 
     cfg = with_split_seed(load_train_config(None, None, TINY + ["seed=2"]))
     saved = Path(tmp_path / "config.yaml")
@@ -168,7 +168,7 @@ def test_older_config_resumes_without_split_seed(tmp_path):
     import yaml
 
     saved.write_text(yaml.safe_dump(d))
-    assert _same_run_config(saved, cfg)
+    assert same_run_config(saved, cfg)
 
 
 def test_commands_take_a_run_folder(tta_run, tmp_path):

@@ -125,7 +125,7 @@ def cutout(x: torch.Tensor, gen: torch.Generator, size: int) -> torch.Tensor:
 
 def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, gen: torch.Generator):
     """Mix each image with a random partner: returns (mixed x, y, y_partner, lam)."""
-    lam = _beta(alpha, gen, x.device)
+    lam = beta_draw(alpha, gen, x.device)
     perm = torch.randperm(x.shape[0], generator=gen, device=x.device)
     return lam * x + (1 - lam) * x[perm], y, y[perm], lam
 
@@ -135,7 +135,7 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, alpha: float, gen: torch.Generator)
     whole batch, as the paper's code does). The box's side is sqrt(1 - lam) of the image's, lam ~ Beta(a, a),
     centred anywhere and clipped at the border; the returned weight is the exact kept area, 1 - box area /
     image area, so the labels mix as the pixels do. Returns (mixed x, y, y_partner, lam)."""
-    lam = _beta(alpha, gen, x.device)
+    lam = beta_draw(alpha, gen, x.device)
     b, _, h, w = x.shape
     perm = torch.randperm(b, generator=gen, device=x.device)
     cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
@@ -160,7 +160,7 @@ def mix(x: torch.Tensor, y: torch.Tensor, mixup_alpha: float, cutmix_alpha: floa
     return x, y, y, 1.0
 
 
-def _beta(alpha: float, gen: torch.Generator, device) -> float:
+def beta_draw(alpha: float, gen: torch.Generator, device) -> float:
     """A Beta(a, a) draw from our generator (torch's Beta sampler takes no generator), at a cost that does not
     grow with a. Up to a = 1, Johnk's method (accepted with probability >= 1/2 there; the draws of every
     earlier run with such an alpha are unchanged, so they resume exactly); above, Johnk's acceptance vanishes

@@ -126,7 +126,7 @@ def arch_of(model: nn.Module) -> dict:
     return dict(spec)
 
 
-def _tensor_digest(tensors: dict[str, torch.Tensor], dtypes_and_shapes: bool = True) -> str:
+def tensor_digest(tensors: dict[str, torch.Tensor], dtypes_and_shapes: bool = True) -> str:
     """sha256 of names and bytes (and, from format /2 on, dtypes and shapes: a flipped dtype letter or a
     reshaped tensor of the same size must not load silently)."""
     h = hashlib.sha256()
@@ -139,7 +139,7 @@ def _tensor_digest(tensors: dict[str, torch.Tensor], dtypes_and_shapes: bool = T
     return h.hexdigest()
 
 
-def _header_digest(header: dict) -> str:
+def header_digest(header: dict) -> str:
     """sha256 of the JSON header without this digest: metadata and architecture are verified too."""
     rest = {k: v for k, v in header.items() if k != "header_sha256"}
     return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
@@ -159,12 +159,12 @@ def save_checkpoint(model: nn.Module, path: str | Path, arch: dict | None = None
         "arch": arch or arch_of(model),
         "modules": describe_modules(model),
         "dense_reference": getattr(model, "edlab_dense_reference", None),
-        "sha256": _tensor_digest(state),
+        "sha256": tensor_digest(state),
         "metadata": metadata,
     }
     try:
         header = json.loads(json.dumps(header))  # the digest is of what a reader will parse
-        header["header_sha256"] = _header_digest(header)
+        header["header_sha256"] = header_digest(header)
         blob = st_save(state, metadata={"edlab": json.dumps(header)})
     except TypeError as e:
         raise EdlabError(f"checkpoint metadata must be JSON-serialisable: {e}") from None
@@ -201,9 +201,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     fmt = header.get("format")
     if fmt not in READABLE_FORMATS:
         raise EdlabError(f"{p}: unsupported checkpoint format {fmt!r} (expected {FORMAT})")
-    if (fmt == FORMAT or "header_sha256" in header) and header.get("header_sha256") != _header_digest(header):
+    if (fmt == FORMAT or "header_sha256" in header) and header.get("header_sha256") != header_digest(header):
         raise EdlabError(f"{p}: header checksum mismatch, the architecture or metadata are corrupt")
-    if _tensor_digest(tensors, dtypes_and_shapes=fmt == FORMAT) != header.get("sha256"):
+    if tensor_digest(tensors, dtypes_and_shapes=fmt == FORMAT) != header.get("sha256"):
         raise EdlabError(f"{p}: checksum mismatch, the weights are corrupt")
     return header, tensors
 

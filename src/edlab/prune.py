@@ -148,8 +148,8 @@ def _importance(kind: str):
     raise EdlabError(f"unknown importance '{kind}' (choices: {', '.join(IMPORTANCES)})")
 
 
-def _prune_channels(model: nn.Module, ratio: float, x: torch.Tensor, importance: str, global_pruning: bool,
-                    keep: list[str], round_to: int | None) -> None:
+def prune_channels(model: nn.Module, ratio: float, x: torch.Tensor, importance: str, global_pruning: bool,
+                   keep: list[str], round_to: int | None) -> None:
     """One Torch-Pruning step that removes ``ratio`` of the channels (per group, or of all channels ranked
     globally), in place. Eval mode while tracing, so BN running statistics do not move."""
     import torch_pruning as tp
@@ -256,7 +256,7 @@ def _structured_step(model: nn.Module, goal: float, x: torch.Tensor, importance:
     def trial(r: float) -> float | None:
         c = _copy_with_grads(model)
         try:
-            _prune_channels(c, r, x, importance, global_pruning, keep, round_to)
+            prune_channels(c, r, x, importance, global_pruning, keep, round_to)
             return removed_fraction(c, target, input_size) if _valid(c) else None
         except Exception as e:  # a ratio Torch-Pruning cannot apply (e.g. a layer emptied): search lower
             failures.append(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
@@ -293,7 +293,7 @@ def _structured_step(model: nn.Module, goal: float, x: torch.Tensor, importance:
         warnings.warn(f"structured pruning: {best:.3f} of the dense {target} removed, the closest to {goal:.3f} "
                       f"that whole channels allow here (round_to={round_to}, kept: {', '.join(keep)})",
                       stacklevel=3)
-    _prune_channels(model, best_r, x, importance, global_pruning, keep, round_to)
+    prune_channels(model, best_r, x, importance, global_pruning, keep, round_to)
     model.zero_grad(set_to_none=True)
     return best_r, removed_fraction(model, target, input_size)
 

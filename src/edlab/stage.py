@@ -106,7 +106,8 @@ def config_change(saved, cfg: TrainConfig) -> str | None:
     return None
 
 
-def _same_run_config(saved, cfg: TrainConfig) -> bool:
+def same_run_config(saved, cfg: TrainConfig) -> bool:
+    """Whether a saved run's config trains the same run as ``cfg`` (what --resume may continue)."""
     return config_change(saved, cfg) is None
 
 
