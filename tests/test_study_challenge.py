@@ -120,6 +120,17 @@ def test_only_the_process_that_ends_the_last_trial_reads_the_test_split(tmp_path
     assert test_chosen(st, study, echo=said.append) == [1] and len(tested) == 1  # the finished study's choice
 
 
+def test_test_none_reads_no_test_split_and_still_chooses_and_packs(tmp_path):
+    """test: none, for a candidate to be weighed against an earlier study's winner: no trial and no chosen
+    point reads the test split; the choice on validation and the pack still happen."""
+    r = sweep_in(tmp_path, PRUNE2 + "test: none\npack: true\n")
+    assert r.exit_code == 0, r.output
+    rep = report(tmp_path)
+    assert rep["test"] == "none" and all(t["test_accuracy"] is None for t in rep["trials"])
+    assert "testing chosen point" not in r.output and "test split not read (test: none)" in r.output
+    assert rep["best"]["slot"] == 1 and (tmp_path / "out" / "winner.pack").is_file()
+
+
 def test_test_all_is_the_default_and_final_test_is_the_studys(tmp_path):
     r = sweep_in(tmp_path, "name: a\nconfig: tiny.yaml\ngrid: {optim.lr: [0.1]}\n")
     assert r.exit_code == 0, r.output

@@ -111,7 +111,8 @@ def render(report: dict, console) -> None:
     console.width = width
     counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(report["counts"].items()))
     rule = b.get("rule", "pareto front")
-    tested = "; test split read for * only, after the trials" if report.get("test") == "chosen" else ""
+    tested = {"chosen": "; test split read for * only, after the trials",
+              "none": "; test split not read (test: none)"}.get(report.get("test"), "")
     console.print(f"{counts} of {report['size']}; * = selected on validation accuracy ({rule}){tested}")
     bud = report.get("budget") or {}
     if bud.get("pruner") and bud.get("full_fidelity_epochs") is not None:

@@ -23,7 +23,9 @@ STUDY_KEYS = ("name", "description", "out", "config", "recipe", "set", "quick", 
               "objective", "seed", "test", "teacher", "pack", "pruner", "budget")
 TEACHER_KEYS = ("config", "set", "quick", "stages")
 TRAINS = ("train", "prune", "quantize")  # the stages that train (and test), as in edlab.pipeline
-TEST_MODES = ("all", "chosen")  # test: all = every trial tests its model; chosen = only the selected points
+# test: all = every trial tests its model; chosen = only the selected points, once, after the trials; none = no
+# test at all (the choice is made beyond this study, e.g. against an earlier study's winner, and read once there)
+TEST_MODES = ("all", "chosen", "none")
 SEARCH_KEYS = ("params", "trials", "startup_trials")
 # multi-fidelity: an Optuna pruner watches each trial's validation accuracy per epoch of its training stage
 PRUNERS = ("successive-halving", "hyperband", "median")
@@ -53,7 +55,7 @@ class Study:
     objective: Any = "val_accuracy"
     seed: int = 0
     inline_recipe: dict | None = None
-    test: str = "all"  # "chosen": trials run with final_test off; the selected points are tested after the trials
+    test: str = "all"  # "chosen": trials run with final_test off, the selected points tested after them; "none": never
     teacher: dict | None = None  # {config, set, stages}: trained once into <out>/teacher; or {checkpoint, stages}
     pack: bool = False  # pack the best point's final model into <out>/winner.pack after the trials
     pruner: dict | None = None  # {type, min_epochs, reduction_factor, startup_trials}: stops losing trials early
@@ -394,9 +396,9 @@ def trial_config(st: Study, point: dict[str, Any], out: str) -> TrainConfig:
 
 
 def study_edits(st: Study, stage: str, trains: bool = True) -> dict[str, Any]:
-    """Config edits the study makes to a training stage of every trial: no test read (test: chosen), and the
+    """Config edits the study makes to a training stage of every trial: no test read (test: chosen or none), and the
     study's teacher where it distils (``trains``: a quantize stage whose method fine-tunes)."""
-    edits: dict[str, Any] = {"final_test": False} if st.test == "chosen" else {}
+    edits: dict[str, Any] = {"final_test": False} if st.test != "all" else {}
     if st.teacher and stage in st.teacher["stages"] and trains:
         edits["distill.teacher"] = teacher_path(st)
     return edits

@@ -42,7 +42,7 @@ def ensure_teacher(st: Study, echo=print) -> str | None:
         if (folder / "model.ckpt").exists():
             return teacher_path(st)
         cfg = build(TrainConfig, read_yaml(st.teacher["config"]), nested(st.teacher["set"]), {"out": str(folder)},
-                    {"final_test": False} if st.test == "chosen" else {})
+                    {"final_test": False} if st.test != "all" else {})
         resume = (folder / "resume.pt").exists()
         if not resume and folder.exists() and any(folder.iterdir()):
             folder.rename(folder.with_name(f"teacher.interrupted-{time.strftime('%H%M%S')}"))
