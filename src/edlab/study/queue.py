@@ -210,23 +210,27 @@ def _stale(t, stale_after: float) -> bool:
 
 def recover(study, stale_after: float) -> int:
     """Mark trials whose process died while RUNNING as FAIL (interrupted); enqueue_missing re-runs them."""
+    from optuna.trial import TrialState
+
+    dead = [t for t in retry(study.get_trials, deepcopy=False, states=(TrialState.RUNNING,)) if _stale(t, stale_after)]
+    return sum(_mark_interrupted(study, t.number) for t in dead)
+
+
+def _mark_interrupted(study, number: int) -> bool:
+    """FAIL with ``interrupted`` set, so that enqueue_missing gives its point to a new trial; through the
+    storage, as Optuna's Study has no setter for a trial another process holds. False if it finished
+    meanwhile (or another process marked it first)."""
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    n = 0
     storage = study._storage
     study_id = retry(storage.get_study_id_from_name, study.study_name)
-    for t in retry(study.get_trials, deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _stale(t, stale_after):
-            continue
-        tid = retry(storage.get_trial_id_from_study_id_trial_number, study_id, t.number)
-        try:
-            retry(storage.set_trial_user_attr, tid, "interrupted", True)
-            if retry(storage.set_trial_state_values, tid, TrialState.FAIL):
-                n += 1
-        except UpdateFinishedTrialError:  # it finished meanwhile, or another process recovered it
-            pass
-    return n
+    tid = retry(storage.get_trial_id_from_study_id_trial_number, study_id, number)
+    try:
+        retry(storage.set_trial_user_attr, tid, "interrupted", True)
+        return bool(retry(storage.set_trial_state_values, tid, TrialState.FAIL))
+    except UpdateFinishedTrialError:
+        return False
 
 
 def withdraw_unfinished(study, stale_after: float) -> int:
@@ -242,14 +246,8 @@ def withdraw_unfinished(study, stale_after: float) -> int:
         who = ", ".join(f"{t.number} ({(t.user_attrs.get('owner') or {}).get('host', '?')})" for t in alive)
         raise EdlabError(f"trial {who} still running: stop its sweep first, or wait --stale-after "
                          f"({stale_after:g} s) after its last heartbeat on another machine")
-    storage = study._storage
-    study_id = retry(storage.get_study_id_from_name, study.study_name)
-    for t in retry(study.get_trials, deepcopy=False, states=(TrialState.WAITING,)):
-        tid = retry(storage.get_trial_id_from_study_id_trial_number, study_id, t.number)
-        retry(storage.set_trial_user_attr, tid, "interrupted", True)
-        retry(storage.set_trial_state_values, tid, TrialState.FAIL)
-        n += 1
-    return n
+    waiting = retry(study.get_trials, deepcopy=False, states=(TrialState.WAITING,))
+    return n + sum(_mark_interrupted(study, t.number) for t in waiting)
 
 
 def _slot_states(study, retry_failed: bool) -> tuple[set[int], dict[int, dict]]:
