@@ -188,6 +188,26 @@ def test_discover(runs_root):
         discover([runs_root / "nope"])
 
 
+def test_an_unfinished_run_named_on_the_command_line_is_compared_but_never_chosen(runs_root, tmp_path):
+    """A long run still training (metrics and config, no summary.json): named on the command line it is a row
+    of kind unfinished with its curves, its best val so far and its epochs done, and is not the best model even
+    with the highest val; inside a searched folder (a study's trial stopped by its pruner) it is no row."""
+    long = tmp_path / "long"
+    long.mkdir()
+    shutil.copy(runs_root / "a" / "config.yaml", long / "config.yaml")
+    rows = [json.loads(x) for x in (runs_root / "a" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows[0]["val_accuracy"] = 0.999  # the best so far: higher than any finished run's
+    (long / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:1]))
+    rep = build_report([runs_root / "a", long], tmp_path / "rep", floor=0.0)
+    by_name = {r.name: r for r in rep["runs"]}
+    assert by_name["long"].kind == "unfinished" and by_name["long"].val == 0.999 and len(by_name["long"].curves) == 1
+    assert by_name["long"].summary["epochs"] == "1 of 2" and by_name["long"].score is None
+    assert rep["best"].name == "a"
+    assert "unfinished: a run still training" in (tmp_path / "rep" / "report.md").read_text()
+    runs, _, _ = discover([tmp_path])  # searched, not named: not a run
+    assert "long" not in {r.name for r in runs}
+
+
 def test_report_files_and_refusals(runs_root, tmp_path):
     out = tmp_path / "rep"
     r = CliRunner().invoke(cli, ["report", str(runs_root), "--out", str(out), "--floor", "0"])

@@ -8,7 +8,10 @@ Inputs are directories searched recursively. A run dir is any folder with a summ
 ``edlab train``, ``prune`` and ``quantize`` write); pipeline dirs (``edlab run``) and study dirs
 (``edlab sweep``: study.json + trials/NNNN/) are found the same way, and their name groups their runs.
 Stage folders holding only a result.json (score, eval, bench stages) are listed in a small table of their
-own. A run without metrics.jsonl or model.ckpt is still a row; it just has no curve or breakdown.
+own. A run without metrics.jsonl or model.ckpt is still a row; it just has no curve or breakdown. A folder
+named on the command line that has per-epoch metrics but no summary.json yet (a long run still training, or
+stopped to be resumed) is a row of kind "unfinished": its curves and its best validation so far, to compare it
+with finished runs; it is never the best model (its weights are still moving) and has no score.
 
 Output folder::
 
@@ -192,6 +195,8 @@ def discover(paths: list[str | Path]) -> tuple[list[RunInfo], list[dict], list[s
                     continue
                 runs.append(RunInfo(path=d, name=name, group=_group_of(d, root), kind=_kind(summary),
                                     config=_read_yaml(d / "config.yaml"), summary=summary, curves=read_curves(d)))
+            elif d == root and "metrics.jsonl" in files and (curves := read_curves(d)):
+                runs.append(unfinished_run(d, name, _read_yaml(d / "config.yaml"), curves))
             elif "result.json" in files:
                 res = _read_json(d / "result.json")
                 if isinstance(res, dict):
@@ -199,6 +204,19 @@ def discover(paths: list[str | Path]) -> tuple[list[RunInfo], list[dict], list[s
                     results.append({**res, "name": name, "group": _group_of(d, root)})
     _add_chosen_tests(runs)
     return runs, results, skipped
+
+
+def unfinished_run(path: Path, name: str, config: dict, curves: list[dict]) -> RunInfo:
+    """A run folder whose run has not ended: what its metrics say so far. Only the root of a search, so that a
+    study's trials stopped by its pruner (no summary.json either) stay in its own table, not here."""
+    vals = [(_num(c.get("val_accuracy")), c["epoch"]) for c in curves if _num(c.get("val_accuracy")) is not None]
+    best_val, best_epoch = max(vals, key=lambda v: v[0]) if vals else (None, None)
+    total = config.get("epochs")
+    done = max(int(c["epoch"]) for c in curves)
+    summary = {"unfinished": True, "best_val_accuracy": best_val, "best_epoch": best_epoch,
+               "epochs": f"{done} of {total}" if _num(total) is not None else str(done)}
+    return RunInfo(path=path, name=name, group="", kind="unfinished", config=config, summary=summary,
+                   curves=curves)
 
 
 def _add_chosen_tests(runs: list[RunInfo]) -> None:
@@ -267,7 +285,7 @@ def pareto_front(points: list[tuple[float | None, float | None]]) -> list[int]:
 def choose_best(runs: list[RunInfo], floor: float) -> tuple[RunInfo | None, str]:
     """The model the page breaks down, and the rule that picked it (validation only: the test set is a
     final report, never a selection criterion)."""
-    with_val = [r for r in runs if _num(r.val) is not None]
+    with_val = [r for r in runs if _num(r.val) is not None and r.kind != "unfinished"]
     if not with_val:
         return None, "no run has a validation accuracy"
     good = [r for r in with_val if r.val >= floor and r.score is not None]
@@ -464,6 +482,10 @@ LEAK_NOTE = ("‡ distilled, in this stage or an earlier one, from a teacher tha
              "validation split: its val reads high (docs/training.md, Distillation)")
 
 
+UNFINISHED_NOTE = ("unfinished: a run still training or stopped before its end (no summary.json yet): its val is "
+                   "the best epoch's so far, its epochs those done; it has no score and is never the best model")
+
+
 def run_cells(r: RunInfo) -> list[str]:
     s = r.summary
     bits = f"{_bits(s.get('bits_w'))}/{_bits(s.get('bits_a'))}" if s.get("bits_w") is not None else ""
@@ -616,6 +638,9 @@ def build_report(paths: list[str | Path], out: str | Path, floor: float | list[f
     leaky = any(teacher_leak(r) for r in runs)
     if leaky:
         md.append("\n" + LEAK_NOTE + "\n")
+    unfinished = any(r.kind == "unfinished" for r in runs)
+    if unfinished:
+        md.append("\n" + UNFINISHED_NOTE + "\n")
     stops, stop_lines = study_stops(paths)
     if stops:
         md += ["\n## Multi-fidelity studies: where each trial stopped\n", *(line + "\n" for line in stop_lines),
@@ -636,6 +661,8 @@ def build_report(paths: list[str | Path], out: str | Path, floor: float | list[f
             f"<div class='wide'>{html_table(COLUMNS, table_rows, marks)}</div>"]
     if leaky:
         page.append(f"<p class='note'>{e(LEAK_NOTE)}</p>")
+    if unfinished:
+        page.append(f"<p class='note'>{e(UNFINISHED_NOTE)}</p>")
     if skipped:
         page.append(f"<p class='note'>Left out: {e('; '.join(skipped))}</p>")
     page.append("<h2>Learning curves</h2>")

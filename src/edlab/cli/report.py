@@ -26,6 +26,7 @@ def report(paths, out, floor, title, page_file):
       edlab report runs/ --out report          # then open report/index.html
       edlab report runs/r20-compress studies/s1 --out cmp --floor 0.88
       edlab report runs/study-challenge --floor 0.9 --floor 0.865   # both challenge floors drawn
+      edlab report runs/r20-300ep runs/r20-600ep --out cmp   # a run still training: row "unfinished"
       edlab report --page docs/results/deck.yaml   # rebuild docs/results/deck.md from its run folders
     """
     from ..page import report_or_page
