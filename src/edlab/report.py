@@ -213,7 +213,7 @@ def unfinished_run(path: Path, name: str, config: dict, curves: list[dict]) -> R
     best_val, best_epoch = max(vals, key=lambda v: v[0]) if vals else (None, None)
     total = config.get("epochs")
     done = max(int(c["epoch"]) for c in curves)
-    summary = {"unfinished": True, "best_val_accuracy": best_val, "best_epoch": best_epoch,
+    summary = {"best_val_accuracy": best_val, "best_epoch": best_epoch,
                "epochs": f"{done} of {total}" if _num(total) is not None else str(done)}
     return RunInfo(path=path, name=name, group="", kind="unfinished", config=config, summary=summary,
                    curves=curves)
